@@ -1,0 +1,240 @@
+"""Meta checkpoints (`params.json` + `consolidated.NN.pth`) loaded onto any compatible world size.
+
+A checkpoint with S shards runs on N ranks when N % S == 0 (each rank slices one shard) or S % N == 0 (each
+rank joins S/N shards). Shards are memory-mapped and each rank copies only the slices `parallel.py` says it
+holds, so a rank's resident weights are ~1/N of the checkpoint, never the whole of it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from llama_dist.config import ConfigError, ModelArgs
+from llama_dist.distributed import model_parallel_world_size
+from llama_dist.model import Transformer
+from llama_dist.parallel import ShardSpec, meta_split_dim, shard_specs
+
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+# Present in Llama 2 shards; the model derives RoPE frequencies itself.
+IGNORED_KEYS = {"rope.freqs"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, or cannot be split over this world size."""
+
+
+def shard_paths(ckpt_dir: str | Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.{S-1}.pth, checked to be complete."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    found = {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name))}
+    if not found:
+        raise FileNotFoundError(f"no consolidated.NN.pth shards in {ckpt_dir}")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise FileNotFoundError(f"{ckpt_dir} lacks shard(s) {', '.join(f'consolidated.{i:02d}.pth' for i in missing)}")
+    return [found[i] for i in sorted(found)]
+
+
+def _open_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # mmap: tensors stay on disk until sliced; weights_only: a checkpoint can never run code.
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} is not a plain tensor checkpoint (refused to unpickle): {exc}") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
+
+
+class ShardSet:
+    """The shards of one checkpoint, opened lazily (a rank opens only the shards it reads from)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self._open: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def shard(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._open:
+            self._open[index] = _open_shard(self.paths[index])
+        return self._open[index]
+
+    def tensor(self, index: int, name: str) -> torch.Tensor:
+        shard = self.shard(index)
+        if name not in shard:
+            raise CheckpointError(f"{self.paths[index]} has no tensor {name!r}")
+        return shard[name]
+
+    def read(self, name: str, full_shape: tuple[int, ...], want: ShardSpec | None) -> torch.Tensor:
+        """The slice `want` of the full tensor `name` (all of it when `want` is None), from whichever shards."""
+        pieces = [self.tensor(i, name) for i in range(len(self))]
+        split_dim = _checkpoint_split_dim(name, [p.shape for p in pieces], full_shape, self.paths[0].parent)
+        if split_dim is None:
+            pieces = pieces[:1]
+            split_dim = 0
+        size = pieces[0].shape[split_dim]
+        full = full_shape[split_dim]
+        # Piece i covers [start_i, start_i + size); with replicated KV heads several pieces cover the same rows.
+        starts = [(i * (full // size)) // len(pieces) * size for i in range(len(pieces))]
+
+        lo, hi = (want.start, want.stop) if want is not None and want.dim == split_dim else (0, full)
+        parts, pos = [], lo
+        while pos < hi:
+            i = max(j for j, s in enumerate(starts) if s <= pos)
+            stop = min(hi, starts[i] + size)
+            parts.append(pieces[i].narrow(split_dim, pos - starts[i], stop - pos))
+            pos = stop
+        if want is not None and want.dim != split_dim:
+            parts = [p.narrow(want.dim, want.start, want.stop - want.start) for p in parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=split_dim)
+
+
+def _checkpoint_split_dim(name, shapes, full_shape, where) -> int | None:
+    """Which dimension the shards split `name` along (None: every shard holds all of it)."""
+    if all(tuple(s) == tuple(full_shape) for s in shapes):
+        return None
+    if any(len(s) != len(full_shape) for s in shapes) or len({tuple(s) for s in shapes}) != 1:
+        raise CheckpointError(f"{where}: tensor {name!r} has inconsistent shapes across shards: {shapes}")
+    differing = [d for d, (a, b) in enumerate(zip(shapes[0], full_shape)) if a != b]
+    if len(differing) != 1 or full_shape[differing[0]] % shapes[0][differing[0]]:
+        raise CheckpointError(
+            f"{where}: tensor {name!r} has shard shape {tuple(shapes[0])}, which does not split the "
+            f"expected shape {tuple(full_shape)} (does params.json match these weights?)"
+        )
+    return differing[0]
+
+
+def read_model_args(ckpt_dir: str | Path, **runtime) -> ModelArgs:
+    """params.json plus runtime limits; a vocab_size of -1 (Llama 2) is read from the embedding's shape."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    args = ModelArgs.from_params_json(ckpt_dir / "params.json", **runtime)
+    if args.vocab_size < 1:
+        paths = shard_paths(ckpt_dir)
+        embedding = _open_shard(paths[0]).get("tok_embeddings.weight")
+        if embedding is None:
+            raise CheckpointError(f"{paths[0]} has no tok_embeddings.weight to read the vocabulary size from")
+        # Llama 2 shards split the embedding along its width, so the row count is the whole vocabulary.
+        args.vocab_size = embedding.shape[0]
+    return args
+
+
+def check_world_size(num_shards: int, world_size: int, where) -> None:
+    if world_size % num_shards and num_shards % world_size:
+        raise CheckpointError(
+            f"{where} has {num_shards} shard(s), which cannot be split over {world_size} rank(s): "
+            f"the world size must divide or be a multiple of the shard count"
+        )
+
+
+@torch.no_grad()
+def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
+    """Copy this rank's slice of every weight in `ckpt_dir` into `model` (built by Transformer.build)."""
+    paths = shard_paths(ckpt_dir)
+    check_world_size(len(paths), model_parallel_world_size(), ckpt_dir)
+    shards = ShardSet(paths)
+    specs = shard_specs(model)
+    for name, param in model.named_parameters():
+        spec = specs[name]
+        full_shape = spec.full_shape if spec is not None else tuple(param.shape)
+        value = shards.read(name, full_shape, spec)
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{ckpt_dir}: {name!r} slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
+            )
+        param.copy_(value)
+    unexpected = set(shards.shard(0)) - set(specs) - IGNORED_KEYS
+    if unexpected:
+        raise CheckpointError(f"{paths[0]} has tensors this model does not use: {sorted(unexpected)[:5]}")
+
+
+def load_model(
+    ckpt_dir: str | Path,
+    max_seq_len: int = 2048,
+    max_batch_size: int = 4,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Transformer:
+    """Validate, build this rank's slice and load its weights: the whole path from a Meta checkpoint."""
+    args = read_model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    world = model_parallel_world_size()
+    try:
+        args.validate(world)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(ckpt_dir) / 'params.json'}: {exc}") from None
+    check_world_size(len(shard_paths(ckpt_dir)), world, ckpt_dir)
+    model = Transformer.build(args, device=device, dtype=dtype)
+    load_weights(model, ckpt_dir)
+    return model
+
+
+def meta_weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Name -> full (unsplit) shape of every tensor in a Meta checkpoint for `args`."""
+    d, hd, ffn = args.dim, args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wv.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (ffn, d),
+            p + "feed_forward.w2.weight": (d, ffn),
+            p + "feed_forward.w3.weight": (ffn, d),
+            p + "attention_norm.weight": (d,),
+            p + "ffn_norm.weight": (d,),
+        })
+    shapes.update({"norm.weight": (d,), "output.weight": (args.vocab_size, d)})
+    return shapes
+
+
+def random_meta_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Full random weights with Meta names: for tests and benchmarks that need no trained model."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in meta_weight_shapes(args).items():
+        if len(shape) == 1:  # norm gains near 1, as in trained models
+            weights[name] = (1 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+        else:
+            weights[name] = (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
+    return weights
+
+
+def save_meta_checkpoint(
+    weights: dict[str, torch.Tensor],
+    params: dict,
+    out_dir: str | Path,
+    num_shards: int = 1,
+    embedding_split_dim: int = 0,
+) -> Path:
+    """Write full `weights` as Meta's `params.json` + `consolidated.NN.pth` shards.
+
+    embedding_split_dim: 0 splits tok_embeddings by vocabulary (Llama 3 shards), 1 by width (Llama 2 shards).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    for name, tensor in weights.items():
+        dim = meta_split_dim(name, embedding_split_dim)
+        if dim is None or num_shards == 1:
+            parts = [tensor] * num_shards
+        else:
+            parts = tensor.chunk(num_shards, dim=dim)
+            if len(parts) != num_shards or any(p.shape != parts[0].shape for p in parts):
+                raise CheckpointError(f"{name} of shape {tuple(tensor.shape)} cannot be split into {num_shards} shards")
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, out_dir / f"consolidated.{i:02d}.pth")
+    return out_dir

@@ -1,0 +1,210 @@
+"""Process-group bootstrap: torchrun, plain srun, or a single process, on NCCL or gloo.
+
+Every entry point (CLI, Llama.build, tests, benchmarks) calls `init_distributed()` once per process; it reads
+the launcher's environment, starts the default process group and fairscale's model-parallel group, binds the
+device and returns a `DistContext` describing this rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+# Generous enough for loading a 405B checkpoint from slow disks, short enough that a dead rank ends the job.
+DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 600))
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as told by its launcher."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed host list ("gpu[01-03,07],login1") into host names.
+
+    `scontrol show hostnames` is authoritative but is not present on every compute image, so this parser
+    handles the forms SLURM emits: comma-separated hosts, each with optional bracketed ranges.
+    """
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            width = len(lo)
+            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return expand_slurm_nodelist(nodelist)[0]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
+    """Rank layout from torchrun's variables, else SLURM's (plain `srun`), else a one-rank job."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        # Every task of the job derives the same port from the job id, so no coordination is needed.
+        default_port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+            master_port=int(env.get("MASTER_PORT", default_port)),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
+
+
+def _pick_backend_and_device(local_rank: int, backend: str | None, device: str | torch.device | None):
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    return backend, device
+
+
+def _local_world_size(launch: LaunchEnv) -> int:
+    if launch.launcher == "torchrun":
+        return int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
+    if launch.launcher == "slurm":
+        return max(1, launch.world_size // int(os.environ.get("SLURM_JOB_NUM_NODES", 1)))
+    return 1
+
+
+def init_distributed(
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    timeout_s: float | None = None,
+    set_threads: bool = True,
+) -> DistContext:
+    """Start (or join the already started) process group and fairscale's model-parallel group.
+
+    backend/device: None picks NCCL + cuda:LOCAL_RANK when CUDA is available, gloo + CPU otherwise.
+    timeout_s: how long a collective may wait for a peer before this rank fails (default
+    LLAMA_DIST_TIMEOUT or 600 s).
+    """
+    launch = read_launch_env()
+    backend, device = _pick_backend_and_device(launch.local_rank, backend, device)
+    timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if device.type == "cpu" and set_threads:
+            # Ranks sharing a host share its cores; oversubscribed OpenMP pools slow every rank down.
+            per_rank = max(1, (os.cpu_count() or 1) // _local_world_size(launch))
+            torch.set_num_threads(per_rank)
+        if launch.launcher == "single":
+            # A one-rank group needs no rendezvous: an in-memory store avoids picking a port.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            init_method = f"tcp://{_format_host(launch.master_addr)}:{launch.master_port}"
+            dist.init_process_group(
+                backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+            )
+    if not fs_init.model_parallel_is_initialized():
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces each group on stdout
+            fs_init.initialize_model_parallel(dist.get_world_size())
+
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=launch.local_rank,
+        device=device,
+        backend=dist.get_backend(),
+    )
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def shutdown_distributed() -> None:
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def model_parallel_rank() -> int:
+    return fs_init.get_model_parallel_rank() if fs_init.model_parallel_is_initialized() else 0
+
+
+def model_parallel_world_size() -> int:
+    return fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
+
+
+def model_parallel_group():
+    return fs_init.get_model_parallel_group()
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only: progress and timing must not be repeated by every rank."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)

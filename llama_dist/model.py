@@ -1,0 +1,208 @@
+"""The Llama transformer as math: RMSNorm, RoPE, grouped-query attention with a KV cache, SwiGLU.
+
+Every module here holds this rank's slice only; which slice, and the collectives that join the slices, live
+in `parallel.py`. Build with `Transformer.build(args, device, dtype)` (empty weights, then load them with
+`checkpoint.load_weights`), or `checkpoint.load_model` for both steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_dist.config import ModelArgs
+from llama_dist.distributed import model_parallel_world_size
+from llama_dist.parallel import (
+    ColumnParallelLinear,
+    KVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    gather_last_dim,
+    local_kv_heads,
+    skip_weight_init,
+)
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor  # float32 (bsz, seqlen, vocab): the full vocabulary on every rank
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: in bf16/fp16 the mean of squares loses too many bits.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def _llama31_scaled_frequencies(freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1 long-context rule: slow down low frequencies by 8, blend the middle band smoothly."""
+    scale_factor, low_freq_factor, high_freq_factor, original_context = 8.0, 1.0, 4.0, 8192
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, freqs)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / scale_factor + smooth * scaled
+    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_band, blended, scaled)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float, use_scaled: bool, device=None):
+    """cos and sin of every (position, frequency) pair, float32, shape (max_positions, head_dim // 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if use_scaled:
+        freqs = _llama31_scaled_frequencies(freqs)
+    angles = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by the position's angles (Meta's layout).
+
+    x: (bsz, seqlen, heads, head_dim); cos/sin: (seqlen, head_dim // 2).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.n_local_heads = args.n_heads // model_parallel_world_size()
+        self.n_local_kv_heads = local_kv_heads(args.n_kv_heads)[1]
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim)
+        self.wk = KVParallelLinear(args.dim, args.n_kv_heads, self.head_dim)
+        self.wv = KVParallelLinear(args.dim, args.n_kv_heads, self.head_dim)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+
+    def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
+        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x, start_pos: int, cos, sin, mask, need_weights: bool = False):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        end = start_pos + seqlen
+        self.cache_k[:bsz, start_pos:end] = k
+        self.cache_v[:bsz, start_pos:end] = v
+        # (bsz, heads, positions, head_dim) views over everything cached so far, this step included.
+        keys = self.cache_k[:bsz, :end].transpose(1, 2)
+        values = self.cache_v[:bsz, :end].transpose(1, 2)
+        q = q.transpose(1, 2)
+
+        n_rep = self.n_local_heads // self.n_local_kv_heads
+        weights = None
+        if need_weights:
+            keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
+            scores = (q @ keys.transpose(2, 3)).float() / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = F.softmax(scores, dim=-1)
+            out = weights.type_as(q) @ values
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=n_rep > 1)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.wo(out), weights
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(args.dim, hidden)
+        self.w3 = ColumnParallelLinear(args.dim, hidden)
+        self.w2 = RowParallelLinear(hidden, args.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, start_pos, cos, sin, mask, need_weights=False):
+        attn_out, weights = self.attention(self.attention_norm(x), start_pos, cos, sin, mask, need_weights)
+        h = x + attn_out
+        return h + self.feed_forward(self.ffn_norm(h)), weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate(model_parallel_world_size())
+        self.args = args
+        self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size)
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, args: ModelArgs, device="cpu", dtype: torch.dtype = torch.float32) -> "Transformer":
+        """This rank's slice with uninitialised weights (load them next), RoPE tables and an empty KV cache."""
+        with torch.device("meta"), skip_weight_init():
+            model = cls(args)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.post_init()
+        return model.eval()
+
+    def post_init(self) -> None:
+        """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype)."""
+        param = self.output.weight
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.use_scaled_rope, param.device
+        )
+        for layer in self.layers:
+            layer.attention.allocate_cache(self.args.max_batch_size, self.args.max_seq_len, param.dtype, param.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> TransformerOutput:
+        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of each sequence's cache."""
+        bsz, seqlen = tokens.shape
+        end = start_pos + seqlen
+        if bsz > self.args.max_batch_size or end > self.args.max_seq_len:
+            raise ValueError(
+                f"batch {bsz} x positions {start_pos}..{end} exceeds the cache "
+                f"(max_batch_size={self.args.max_batch_size}, max_seq_len={self.args.max_seq_len})"
+            )
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        mask = None
+        if seqlen > 1:
+            # Query i sits at position start_pos + i and may look at every cached position up to itself.
+            positions = torch.arange(end, device=tokens.device)
+            mask = positions[None, :] <= positions[start_pos:, None]
+        for layer in self.layers:
+            h, _ = layer(h, start_pos, cos, sin, mask)
+        logits = self.output(self.norm(h))
+        return TransformerOutput(logits=gather_last_dim(logits).float())

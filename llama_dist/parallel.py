@@ -1,0 +1,163 @@
+"""Tensor-parallel building blocks: the one place that knows how each weight is split across ranks.
+
+The layers are fairscale's (so their collectives and Megatron-style split are the well-tested ones); this
+module adds what loading needs: every split layer records a `ShardSpec` saying which slice of the full,
+unsplit Meta weight this rank holds, so `checkpoint.py` can read exactly that slice from any shard layout.
+
+Split table (Meta layout, weights are (out_features, in_features)):
+  column-parallel (dim 0): attention.wq/wk/wv, feed_forward.w1/w3, output
+  row-parallel    (dim 1): attention.wo, feed_forward.w2
+  vocab-parallel  (dim 0): tok_embeddings
+  replicated:              norms
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import fairscale.nn.model_parallel.layers as fs_layers
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
+
+from llama_dist.distributed import model_parallel_group, model_parallel_rank, model_parallel_world_size
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """This rank's slice [start, stop) along `dim` of a full weight whose unsplit shape is `full_shape`."""
+
+    dim: int
+    start: int
+    stop: int
+    full_shape: tuple[int, ...]
+
+
+def _keep(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Build split layers without initialising their weights (they are loaded from a checkpoint next).
+
+    fairscale initialises a rank's slice by materialising the whole unsplit weight on every rank and copying
+    its part out: for a 70B model that is gigabytes per rank, only to be overwritten.
+    """
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
+
+
+def local_kv_heads(n_kv_heads: int) -> tuple[int, int]:
+    """(first KV head, number of KV heads) held by this rank.
+
+    With more ranks than KV heads each rank holds the one KV head its query heads attend to, so a KV head is
+    replicated on world_size / n_kv_heads ranks (config validation guarantees the ratios divide).
+    """
+    world, rank = model_parallel_world_size(), model_parallel_rank()
+    if world <= n_kv_heads:
+        per_rank = n_kv_heads // world
+        return rank * per_rank, per_rank
+    return rank * n_kv_heads // world, 1
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """y = x W^T with W split by output rows; each rank returns its own slice of y."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False, gather_output=False, init_method=_keep)
+        per_rank = self.output_size_per_partition
+        start = model_parallel_rank() * per_rank
+        self.shard = ShardSpec(0, start, start + per_rank, (out_features, in_features))
+
+
+class KVParallelLinear(fs_layers.ColumnParallelLinear):
+    """wk / wv: column-parallel by whole KV heads, replicating heads when ranks outnumber them."""
+
+    def __init__(self, in_features: int, n_kv_heads: int, head_dim: int):
+        first, count = local_kv_heads(n_kv_heads)
+        # fairscale divides out_features by the world size; ask for the replicated total so each rank
+        # gets exactly `count` heads.
+        super().__init__(
+            in_features,
+            count * head_dim * model_parallel_world_size(),
+            bias=False,
+            gather_output=False,
+            init_method=_keep,
+        )
+        self.shard = ShardSpec(0, first * head_dim, (first + count) * head_dim, (n_kv_heads * head_dim, in_features))
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """y = x W^T with W split by input columns; the partial sums are all-reduced, every rank gets all of y."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False, input_is_parallel=True, init_method=_keep)
+        per_rank = self.input_size_per_partition
+        start = model_parallel_rank() * per_rank
+        self.shard = ShardSpec(1, start, start + per_rank, (out_features, in_features))
+
+
+class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
+    """Embedding table split by vocabulary rows; ids outside this rank's rows contribute zeros to an all-reduce."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__(vocab_size, dim, init_method=_keep)
+        self.shard = ShardSpec(0, self.vocab_start_index, self.vocab_end_index, (vocab_size, dim))
+
+
+_COLUMN_SPLIT = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.", "feed_forward.w3.", "output.")
+_ROW_SPLIT = ("attention.wo.", "feed_forward.w2.")
+
+
+def meta_split_dim(name: str, embedding_split_dim: int = 0) -> int | None:
+    """The dimension Meta's shards split weight `name` along (None: replicated in every shard).
+
+    Llama 3 shards split tok_embeddings by vocabulary (dim 0), Llama 2 shards by width (dim 1).
+    """
+    if name.startswith("tok_embeddings."):
+        return embedding_split_dim
+    dotted = f".{name}"
+    if any(f".{prefix}" in dotted for prefix in _COLUMN_SPLIT):
+        return 0
+    if any(f".{prefix}" in dotted for prefix in _ROW_SPLIT):
+        return 1
+    return None
+
+
+def shard_specs(model: torch.nn.Module) -> dict[str, ShardSpec | None]:
+    """Parameter name -> this rank's ShardSpec (None for a replicated parameter)."""
+    specs: dict[str, ShardSpec | None] = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            specs[full_name] = getattr(module, "shard", None) if param_name == "weight" else None
+    return specs
+
+
+def gather_last_dim(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's slice along the last dimension, on every rank."""
+    return gather_from_model_parallel_region(local)
+
+
+def gather_last_dim_to_rank0(local: torch.Tensor) -> torch.Tensor | None:
+    """Concatenate every rank's slice along the last dimension on rank 0 only (others get None).
+
+    Sampling needs the full vocabulary row on one rank only; a gather moves 1/N of an all-gather's bytes.
+    """
+    world = model_parallel_world_size()
+    if world == 1:
+        return local
+    local = local.contiguous()
+    group = model_parallel_group()
+    if model_parallel_rank() == 0:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.gather(local, parts, dst=dist.get_global_rank(group, 0), group=group)
+        return torch.cat(parts, dim=-1)
+    dist.gather(local, None, dst=dist.get_global_rank(group, 0), group=group)
+    return None
