@@ -1,0 +1,54 @@
+import pytest
+
+
+# ---- tokenizer fixtures (tests/test_tokenizer.py, tests/test_chat.py) -------------------------------
+
+def _spm_training_text() -> list[str]:
+    # Deterministic, varied enough that BPE learns real merges, including the chat markers.
+    words = ["the", "model", "token", "llama", "answer", "question", "hello", "world", "system", "user",
+             "assistant", "prompt", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "12345", "café", "naïve"]
+    lines = []
+    for i in range(2000):
+        lines.append(" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(3 + i % 9)))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def spm_model_path(tmp_path_factory) -> str:
+    """A tiny SentencePiece BPE model with Llama 2's special-id layout (unk 0, bos 1, eos 2, no pad)."""
+    import sentencepiece as spm
+
+    prefix = tmp_path_factory.mktemp("spm") / "tiny"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_spm_training_text()),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=400,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        # The options below are Llama 2's: byte fallback for unseen characters, no text normalisation.
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return str(prefix) + ".model"
+
+# ---- end tokenizer fixtures ---------------------------------------------------------------------------
+
+
+# ---- SLURM cluster fixture (tests/slurm_cluster.py, tests/test_slurm_distributed.py) --------------------
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM (slurmctld + slurmd + munged) for the whole session; skips when it cannot run."""
+    from slurm_cluster import SlurmCluster, slurm_unavailable_reason
+
+    reason = slurm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster() as cluster:
+        yield cluster
+
+# ---- end SLURM cluster fixture -------------------------------------------------------------------------
