@@ -208,3 +208,57 @@ def print0(*args, **kwargs) -> None:
     """print() on rank 0 only: progress and timing must not be repeated by every rank."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (any picklable value) on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def on_main_then_share(fn, *args, **kwargs):
+    """Run `fn` on rank 0 and give every rank its result, or raise rank 0's error on every rank.
+
+    Input checks run this way, so a bad request fails everywhere with the same message instead of
+    failing on one rank and leaving the others waiting in a collective.
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn(*args, **kwargs)
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            error = exc
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+class RemoteRankError(RuntimeError):
+    """Another rank failed a step that every rank had to pass."""
+
+
+def checked_on_all_ranks(fn, *args, **kwargs):
+    """Run `fn` on every rank; if it fails anywhere, raise on every rank instead of leaving some waiting.
+
+    For steps that can fail on one rank only (a file missing on one node, say). `fn` must not itself use
+    collectives. The failing rank re-raises its own error; the others raise RemoteRankError naming it.
+    """
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
+        error = exc
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        reports: list = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(rank, msg) for rank, msg in enumerate(reports) if msg is not None]
+        if failed and error is None:
+            rank, msg = failed[0]
+            raise RemoteRankError(f"rank {rank} failed: {msg}")
+    if error is not None:
+        raise error
+    return result

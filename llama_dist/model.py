@@ -22,6 +22,7 @@ from llama_dist.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     gather_last_dim,
+    gather_last_dim_to_rank0,
     local_kv_heads,
     skip_weight_init,
 )
@@ -29,7 +30,7 @@ from llama_dist.parallel import (
 
 @dataclass
 class TransformerOutput:
-    logits: torch.Tensor  # float32 (bsz, seqlen, vocab): the full vocabulary on every rank
+    logits: torch.Tensor | None  # float32 (bsz, seqlen, vocab); None on ranks > 0 when gathered to rank 0
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -186,8 +187,15 @@ class Transformer(nn.Module):
             layer.attention.allocate_cache(self.args.max_batch_size, self.args.max_seq_len, param.dtype, param.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> TransformerOutput:
-        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of each sequence's cache."""
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False, gather: str = "all"
+    ) -> TransformerOutput:
+        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of each sequence's cache.
+
+        last_only: project only the last position onto the vocabulary (all that sampling needs).
+        gather: "all" returns the full-vocabulary logits on every rank; "rank0" only on rank 0 (others get
+        None), which is what rank-0 sampling needs and moves 1/N of the bytes.
+        """
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
         if bsz > self.args.max_batch_size or end > self.args.max_seq_len:
@@ -204,5 +212,12 @@ class Transformer(nn.Module):
             mask = positions[None, :] <= positions[start_pos:, None]
         for layer in self.layers:
             h, _ = layer(h, start_pos, cos, sin, mask)
-        logits = self.output(self.norm(h))
-        return TransformerOutput(logits=gather_last_dim(logits).float())
+        if last_only:
+            h = h[:, -1:]
+        local_logits = self.output(self.norm(h))
+        if gather == "rank0":
+            logits = gather_last_dim_to_rank0(local_logits)
+            return TransformerOutput(logits=None if logits is None else logits.float())
+        if gather != "all":
+            raise ValueError(f"gather must be 'all' or 'rank0', got {gather!r}")
+        return TransformerOutput(logits=gather_last_dim(local_logits).float())

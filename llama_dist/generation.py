@@ -1,0 +1,359 @@
+"""Text generation across tensor-parallel ranks: Llama.build, generate, completions, streaming.
+
+Rank 0 owns every request: it checks and broadcasts the prompts, receives the last position's logits,
+samples, and broadcasts the chosen tokens. Every rank therefore holds identical tokens and stops at the
+same step, whatever its own random state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llama_dist.chat import Dialog, format_dialog
+from llama_dist.checkpoint import CheckpointError, load_model, read_model_args
+from llama_dist.distributed import (
+    DistContext,
+    broadcast_object,
+    checked_on_all_ranks,
+    init_distributed,
+    on_main_then_share,
+    print0,
+)
+from llama_dist.model import Transformer
+from llama_dist.sampling import sample_next
+from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A generation request that cannot be served (bad prompts or sampling settings)."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None: bfloat16 on CUDA (Meta's weights are bf16), float32 on CPU (the exact reference path)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
+
+
+@dataclass
+class StreamStep:
+    """One decoding step: per sequence, the token it gained (None if none) and the text that token added."""
+
+    tokens: list[int | None]
+    texts: list[str]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+
+@dataclass
+class _Request:
+    prompts: list[list[int]]
+    max_gen_len: int
+    temperature: float
+    top_p: float
+    logprobs: bool
+
+
+@dataclass
+class _DecodeState:
+    tokens: torch.Tensor  # (bsz, total_len), prompts then generated tokens
+    in_prompt: torch.Tensor  # (bsz, total_len) bool: position holds a prompt token
+    token_logprobs: torch.Tensor | None
+    last_pos: int = 0
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: TokenizerInterface, dist_ctx: DistContext, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dist = dist_ctx
+        # Only rank 0 samples; its generator alone decides every sampled token.
+        self.generator = torch.Generator(device=dist_ctx.device).manual_seed(seed)
+        self.last_stats = GenerationStats()
+
+    @staticmethod
+    def build(
+        ckpt_dir: str | Path,
+        tokenizer_path: str | Path,
+        max_seq_len: int,
+        max_batch_size: int,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        seed: int = 1,
+        backend: str | None = None,
+        timeout_s: float | None = None,
+    ) -> "Llama":
+        """Join (or start) the process group, then load the tokenizer and this rank's slice of the model."""
+        ctx = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
+        torch.manual_seed(seed)
+        dtype = resolve_dtype(dtype, ctx.device)
+        start = time.perf_counter()
+
+        def load():
+            tokenizer = load_tokenizer(tokenizer_path)
+            args = read_model_args(ckpt_dir)
+            if tokenizer.n_words != args.vocab_size:
+                raise CheckpointError(
+                    f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir} has a vocabulary "
+                    f"of {args.vocab_size}: they belong to different models"
+                )
+            model = load_model(ckpt_dir, max_seq_len, max_batch_size, device=ctx.device, dtype=dtype)
+            return tokenizer, model
+
+        tokenizer, model = checked_on_all_ranks(load)
+        print0(
+            f"Loaded {ckpt_dir} on {ctx.world_size} rank(s) ({ctx.backend}, {ctx.device.type}, "
+            f"{str(dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.2f} s"
+        )
+        return Llama(model, tokenizer, ctx, seed)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def _check_request(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs) -> _Request:
+        args = self.model.args
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise RequestError("prompt_tokens must be a non-empty list of token-id lists")
+        if len(prompt_tokens) > args.max_batch_size:
+            raise RequestError(f"{len(prompt_tokens)} prompts exceed max_batch_size={args.max_batch_size}")
+        prompts = []
+        for i, prompt in enumerate(prompt_tokens):
+            prompt = list(prompt) if isinstance(prompt, (list, tuple)) else prompt
+            if not isinstance(prompt, list) or not prompt:
+                raise RequestError(f"prompt {i} is empty or not a list of token ids")
+            if len(prompt) > args.max_seq_len:
+                raise RequestError(f"prompt {i} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}")
+            bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < args.vocab_size]
+            if bad:
+                raise RequestError(f"prompt {i} holds token id {bad[0]!r} outside the vocabulary [0, {args.vocab_size})")
+            prompts.append(prompt)
+        if not isinstance(max_gen_len, int) or max_gen_len < 1:
+            raise RequestError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
+        return _Request(prompts, max_gen_len, float(temperature), float(top_p), bool(logprobs))
+
+    def _share_request(self, *request_args) -> _Request:
+        """Rank 0's request, checked there, on every rank (or rank 0's error raised on every rank)."""
+        return on_main_then_share(self._check_request, *request_args)
+
+    # ---- the decoding loop ------------------------------------------------------------------------------
+
+    def _decode(self, req: _Request, state_out: list) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run one request; yields (position, tokens chosen there) per step and leaves the state in state_out.
+
+        Prompts may differ in length: decoding starts after the shortest, and a position that still holds
+        a longer prompt's token keeps it.
+        """
+        device, bsz = self.dist.device, len(req.prompts)
+        lengths = torch.tensor([len(p) for p in req.prompts], device=device)
+        min_len, max_len = min(map(len, req.prompts)), max(map(len, req.prompts))
+        # Generation is cut where the cache ends: prompt + max_gen_len beyond max_seq_len is truncated.
+        total_len = min(self.model.args.max_seq_len, max_len + req.max_gen_len)
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        for i, prompt in enumerate(req.prompts):
+            tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        in_prompt = torch.arange(total_len, device=device)[None, :] < lengths[:, None]
+        state = _DecodeState(tokens, in_prompt, torch.zeros(bsz, total_len, device=device) if req.logprobs else None)
+        state.stats.prompt_tokens = int(lengths.sum())
+        state_out.append(state)
+        stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        is_main = self.dist.is_main
+
+        if min_len == total_len:  # nothing to generate: only score the prompts
+            out = self.model(tokens, 0, gather="rank0")
+            if is_main and req.logprobs:
+                state.token_logprobs[:, 1:] = -F.cross_entropy(out.logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+            state.last_pos = total_len - 1
+            return
+
+        prev_pos = 0
+        started = time.perf_counter()
+        for cur_pos in range(min_len, total_len):
+            out = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not req.logprobs, gather="rank0")
+            next_tokens = torch.empty(bsz, dtype=torch.long, device=device)
+            if is_main:
+                next_tokens = sample_next(out.logits[:, -1], req.temperature, req.top_p, self.generator)
+            if self.dist.world_size > 1:
+                dist.broadcast(next_tokens, src=0)
+            next_tokens = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_tokens)
+            tokens[:, cur_pos] = next_tokens
+            if is_main and req.logprobs:
+                targets = tokens[:, prev_pos + 1 : cur_pos + 1]
+                state.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    out.logits.transpose(1, 2), targets, reduction="none"
+                )
+            finished |= ~in_prompt[:, cur_pos] & torch.isin(next_tokens, stop_tokens)
+            state.last_pos = cur_pos
+            now = time.perf_counter()
+            if prev_pos == 0:
+                state.stats.prefill_s = now - started
+            else:
+                state.stats.decode_steps += 1
+            yield cur_pos, next_tokens
+            prev_pos = cur_pos
+            if bool(finished.all()):
+                break
+        state.stats.decode_s = time.perf_counter() - started - state.stats.prefill_s
+
+    def _finish(self, req: _Request, state: _DecodeState, echo: bool):
+        """Per sequence: (echoed prompt +) generated tokens up to the first stop token or max_gen_len."""
+        logprobs = state.token_logprobs
+        if logprobs is not None and self.dist.world_size > 1:
+            dist.broadcast(logprobs, src=0)
+        stop_tokens = set(self.tokenizer.stop_tokens)
+        out_tokens, out_logprobs = [], []
+        rows = state.tokens[:, : state.last_pos + 1].tolist()
+        for i, (prompt, row) in enumerate(zip(req.prompts, rows)):
+            start = 0 if echo else len(prompt)
+            end = min(len(row), len(prompt) + req.max_gen_len)
+            generated = row[len(prompt) : end]
+            for j, tok in enumerate(generated):
+                if tok in stop_tokens:
+                    end = len(prompt) + j
+                    break
+            out_tokens.append(row[start:end])
+            if logprobs is not None:
+                out_logprobs.append(logprobs[i, start:end].tolist())
+        generated_count = sum(len(t) - (0 if not echo else len(p)) for t, p in zip(out_tokens, req.prompts))
+        state.stats.generated_tokens = generated_count
+        self.last_stats = state.stats
+        return out_tokens, (out_logprobs if logprobs is not None else None)
+
+    # ---- public API -----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Generate continuations of rank 0's `prompt_tokens` (other ranks may pass None).
+
+        Returns (tokens, logprobs) per sequence, identical on every rank: the new tokens (after the prompt
+        too with echo=True), cut at the first stop token (excluded) or max_gen_len; logprobs holds each
+        returned token's log-probability when asked for, else None.
+        """
+        req = self._share_request(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        state_out: list[_DecodeState] = []
+        for _ in self._decode(req, state_out):
+            pass
+        return self._finish(req, state_out[0], echo)
+
+    def generate_stream(
+        self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9
+    ) -> Iterator[StreamStep]:
+        """Like generate, but yields each step's new token and text per sequence as soon as it is chosen."""
+        req = self._share_request(prompt_tokens, max_gen_len, temperature, top_p, False)
+        stop_tokens = set(self.tokenizer.stop_tokens)
+        generated: list[list[int]] = [[] for _ in req.prompts]
+        shown = [""] * len(req.prompts)
+        done = [False] * len(req.prompts)
+        state_out: list[_DecodeState] = []
+        for cur_pos, next_tokens in self._decode(req, state_out):
+            step = StreamStep([None] * len(req.prompts), [""] * len(req.prompts))
+            for i, tok in enumerate(next_tokens.tolist()):
+                if done[i] or cur_pos < len(req.prompts[i]):
+                    continue
+                if tok in stop_tokens or len(generated[i]) >= req.max_gen_len:
+                    done[i] = True
+                    continue
+                generated[i].append(tok)
+                text = self.tokenizer.decode(generated[i])
+                step.tokens[i] = tok
+                # Hold back a partial UTF-8 character until the tokens that complete it arrive.
+                if not text.endswith("\ufffd"):
+                    step.texts[i], shown[i] = text[len(shown[i]) :], text
+            yield step
+            if all(done):
+                break
+        self._finish(req, state_out[0], echo=False)
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> list[dict]:
+        """Complete rank 0's `prompts`; returns [{"generation": str, ("tokens", "logprobs")}] per prompt."""
+        prompt_tokens = on_main_then_share(self._encode_prompts, prompts)
+        if max_gen_len is None:
+            max_gen_len = self.model.args.max_seq_len - 1
+        tokens, token_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        return self._completions(tokens, token_logprobs, lambda text: text)
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+    ) -> list[dict]:
+        """Answer rank 0's `dialogs`; returns [{"generation": {"role": "assistant", "content": str}, ...}]."""
+        prompt_tokens = on_main_then_share(self._encode_dialogs, dialogs)
+        if max_gen_len is None:
+            max_gen_len = self.model.args.max_seq_len - 1
+        tokens, token_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        return self._completions(tokens, token_logprobs, lambda text: {"role": "assistant", "content": text})
+
+    def chat_stream(
+        self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None
+    ) -> Iterator[str]:
+        """The assistant's answer to rank 0's `dialog`, as text pieces while they are generated."""
+        prompt_tokens = on_main_then_share(self._encode_dialogs, [dialog])
+        if max_gen_len is None:
+            max_gen_len = self.model.args.max_seq_len - 1
+        for step in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p):
+            if step.texts[0]:
+                yield step.texts[0]
+
+    def _encode_prompts(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise RequestError("prompts must be a list of strings")
+        return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+    def _encode_dialogs(self, dialogs) -> list[list[int]]:
+        if not isinstance(dialogs, (list, tuple)):
+            raise RequestError("dialogs must be a list of dialogs (each a list of {'role', 'content'} messages)")
+        return [format_dialog(self.tokenizer, dialog) for dialog in dialogs]
+
+    def _completions(self, tokens, token_logprobs, wrap) -> list[dict]:
+        """Meta's result dicts: the decoded text (wrapped), plus per-token pieces and logprobs if asked."""
+        results = []
+        for i, seq in enumerate(tokens):
+            result = {"generation": wrap(self.tokenizer.decode(seq))}
+            if token_logprobs is not None:
+                result.update(tokens=[self.tokenizer.decode([x]) for x in seq], logprobs=token_logprobs[i])
+            results.append(result)
+        return results

@@ -1,0 +1,29 @@
+"""Choosing the next token from logits: greedy, or temperature + nucleus (top-p). Runs on rank 0 only."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability reaches top_p.
+
+    probs: (bsz, vocab), rows summing to 1. Returns (bsz,) token ids.
+    """
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    # A token stays when the mass of the more likely tokens is still short of top_p (the top one always stays).
+    sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
+    return torch.gather(order, -1, choice).squeeze(-1)
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token per row of `logits` (bsz, vocab): argmax when temperature == 0, else top-p sampling."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator)
