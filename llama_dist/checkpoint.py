@@ -19,7 +19,7 @@ from llama_dist.distributed import model_parallel_world_size
 from llama_dist.model import Transformer
 from llama_dist.parallel import ShardSpec, meta_split_dim, shard_specs
 
-SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+SHARD_PATTERN = re.compile(r"consolidated\.(\d{2,})\.pth")
 # Present in Llama 2 shards; the model derives RoPE frequencies itself.
 IGNORED_KEYS = {"rope.freqs"}
 
@@ -76,12 +76,18 @@ class ShardSet:
     def read(self, name: str, full_shape: tuple[int, ...], want: ShardSpec | None) -> torch.Tensor:
         """The slice `want` of the full tensor `name` (all of it when `want` is None), from whichever shards."""
         pieces = [self.tensor(i, name) for i in range(len(self))]
-        split_dim = _checkpoint_split_dim(name, [p.shape for p in pieces], full_shape, self.paths[0].parent)
+        where = self.paths[0].parent
+        split_dim = _checkpoint_split_dim(name, [p.shape for p in pieces], full_shape, where)
         if split_dim is None:
             pieces = pieces[:1]
             split_dim = 0
         size = pieces[0].shape[split_dim]
         full = full_shape[split_dim]
+        if len(pieces) * size < full:
+            raise CheckpointError(
+                f"{where}: {len(pieces)} shard(s) of {name!r} hold {len(pieces) * size} of the {full} rows along "
+                f"dim {split_dim} that params.json implies (does params.json match these weights?)"
+            )
         # Piece i covers [start_i, start_i + size); with replicated KV heads several pieces cover the same rows.
         starts = [(i * (full // size)) // len(pieces) * size for i in range(len(pieces))]
 
@@ -100,6 +106,14 @@ class ShardSet:
 def _checkpoint_split_dim(name, shapes, full_shape, where) -> int | None:
     """Which dimension the shards split `name` along (None: every shard holds all of it)."""
     if all(tuple(s) == tuple(full_shape) for s in shapes):
+        # Several whole copies of a weight Meta splits means params.json undersized it; only KV heads are
+        # legitimately copied into every shard (one KV head, several shards).
+        is_kv = name.endswith(("attention.wk.weight", "attention.wv.weight"))
+        if len(shapes) > 1 and meta_split_dim(name) is not None and not is_kv:
+            raise CheckpointError(
+                f"{where}: every shard holds a whole {tuple(full_shape)} {name!r}, but Meta's shards split it: "
+                f"params.json does not match these weights"
+            )
         return None
     if any(len(s) != len(full_shape) for s in shapes) or len({tuple(s) for s in shapes}) != 1:
         raise CheckpointError(f"{where}: tensor {name!r} has inconsistent shapes across shards: {shapes}")
