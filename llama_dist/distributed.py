@@ -99,13 +99,16 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        # Every task of the job derives the same port from the job id, so no coordination is needed.
-        default_port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+    # SLURM_STEP_ID marks a task started by srun; the batch script itself also has SLURM_PROCID=0 and the
+    # job's task count, and must not mistake itself for rank 0 of a group nobody else will join.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        # Every task of the job derives the same port from the job id, so no coordination is needed; the
+        # range stays below Linux's ephemeral ports (32768+).
+        default_port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 10000
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", 1)),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
             master_port=int(env.get("MASTER_PORT", default_port)),
@@ -116,10 +119,11 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
 
 def _pick_backend_and_device(local_rank: int, backend: str | None, device: str | torch.device | None):
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        # When SLURM binds one GPU per task, every task sees a single device, index 0.
+        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     return backend, device
@@ -128,8 +132,10 @@ def _pick_backend_and_device(local_rank: int, backend: str | None, device: str |
 def _local_world_size(launch: LaunchEnv) -> int:
     if launch.launcher == "torchrun":
         return int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
-    if launch.launcher == "slurm":
-        return max(1, launch.world_size // int(os.environ.get("SLURM_JOB_NUM_NODES", 1)))
+    if launch.launcher == "slurm":  # e.g. "2(x3)": 2 tasks on each of 3 nodes
+        per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
+        match = re.match(r"\d+", per_node)
+        return int(match.group()) if match else 1
     return 1
 
 
@@ -201,7 +207,9 @@ def model_parallel_group():
 
 
 def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return read_launch_env().rank == 0
 
 
 def print0(*args, **kwargs) -> None:

@@ -21,7 +21,6 @@ from llama_dist.chat import Dialog, format_dialog
 from llama_dist.checkpoint import CheckpointError, load_model, read_model_args
 from llama_dist.distributed import (
     DistContext,
-    broadcast_object,
     checked_on_all_ranks,
     init_distributed,
     on_main_then_share,
@@ -180,6 +179,11 @@ class Llama:
         state = _DecodeState(tokens, in_prompt, torch.zeros(bsz, total_len, device=device) if req.logprobs else None)
         state.stats.prompt_tokens = int(lengths.sum())
         state_out.append(state)
+        yield from self._decode_steps(req, state, min_len, total_len)
+
+    @torch.inference_mode()  # torch applies it around each step of the generator, not across yields
+    def _decode_steps(self, req: _Request, state: _DecodeState, min_len: int, total_len: int):
+        tokens, in_prompt, device, bsz = state.tokens, state.in_prompt, self.dist.device, len(req.prompts)
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         is_main = self.dist.is_main
@@ -187,7 +191,9 @@ class Llama:
         if min_len == total_len:  # nothing to generate: only score the prompts
             out = self.model(tokens, 0, gather="rank0")
             if is_main and req.logprobs:
-                state.token_logprobs[:, 1:] = -F.cross_entropy(out.logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+                state.token_logprobs[:, 1:] = -F.cross_entropy(
+                    out.logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none"
+                )
             state.last_pos = total_len - 1
             return
 

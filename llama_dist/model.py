@@ -107,12 +107,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        end = start_pos + seqlen
-        self.cache_k[:bsz, start_pos:end] = k
-        self.cache_v[:bsz, start_pos:end] = v
-        # (bsz, heads, positions, head_dim) views over everything cached so far, this step included.
-        keys = self.cache_k[:bsz, :end].transpose(1, 2)
-        values = self.cache_v[:bsz, :end].transpose(1, 2)
+        if self.cache_k is None:  # training: the whole sequence is here, nothing to remember
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            end = start_pos + seqlen
+            self.cache_k[:bsz, start_pos:end] = k
+            self.cache_v[:bsz, start_pos:end] = v
+            # (bsz, heads, positions, head_dim) views over everything cached so far, this step included.
+            keys = self.cache_k[:bsz, :end].transpose(1, 2)
+            values = self.cache_v[:bsz, :end].transpose(1, 2)
         q = q.transpose(1, 2)
 
         n_rep = self.n_local_heads // self.n_local_kv_heads
@@ -173,20 +176,22 @@ class Transformer(nn.Module):
         """This rank's slice with uninitialised weights (load them next), RoPE tables and an empty KV cache."""
         with torch.device("meta"), skip_weight_init():
             model = cls(args)
-        model = model.to(dtype=dtype).to_empty(device=device)
+        model = model.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
         model.post_init()
         return model.eval()
 
-    def post_init(self) -> None:
-        """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype)."""
+    def post_init(self, kv_cache: bool = True) -> None:
+        """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype).
+
+        kv_cache=False is for training, where every forward sees whole sequences from position 0.
+        """
         param = self.output.weight
         self.rope_cos, self.rope_sin = rope_tables(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.use_scaled_rope, param.device
         )
-        for layer in self.layers:
+        for layer in self.layers if kv_cache else ():
             layer.attention.allocate_cache(self.args.max_batch_size, self.args.max_seq_len, param.dtype, param.device)
 
-    @torch.inference_mode()
     def forward(
         self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False, gather: str = "all"
     ) -> TransformerOutput:

@@ -1,0 +1,174 @@
+"""Process-group bootstrap: launcher environments, backend choice, rank-0 printing and failing fast."""
+
+import contextlib
+import io
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from llama_dist.distributed import (
+    LaunchEnv,
+    _pick_backend_and_device,
+    expand_slurm_nodelist,
+    init_distributed,
+    model_parallel_world_size,
+    print0,
+    read_launch_env,
+)
+from llama_dist.local_launch import RankFailure, run_local
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29511"}
+SLURM = {  # what srun gives task 5 of a 6-task step on nodes node03..node05
+    "SLURM_PROCID": "5",
+    "SLURM_STEP_ID": "0",
+    "SLURM_NTASKS": "6",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "node[03-05]",
+}
+
+
+# ---- launcher environments ----------------------------------------------------------------------------
+
+
+def test_torchrun_env():
+    assert read_launch_env(TORCHRUN) == LaunchEnv(3, 8, 1, "10.1.2.3", 29511, "torchrun")
+
+
+def test_torchrun_env_defaults():
+    assert read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}) == LaunchEnv(0, 2, 0, "127.0.0.1", 29500, "torchrun")
+
+
+def test_slurm_env():
+    # The first host of the allocation is the master; the port is derived from the job id.
+    assert read_launch_env(SLURM) == LaunchEnv(5, 6, 1, "node03", 23456, "slurm")
+
+
+def test_slurm_port_is_shared_by_a_job_and_differs_between_jobs():
+    def port(job, task):
+        return read_launch_env({**SLURM, "SLURM_JOB_ID": job, "SLURM_PROCID": str(task)}).master_port
+
+    for job in ("7", "8", "99999"):
+        assert len({port(job, task) for task in range(6)}) == 1  # every task agrees without talking
+        assert 1024 < port(job, 0) < 32768  # a user port below Linux's ephemeral range
+    assert len({port(job, 0) for job in ("7", "8", "99999")}) == 3
+
+
+def test_slurm_step_variables_and_explicit_master():
+    env = {**SLURM, "SLURM_STEP_NODELIST": "gpu[7-9],login1", "SLURM_STEP_NUM_TASKS": "4"}
+    launch = read_launch_env(env)
+    assert (launch.master_addr, launch.world_size) == ("gpu7", 4)  # the step's nodes and tasks, not the job's
+    env.update(MASTER_ADDR="head.example", MASTER_PORT="40000")
+    launch = read_launch_env(env)
+    assert (launch.master_addr, launch.master_port) == ("head.example", 40000)
+
+
+def test_sbatch_script_outside_srun_is_a_single_rank():
+    batch_env = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_ID"} | {"SLURM_PROCID": "0"}
+    assert read_launch_env(batch_env).launcher == "single"
+
+
+def test_no_launcher_is_a_single_rank():
+    assert read_launch_env({}) == LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
+    assert read_launch_env({"RANK": "1"}).launcher == "single"  # RANK alone is not a torchrun job
+    assert read_launch_env({"SLURM_PROCID": "1"}).launcher == "single"
+
+
+def test_torchrun_wins_over_slurm():
+    # torchrun inside an sbatch allocation: SLURM describes the allocation, torchrun the ranks.
+    assert read_launch_env({**SLURM, **TORCHRUN}) == LaunchEnv(3, 8, 1, "10.1.2.3", 29511, "torchrun")
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("node[03-05]", ["node03", "node04", "node05"]),
+        ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+        ("a[9-11]", ["a9", "a10", "a11"]),
+        ("n[08-10]", ["n08", "n09", "n10"]),
+        ("cn-1,cn-2", ["cn-1", "cn-2"]),
+        ("rack1-node[1,3],rack2-node[2-3]", ["rack1-node1", "rack1-node3", "rack2-node2", "rack2-node3"]),
+        ("10.0.0.5", ["10.0.0.5"]),
+    ],
+)
+def test_expand_slurm_nodelist(nodelist, hosts):
+    assert expand_slurm_nodelist(nodelist) == hosts
+
+
+# ---- backend and device -------------------------------------------------------------------------------
+
+
+def test_gloo_and_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _pick_backend_and_device(2, None, None) == ("gloo", torch.device("cpu"))
+
+
+def fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_nccl_on_the_local_gpu_with_cuda(monkeypatch):
+    fake_gpus(monkeypatch, 4)
+    assert _pick_backend_and_device(2, None, None) == ("nccl", torch.device("cuda", 2))
+    fake_gpus(monkeypatch, 1)  # SLURM bound one GPU to this task: it is device 0 whatever the local rank
+    assert _pick_backend_and_device(2, None, None) == ("nccl", torch.device("cuda", 0))
+
+
+def test_explicit_backend_and_device_are_honoured(monkeypatch):
+    fake_gpus(monkeypatch, 4)
+    assert _pick_backend_and_device(1, None, "cpu") == ("gloo", torch.device("cpu"))
+    assert _pick_backend_and_device(1, "gloo", "cuda") == ("gloo", torch.device("cuda", 1))  # index from rank
+    assert _pick_backend_and_device(1, "nccl", "cuda:3") == ("nccl", torch.device("cuda", 3))
+    assert _pick_backend_and_device(0, "gloo", torch.device("cpu")) == ("gloo", torch.device("cpu"))
+
+
+# ---- real ranks -------------------------------------------------------------------------------------------
+
+
+def init_and_print_worker():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ctx = init_distributed()
+        again = init_distributed()  # joining the already started group is a no-op
+        print0("hello from rank", ctx.rank)
+    total = torch.tensor([float(ctx.rank + 1)])
+    dist.all_reduce(total)
+    return {
+        "ctx": (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend, ctx.device.type, ctx.is_main),
+        "same_after_second_call": again == ctx,
+        "model_parallel_world_size": model_parallel_world_size(),
+        "printed": out.getvalue(),
+        "sum": total.item(),
+    }
+
+
+def test_init_distributed_on_two_ranks():
+    results = run_local(init_and_print_worker, 2, timeout_s=120)
+    for rank, result in enumerate(results):
+        assert result["ctx"] == (rank, 2, rank, "gloo", "cpu", rank == 0)
+        assert result["same_after_second_call"]
+        assert result["model_parallel_world_size"] == 2
+        assert result["sum"] == 3.0
+    # Only rank 0 prints, and fairscale's group announcements are kept off stdout.
+    assert results[0]["printed"] == "hello from rank 0\n"
+    assert results[1]["printed"] == ""
+
+
+def fail_while_peer_waits_worker():
+    ctx = init_distributed()
+    if ctx.rank == 1:
+        time.sleep(0.5)  # let rank 0 enter the collective first
+        raise ValueError("rank 1 gives up before the all_reduce")
+    dist.all_reduce(torch.ones(1))  # rank 1 never joins: without run_local's help this waits for the timeout
+    return "unreachable"
+
+
+def test_run_local_fails_fast_when_a_rank_raises():
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match="rank 1 gives up before the all_reduce"):
+        run_local(fail_while_peer_waits_worker, 2)  # default 300 s timeout: it must not be what ends the run
+    assert time.monotonic() - start < 30
