@@ -1,4 +1,4 @@
-"""Model hyperparameters (Meta's params.json fields) plus the runtime limits of one model instance."""
+"""Model hyperparameters (Meta's params.json fields), the runtime settings of one model instance, named presets."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ class ModelArgs:
     # Runtime limits: they size the KV cache, so they are chosen per run, not read from params.json.
     max_batch_size: int = 4
     max_seq_len: int = 2048
+    # Runtime defaults for what a forward returns besides logits (a call's own arguments override them).
+    output_hidden_states: bool = False
+    output_attentions: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -46,8 +49,22 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
+    def num_parameters(self, tied_embeddings: bool = False) -> int:
+        """Parameters of the whole (unsplit) model; tied_embeddings counts `output` as sharing the embedding.
+
+        Meta's checkpoints always store `output.weight`, also for Llama 3.2 1B/3B where it equals the
+        embedding (Hugging Face ties the two, hence its smaller published counts for those models).
+        """
+        if self.vocab_size < 1:
+            raise ConfigError(f"vocab_size must be positive to count parameters, got {self.vocab_size}")
+        d, hd = self.dim, self.head_dim
+        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)  # wq, wo; wk, wv
+        per_layer = attention + 3 * d * self.ffn_hidden_dim + 2 * d  # + w1, w2, w3 and two norm gains
+        embeddings = self.vocab_size * d * (1 if tied_embeddings else 2)
+        return embeddings + self.n_layers * per_layer + d  # + final norm
+
     @classmethod
-    def from_params_json(cls, path: str | Path, **overrides) -> "ModelArgs":
+    def from_params_json(cls, path: str | Path, **overrides) -> ModelArgs:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"params.json not found: {path}")
@@ -94,3 +111,38 @@ class ModelArgs:
             raise ConfigError(f"vocab_size={self.vocab_size} is not divisible by the world size {world_size}")
         if self.ffn_hidden_dim % world_size:
             raise ConfigError(f"FFN width {self.ffn_hidden_dim} is not divisible by the world size {world_size}")
+
+
+# Runtime fields of ModelArgs: chosen per run, never part of a checkpoint's params.json.
+RUNTIME_FIELDS = ("max_batch_size", "max_seq_len", "output_hidden_states", "output_attentions")
+
+_LLAMA2 = {"vocab_size": 32000, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0, "use_scaled_rope": False}
+_LLAMA3 = {"vocab_size": 128256, "n_kv_heads": 8, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": False}
+_LLAMA31 = dict(_LLAMA3, use_scaled_rope=True)
+
+# Meta's params.json for each model, by name. Use as ModelArgs(**transformer_configs[name], max_seq_len=...).
+# Differences from the files: Llama 2 files say vocab_size -1 (the embedding decides); here it is 32000. Llama 2
+# 7B/13B files omit n_kv_heads (= n_heads) and rope_theta (the 10000 default). (llama_models' sku_list gives
+# Llama 2 Llama 3-style arch_args, GQA and rope_theta 500000, which do not give its published parameter counts.)
+transformer_configs: dict[str, dict] = {
+    "Llama-2-7B": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim_multiplier=None),
+    "Llama-2-13B": dict(_LLAMA2, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim_multiplier=None),
+    "Llama-2-70B": dict(
+        _LLAMA2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3
+    ),
+    "Llama-3-8B": dict(_LLAMA3, dim=4096, n_layers=32, n_heads=32, multiple_of=1024, ffn_dim_multiplier=1.3),
+    "Llama-3-70B": dict(_LLAMA3, dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3),
+    "Llama-3.1-8B": dict(_LLAMA31, dim=4096, n_layers=32, n_heads=32, multiple_of=1024, ffn_dim_multiplier=1.3),
+    "Llama-3.1-70B": dict(_LLAMA31, dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3),
+    # The bf16 MP8 and FP8 releases (8 KV heads); the bf16 MP16 release stores each KV head twice (16).
+    "Llama-3.1-405B": dict(
+        _LLAMA31, dim=16384, n_layers=126, n_heads=128, multiple_of=4096, ffn_dim_multiplier=1.2
+    ),
+    "Llama-3.2-1B": dict(_LLAMA31, dim=2048, n_layers=16, n_heads=32, multiple_of=256, ffn_dim_multiplier=1.5),
+    "Llama-3.2-3B": dict(_LLAMA31, dim=3072, n_layers=28, n_heads=24, multiple_of=256, ffn_dim_multiplier=1.0),
+    # The bundled toy model (checkpoints/tiny, made by checkpoints/make_tiny.py): ~1M parameters.
+    "tiny": {
+        "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
+        "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 10000.0, "use_scaled_rope": False,
+    },
+}

@@ -1,8 +1,9 @@
 """The Llama transformer as math: RMSNorm, RoPE, grouped-query attention with a KV cache, SwiGLU.
 
 Every module here holds this rank's slice only; which slice, and the collectives that join the slices, live
-in `parallel.py`. Build with `Transformer.build(args, device, dtype)` (empty weights, then load them with
-`checkpoint.load_weights`), or `checkpoint.load_model` for both steps.
+in `parallel.py`. Build with `Transformer.from_pretrained(config, path)` (this rank's slice plus its weights
+from a Meta checkpoint), or `Transformer.build(args, device, dtype)` (empty weights: load them with
+`checkpoint.load_weights`); `checkpoint.load_model(ckpt_dir)` does both from the checkpoint's params.json.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from llama_dist.parallel import (
 @dataclass
 class TransformerOutput:
     logits: torch.Tensor | None  # float32 (bsz, seqlen, vocab); None on ranks > 0 when gathered to rank 0
+    # n_layers + 1 tensors (bsz, seqlen, dim), model dtype: the embedding, then each block's output, except that
+    # the last entry is after the final norm (transformers' LlamaModel convention). Identical on every rank.
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    # n_layers tensors (bsz, n_heads, seqlen, start_pos + seqlen), float32 softmax probabilities of all heads,
+    # on every rank.
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
@@ -159,7 +164,24 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h)), weights
 
 
+def gather_heads(local: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each layer's (bsz, local heads, q, k) probabilities -> (bsz, all heads, q, k) on every rank.
+
+    Rank r holds query heads [r * local, (r + 1) * local), so joining in rank order gives Meta's head order.
+    One all-gather over the model-parallel group carries every layer.
+    """
+    stacked = torch.stack(local).movedim(2, -1).contiguous()  # (layers, bsz, q, k, local heads)
+    return gather_last_dim(stacked).movedim(-1, 2).contiguous().unbind(0)
+
+
 class Transformer(nn.Module):
+    """This rank's slice of a Llama model.
+
+    `Transformer(config)` allocates the slice with UNinitialised weights (initialise or load them), then
+    `post_init()` must run before the first forward. `Transformer.build` allocates straight on the target
+    device and dtype and runs post_init; `Transformer.from_pretrained` also loads a checkpoint's weights.
+    """
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         args.validate(model_parallel_world_size())
@@ -172,7 +194,7 @@ class Transformer(nn.Module):
         self.rope_sin: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, args: ModelArgs, device="cpu", dtype: torch.dtype = torch.float32) -> "Transformer":
+    def build(cls, args: ModelArgs, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
         """This rank's slice with uninitialised weights (load them next), RoPE tables and an empty KV cache."""
         with torch.device("meta"), skip_weight_init():
             model = cls(args)
@@ -180,10 +202,30 @@ class Transformer(nn.Module):
         model.post_init()
         return model.eval()
 
+    @classmethod
+    def from_pretrained(
+        cls, config: ModelArgs | None, path, device="cpu", dtype: torch.dtype = torch.float32
+    ) -> Transformer:
+        """This rank's slice of `config`'s model, with its weights read from a Meta checkpoint.
+
+        path: a checkpoint directory (`consolidated.NN.pth` shards; the world size must divide, or be a multiple
+        of, their count) or a single `.pth` file, read as a one-shard checkpoint. Hyperparameters come from
+        `config` (e.g. `ModelArgs(**transformer_configs[name], max_seq_len=...)`); a params.json beside the
+        shards must agree with it. config=None reads that params.json. vocab_size -1 is read from the weights.
+        Every rank of the model-parallel group calls this; no collectives are used.
+        """
+        # Imported here: inspection imports checkpoint, which imports this module.
+        from llama_dist.inspection import load_pretrained
+
+        return load_pretrained(config, path, device=device, dtype=dtype)
+
     def post_init(self, kv_cache: bool = True) -> None:
         """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype).
 
-        kv_cache=False is for training, where every forward sees whole sequences from position 0.
+        Call it after the weights have their final device and dtype (the tables and cache follow
+        `output.weight`); `build` and `from_pretrained` call it. The cache holds max_batch_size x max_seq_len
+        positions of this rank's KV heads per layer. kv_cache=False is for training, where every forward sees
+        whole sequences from position 0.
         """
         param = self.output.weight
         self.rope_cos, self.rope_sin = rope_tables(
@@ -193,14 +235,27 @@ class Transformer(nn.Module):
             layer.attention.allocate_cache(self.args.max_batch_size, self.args.max_seq_len, param.dtype, param.device)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False, gather: str = "all"
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        *,
+        last_only: bool = False,
+        gather: str = "all",
     ) -> TransformerOutput:
         """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of each sequence's cache.
 
+        output_hidden_states / output_attentions: also return them (see TransformerOutput); None takes the
+        config's default. Attentions are computed with explicit softmax instead of the fused kernel and all-gathered
+        across the model-parallel group, so every rank receives every head. Both cover all `seqlen` positions,
+        whatever `last_only` and `gather` say.
         last_only: project only the last position onto the vocabulary (all that sampling needs).
         gather: "all" returns the full-vocabulary logits on every rank; "rank0" only on rank 0 (others get
         None), which is what rank-0 sampling needs and moves 1/N of the bytes.
         """
+        if self.rope_cos is None:
+            raise RuntimeError("call post_init() before the first forward (build and from_pretrained do)")
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
         if bsz > self.args.max_batch_size or end > self.args.max_seq_len:
@@ -208,6 +263,11 @@ class Transformer(nn.Module):
                 f"batch {bsz} x positions {start_pos}..{end} exceeds the cache "
                 f"(max_batch_size={self.args.max_batch_size}, max_seq_len={self.args.max_seq_len})"
             )
+        if gather not in ("all", "rank0"):
+            raise ValueError(f"gather must be 'all' or 'rank0', got {gather!r}")
+        want_hidden = self.args.output_hidden_states if output_hidden_states is None else output_hidden_states
+        want_attentions = self.args.output_attentions if output_attentions is None else output_attentions
+
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
         mask = None
@@ -215,14 +275,23 @@ class Transformer(nn.Module):
             # Query i sits at position start_pos + i and may look at every cached position up to itself.
             positions = torch.arange(end, device=tokens.device)
             mask = positions[None, :] <= positions[start_pos:, None]
+        hidden = [h] if want_hidden else None
+        attentions = [] if want_attentions else None
         for layer in self.layers:
-            h, _ = layer(h, start_pos, cos, sin, mask)
-        if last_only:
-            h = h[:, -1:]
-        local_logits = self.output(self.norm(h))
-        if gather == "rank0":
-            logits = gather_last_dim_to_rank0(local_logits)
-            return TransformerOutput(logits=None if logits is None else logits.float())
-        if gather != "all":
-            raise ValueError(f"gather must be 'all' or 'rank0', got {gather!r}")
-        return TransformerOutput(logits=gather_last_dim(local_logits).float())
+            h, weights = layer(h, start_pos, cos, sin, mask, want_attentions)
+            if hidden is not None:
+                hidden.append(h)
+            if attentions is not None:
+                attentions.append(weights)
+        if hidden is None:
+            h = self.norm(h[:, -1:] if last_only else h)
+        else:  # the last hidden state is the final norm's output, as in transformers
+            h = hidden[-1] = self.norm(h)
+            h = h[:, -1:] if last_only else h
+        local_logits = self.output(h)
+        logits = gather_last_dim_to_rank0(local_logits) if gather == "rank0" else gather_last_dim(local_logits)
+        return TransformerOutput(
+            logits=None if logits is None else logits.float(),
+            hidden_states=None if hidden is None else tuple(hidden),
+            attentions=None if attentions is None else gather_heads(attentions),
+        )
