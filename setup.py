@@ -1,3 +1,5 @@
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -13,7 +15,9 @@ setup(
     install_requires=["torch>=2.4", "fairscale>=0.4.13", "tiktoken>=0.7", "sentencepiece>=0.2", "fire>=0.6"],
     extras_require={
         # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers.
-        "test": ["pytest>=8", "llama-models>=0.3", "transformers>=4.45"],
+        "test": ["pytest>=8", "llama-models>=0.3", "transformers>=5.0"],
     },
+    # The bundled tiny model, found by the CLI under sys.prefix when the package is not run from a checkout.
+    data_files=[("share/llama_dist/checkpoints/tiny", sorted(glob.glob("checkpoints/tiny/*")))],
     entry_points={"console_scripts": ["llama-dist=llama_dist.cli:main"]},
 )

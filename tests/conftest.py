@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 
@@ -46,6 +48,8 @@ def slurm_cluster():
     from slurm_cluster import SlurmCluster, slurm_unavailable_reason
 
     reason = slurm_unavailable_reason()
+    if reason and os.environ.get("LLAMA_DIST_REQUIRE_SLURM") == "1":  # CI installs SLURM: a skip there is a failure
+        pytest.fail(f"LLAMA_DIST_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
     with SlurmCluster() as cluster:
