@@ -1,0 +1,158 @@
+"""Decode benchmark: `python -m llama_dist.bench run|make-checkpoint ...` (under torchrun for N ranks).
+
+`run` prints one table row per batch size: load time, time to first token, prefill and decode tokens/s,
+weight bytes streamed per decode step per rank, achieved bandwidth against the machine's copy bandwidth
+(measured in the same run, on every rank at once), and peak resident memory per rank. With
+--compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+
+import fire
+import torch
+import torch.distributed as dist
+
+from llama_dist.checkpoint import load_model, random_meta_weights, read_model_args, save_meta_checkpoint, shard_paths
+from llama_dist.config import ModelArgs
+from llama_dist.distributed import init_distributed, print0
+from llama_dist.generation import Llama, resolve_dtype
+from llama_dist.tokenizer import TokenizerInterface
+
+# The reference workload of the performance issue: shaped like Llama-3.2-1B (untied output), random weights.
+LLAMA_32_1B_SHAPE = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                         ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+
+
+class TokenIdsOnly(TokenizerInterface):
+    """Benchmarks feed token ids directly; nothing stops early, so every step is measured."""
+
+    family = "none"
+
+    def __init__(self, vocab_size: int):
+        self._bos, self._eos, self._pad, self._n_words, self._stop = 0, -2, -1, vocab_size, []
+        self.special_tokens = {}
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def make_checkpoint(out: str = "bench_out/llama32_1b_shape", dtype: str = "bfloat16", seed: int = 0) -> None:
+    """Write random weights shaped like Llama-3.2-1B (~1.5B parameters) in Meta's layout."""
+    args = ModelArgs(**LLAMA_32_1B_SHAPE)
+    weights = random_meta_weights(args, seed=seed, dtype=resolve_dtype(dtype, torch.device("cpu")))
+    params = {k: v for k, v in dataclasses.asdict(args).items() if k in LLAMA_32_1B_SHAPE}
+    save_meta_checkpoint(weights, params, out)
+    total = sum(w.numel() for w in weights.values())
+    print(f"wrote {out}: {total / 1e9:.2f}B parameters, {sum(w.nbytes for w in weights.values()) / 2**30:.2f} GiB")
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes per second moved by a large tensor copy (read + write), best of `repeats`; every rank at once."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def _streamed_bytes_per_step(model) -> int:
+    """Weight bytes one decode step reads on this rank: every matrix except the embedding table (one row)."""
+    return sum(p.nbytes for name, p in model.named_parameters() if not name.startswith("tok_embeddings"))
+
+
+def _gather_floats(value: float) -> list[float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value]))
+    return [t.item() for t in out]
+
+
+def _hf_decode_rate(ckpt_dir, args: ModelArgs, dtype, prompt: torch.Tensor, gen_len: int) -> tuple[float, float]:
+    """transformers' greedy generate on the same weights: (time to first token, decode tokens/s)."""
+    from llama_dist.convert import hf_model_from_meta
+
+    weights = torch.load(shard_paths(ckpt_dir)[0], map_location="cpu", mmap=True, weights_only=True)
+    model = hf_model_from_meta(weights, args, dtype=dtype)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
+        total = time.perf_counter() - start
+    return first, prompt.shape[0] * (gen_len - 1) / max(total - first, 1e-9)
+
+
+def run(
+    ckpt_dir: str = "bench_out/llama32_1b_shape",
+    dtype: str = "bfloat16",
+    batch_sizes: str | int | tuple = "1,8,32",
+    prompt_len: int = 64,
+    gen_len: int = 32,
+    compare_hf: bool = False,
+    warmup: int = 1,
+) -> None:
+    """Benchmark greedy generation on `ckpt_dir` at each batch size; run under torchrun for N ranks."""
+    # fire turns "1,8,32" into a tuple and "1" into an int.
+    sizes = [int(b) for b in (str(batch_sizes).split(",") if isinstance(batch_sizes, (str, int)) else batch_sizes)]
+    ctx = init_distributed()
+    torch_dtype = resolve_dtype(dtype, ctx.device)
+    start = time.perf_counter()
+    model = load_model(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes),
+                       device=ctx.device, dtype=torch_dtype)
+    load_s = time.perf_counter() - start
+    llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx)
+    bandwidth = sum(_gather_floats(copy_bandwidth()))  # all ranks share the machine's memory system
+    step_bytes = _streamed_bytes_per_step(model)
+    print0(
+        f"\n{ckpt_dir}: {ctx.world_size} rank(s), {dtype}, {torch.get_num_threads()} threads/rank, "
+        f"load {load_s:.1f} s, copy bandwidth {bandwidth / 1e9:.1f} GB/s (all ranks), "
+        f"weights streamed per step {step_bytes / 2**30:.2f} GiB/rank"
+    )
+    print0("| ranks | batch | TTFT s | prefill tok/s | decode tok/s | step ms | GB/s achieved | of copy BW | peak RSS GiB/rank |")
+    print0("|---|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    ours = {}
+    for batch in sizes:
+        prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len), generator=gen).tolist()
+        for _ in range(warmup):
+            llm.generate(prompts, 4, temperature=0)
+        llm.generate(prompts, gen_len, temperature=0)
+        stats = llm.last_stats
+        step_s = stats.decode_s / max(stats.decode_steps, 1)
+        achieved = ctx.world_size * step_bytes / step_s
+        peak = max(_gather_floats(_peak_rss_gib()))
+        print0(
+            f"| {ctx.world_size} | {batch} | {stats.prefill_s:.3f} | {batch * prompt_len / stats.prefill_s:.0f} | "
+            f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | {peak:.2f} |"
+        )
+        ours[batch] = (prompts, batch / step_s)
+    if compare_hf and ctx.world_size == 1:  # after our rows, so HF's copy of the weights is not in our peak RSS
+        del llm, model
+        print0("\n| transformers | batch | TTFT s | prefill tok/s | decode tok/s | ours / HF decode |")
+        print0("|---|---|---|---|---|---|")
+        args = read_model_args(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes))
+        for batch, (prompts, our_rate) in ours.items():
+            hf_first, hf_rate = _hf_decode_rate(ckpt_dir, args, torch_dtype, torch.tensor(prompts), gen_len)
+            print0(f"| HF generate | {batch} | {hf_first:.3f} | {batch * prompt_len / hf_first:.0f} | {hf_rate:.1f} | "
+                   f"{our_rate / hf_rate:.2f}x |")
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "make-checkpoint": make_checkpoint})
