@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import math
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -20,8 +22,10 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
-# Generous enough for loading a 405B checkpoint from slow disks, short enough that a dead rank ends the job.
-DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 600))
+# How long a rank waits in a collective (or the start-up rendezvous) for its peers before it fails. Generous
+# enough for loading a 405B checkpoint from slow disks, short enough that a dead or stalled rank ends the job.
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "LLAMA_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,11 @@ def _pick_backend_and_device(local_rank: int, backend: str | None, device: str |
     return backend, device
 
 
+def local_world_size() -> int:
+    """How many ranks of this job run on this node (1 for a one-process run)."""
+    return _local_world_size(read_launch_env())
+
+
 def _local_world_size(launch: LaunchEnv) -> int:
     if launch.launcher == "torchrun":
         return int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
@@ -137,6 +146,24 @@ def _local_world_size(launch: LaunchEnv) -> int:
         match = re.match(r"\d+", per_node)
         return int(match.group()) if match else 1
     return 1
+
+
+def default_timeout_s() -> float:
+    """The process-group timeout in seconds: $LLAMA_DIST_TIMEOUT if set, else DEFAULT_TIMEOUT_S (600)."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    return _checked_timeout(value, f"${TIMEOUT_ENV}")
+
+
+def _checked_timeout(value, what: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def init_distributed(
@@ -148,16 +175,28 @@ def init_distributed(
     """Start (or join the already started) process group and fairscale's model-parallel group.
 
     backend/device: None picks NCCL + cuda:LOCAL_RANK when CUDA is available, gloo + CPU otherwise.
-    timeout_s: how long a collective may wait for a peer before this rank fails (default
-    LLAMA_DIST_TIMEOUT or 600 s).
+
+    timeout_s: how long a rank waits for its peers, in the start-up rendezvous and in every collective,
+    before it fails (default: $LLAMA_DIST_TIMEOUT, else 600 s). It bounds how long a job outlives a rank that
+    died or stalled: with gloo the waiting ranks raise RuntimeError ("Timed out waiting ..."; "Connection
+    closed by peer" at once when the peer's process is gone); with NCCL the watchdog tears the process down
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, PyTorch's default, which is set here unless the environment chose
+    otherwise; 0 would leave a hung collective hanging). Either way the rank exits non-zero and torchrun (or
+    `srun --kill-on-bad-exit=1`) stops the rest of the job. It must exceed the longest time one rank can
+    legitimately spend outside collectives while others wait, e.g. reading its shards from a slow disk.
+    It only takes effect when this call starts the group; joining an already started group keeps its timeout.
     """
     launch = read_launch_env()
     backend, device = _pick_backend_and_device(launch.local_rank, backend, device)
-    timeout = datetime.timedelta(seconds=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+    seconds = default_timeout_s() if timeout_s is None else _checked_timeout(timeout_s, "timeout_s")
+    timeout = datetime.timedelta(seconds=seconds)
 
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if backend == "nccl":
+            # Tear the process down when a collective outlives the timeout (PyTorch >= 2.2 default).
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         if device.type == "cpu" and set_threads:
             # Ranks sharing a host share its cores; oversubscribed OpenMP pools slow every rank down.
             per_rank = max(1, (os.cpu_count() or 1) // _local_world_size(launch))
@@ -227,33 +266,48 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+class RemoteRankError(RuntimeError):
+    """Another rank failed a step that every rank had to pass, with an error that could not be sent as is."""
+
+
+def _sendable(error: Exception, rank: int) -> Exception:
+    """`error` itself if another rank can unpickle it, else a RemoteRankError carrying its type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - e.g. an exception class whose __init__ takes other arguments
+        return RemoteRankError(f"rank {rank} failed: {type(error).__name__}: {error}")
+
+
 def on_main_then_share(fn, *args, **kwargs):
     """Run `fn` on rank 0 and give every rank its result, or raise rank 0's error on every rank.
 
-    Input checks run this way, so a bad request fails everywhere with the same message instead of
-    failing on one rank and leaving the others waiting in a collective.
+    Input checks run this way, so a bad request fails everywhere with the same error (type and message)
+    instead of failing on one rank and leaving the others waiting in a collective.
     """
     result, error = None, None
     if is_main_process():
         try:
             result = fn(*args, **kwargs)
-        except (ValueError, TypeError, KeyError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever rank 0 raises, every rank must raise
             error = exc
-    result, error = broadcast_object((result, error))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        sent = None if error is None else _sendable(error, 0)
+        result, received = broadcast_object((result, sent))
+        if error is None and received is not None:
+            raise received
     if error is not None:
-        raise error
+        raise error  # rank 0 raises its own exception, with its traceback
     return result
 
 
-class RemoteRankError(RuntimeError):
-    """Another rank failed a step that every rank had to pass."""
-
-
 def checked_on_all_ranks(fn, *args, **kwargs):
-    """Run `fn` on every rank; if it fails anywhere, raise on every rank instead of leaving some waiting.
+    """Run `fn` on every rank; if it fails on any rank, raise the same error on every rank.
 
-    For steps that can fail on one rank only (a file missing on one node, say). `fn` must not itself use
-    collectives. The failing rank re-raises its own error; the others raise RemoteRankError naming it.
+    For steps that can fail on some ranks only (a file missing on one node, say). Every rank raises the
+    error of the lowest failing rank (its type and message), so all ranks report one outcome, as when every
+    rank fails alike; an error that cannot be pickled arrives as a RemoteRankError naming it. `fn` must not
+    itself use collectives.
     """
     result, error = None, None
     try:
@@ -261,12 +315,17 @@ def checked_on_all_ranks(fn, *args, **kwargs):
     except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
         error = exc
     if dist.is_initialized() and dist.get_world_size() > 1:
+        rank = dist.get_rank()
         reports: list = [None] * dist.get_world_size()
-        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(rank, msg) for rank, msg in enumerate(reports) if msg is not None]
-        if failed and error is None:
-            rank, msg = failed[0]
-            raise RemoteRankError(f"rank {rank} failed: {msg}")
+        dist.all_gather_object(reports, None if error is None else _sendable(error, rank))
+        failed = [r for r, report in enumerate(reports) if report is not None]
+        if failed:
+            first = reports[failed[0]]
+            # A rank that failed exactly like the first raises its own error below, with its own traceback.
+            if error is None or (type(error), str(error)) != (type(first), str(first)):
+                if hasattr(first, "add_note"):  # Python >= 3.11: shown in the traceback, not in str(first)
+                    first.add_note(f"(raised on rank {failed[0]}; reported on rank {rank})")
+                raise first from error  # a rank that failed differently keeps its own error as the cause
     if error is not None:
         raise error
     return result

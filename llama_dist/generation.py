@@ -8,6 +8,7 @@ same step, whatever its own random state.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_dist.chat import Dialog, format_dialog
-from llama_dist.checkpoint import CheckpointError, load_model, read_model_args
+from llama_dist.checkpoint import CheckpointError, load_model, read_model_args, verify_checklist
 from llama_dist.distributed import (
     DistContext,
     checked_on_all_ranks,
     init_distributed,
+    local_world_size,
     on_main_then_share,
     print0,
 )
@@ -103,12 +105,26 @@ class Llama:
         seed: int = 1,
         backend: str | None = None,
         timeout_s: float | None = None,
+        verify_checksums: bool = False,
     ) -> "Llama":
-        """Join (or start) the process group, then load the tokenizer and this rank's slice of the model."""
+        """Join (or start) the process group, then load the tokenizer and this rank's slice of the model.
+
+        timeout_s: how long a rank waits for the others before failing (see `init_distributed`; default
+        $LLAMA_DIST_TIMEOUT, else 600 s); it must cover the slowest rank's loading (and hashing).
+        verify_checksums: first check every file listed in ckpt_dir's checklist.chk against its md5. Each node
+        hashes its own copy, the files shared out between its local ranks (LOCAL_RANK / LOCAL_WORLD_SIZE).
+        Any error (missing or bad file, shapes the world size cannot split) is raised on every rank alike.
+        """
         ctx = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
         torch.manual_seed(seed)
         dtype = resolve_dtype(dtype, ctx.device)
         start = time.perf_counter()
+
+        if verify_checksums:
+            # Every node may hold its own copy: the local ranks of each node split its files between them
+            # (this assumes the launcher's local world size is right, i.e. the same on every node).
+            checked_on_all_ranks(verify_checklist, ckpt_dir, part=ctx.local_rank, parts=local_world_size())
+            print0(f"Verified the md5 sums in {ckpt_dir}/checklist.chk in {time.perf_counter() - start:.2f} s")
 
         def load():
             tokenizer = load_tokenizer(tokenizer_path)
@@ -133,27 +149,28 @@ class Llama:
     def _check_request(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs) -> _Request:
         args = self.model.args
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
-            raise RequestError("prompt_tokens must be a non-empty list of token-id lists")
+            raise RequestError(f"prompt_tokens must be a non-empty list of token-id lists, got {prompt_tokens!r:.80}")
         if len(prompt_tokens) > args.max_batch_size:
             raise RequestError(f"{len(prompt_tokens)} prompts exceed max_batch_size={args.max_batch_size}")
         prompts = []
         for i, prompt in enumerate(prompt_tokens):
-            prompt = list(prompt) if isinstance(prompt, (list, tuple)) else prompt
-            if not isinstance(prompt, list) or not prompt:
-                raise RequestError(f"prompt {i} is empty or not a list of token ids")
+            if not isinstance(prompt, (list, tuple)) or not prompt:
+                raise RequestError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r:.80}")
             if len(prompt) > args.max_seq_len:
                 raise RequestError(f"prompt {i} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}")
-            bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < args.vocab_size]
-            if bad:
-                raise RequestError(f"prompt {i} holds token id {bad[0]!r} outside the vocabulary [0, {args.vocab_size})")
-            prompts.append(prompt)
-        if not isinstance(max_gen_len, int) or max_gen_len < 1:
+            for t in prompt:
+                if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                    raise RequestError(f"prompt {i} holds {t!r} ({type(t).__name__}), which is not an integer token id")
+                if not 0 <= t < args.vocab_size:
+                    raise RequestError(f"prompt {i} holds token id {t} outside the vocabulary [0, {args.vocab_size})")
+            prompts.append([int(t) for t in prompt])
+        if not isinstance(max_gen_len, numbers.Integral) or isinstance(max_gen_len, bool) or max_gen_len < 1:
             raise RequestError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
             raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
-        return _Request(prompts, max_gen_len, float(temperature), float(top_p), bool(logprobs))
+        return _Request(prompts, int(max_gen_len), float(temperature), float(top_p), bool(logprobs))
 
     def _share_request(self, *request_args) -> _Request:
         """Rank 0's request, checked there, on every rank (or rank 0's error raised on every rank)."""
@@ -266,6 +283,13 @@ class Llama:
         Returns (tokens, logprobs) per sequence, identical on every rank: the new tokens (after the prompt
         too with echo=True), cut at the first stop token (excluded) or max_gen_len; logprobs holds each
         returned token's log-probability when asked for, else None.
+
+        Generation also ends where the KV cache does: a sequence gets at most max_seq_len - len(prompt) new
+        tokens, so prompt + max_gen_len beyond max_seq_len is truncated there, not an error.
+
+        A bad request (no prompts or more than max_batch_size, an empty prompt or one longer than
+        max_seq_len, a token id outside [0, vocab_size), max_gen_len < 1, temperature < 0, top_p outside
+        (0, 1]) raises RequestError on every rank before any work, and the Llama stays usable.
         """
         req = self._share_request(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         state_out: list[_DecodeState] = []
@@ -345,13 +369,16 @@ class Llama:
                 yield step.texts[0]
 
     def _encode_prompts(self, prompts) -> list[list[int]]:
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise RequestError("prompts must be a list of strings")
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
         return [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
 
     def _encode_dialogs(self, dialogs) -> list[list[int]]:
-        if not isinstance(dialogs, (list, tuple)):
-            raise RequestError("dialogs must be a list of dialogs (each a list of {'role', 'content'} messages)")
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise RequestError(
+                f"dialogs must be a non-empty list of dialogs (each a list of {{'role', 'content'}} messages), "
+                f"got {dialogs!r:.80}"
+            )
         return [format_dialog(self.tokenizer, dialog) for dialog in dialogs]
 
     def _completions(self, tokens, token_logprobs, wrap) -> list[dict]:
