@@ -132,6 +132,12 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             weights = F.softmax(scores, dim=-1)
             out = weights.type_as(q) @ values
+        elif q.device.type == "cpu" and q.dtype != torch.float32:
+            # On CPU, oneDNN compiles a kernel for every new low-precision shape, and the key length grows
+            # by one each decode step: attention in float32 (small next to the weights) avoids a compile per step.
+            out = F.scaled_dot_product_attention(
+                q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=n_rep > 1
+            ).type_as(q)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=n_rep > 1)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
