@@ -24,7 +24,9 @@ from llama_dist.parallel import (
     VocabParallelEmbedding,
     gather_last_dim,
     gather_last_dim_to_rank0,
+    fuse_weights,
     local_kv_heads,
+    local_linear,
     skip_weight_init,
 )
 
@@ -97,8 +99,12 @@ class Attention(nn.Module):
         self.wk = KVParallelLinear(args.dim, args.n_kv_heads, self.head_dim)
         self.wv = KVParallelLinear(args.dim, args.n_kv_heads, self.head_dim)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
+        self.wqkv: torch.Tensor | None = None  # wq, wk, wv stacked, set by fuse() for inference
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.wqkv = fuse_weights(self.wq, self.wk, self.wv)
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
         shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
@@ -107,9 +113,14 @@ class Attention(nn.Module):
 
     def forward(self, x, start_pos: int, cos, sin, mask, need_weights: bool = False):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_width = self.n_local_kv_heads * self.head_dim
+            q, k, v = local_linear(x, self.wqkv).split([self.n_local_heads * self.head_dim, kv_width, kv_width], -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.cache_k is None:  # training: the whole sequence is here, nothing to remember
@@ -151,9 +162,17 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(args.dim, hidden)
         self.w3 = ColumnParallelLinear(args.dim, hidden)
         self.w2 = RowParallelLinear(hidden, args.dim)
+        self.w13: torch.Tensor | None = None  # w1 and w3 stacked, set by fuse() for inference
+
+    def fuse(self) -> None:
+        self.w13 = fuse_weights(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = local_linear(x, self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -205,6 +224,9 @@ class Transformer(nn.Module):
         with torch.device("meta"), skip_weight_init():
             model = cls(args)
         model = model.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
+        for layer in model.layers:  # before loading: the loaded weights land in the stacked tensors
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
         model.post_init()
         return model.eval()
 
