@@ -7,6 +7,7 @@ holds, so a rank's resident weights are ~1/N of the checkpoint, never the whole 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -42,6 +43,23 @@ def shard_paths(ckpt_dir: str | Path) -> list[Path]:
     if missing:
         raise FileNotFoundError(f"{ckpt_dir} lacks shard(s) {', '.join(f'consolidated.{i:02d}.pth' for i in missing)}")
     return [found[i] for i in sorted(found)]
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The shard files `path` names: a checkpoint directory's (see shard_paths), or one `.pth` file read as a
+    one-shard checkpoint. A file that is one of several `consolidated.NN.pth` shards is refused."""
+    path = Path(path)
+    if path.is_dir():
+        return shard_paths(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if SHARD_PATTERN.fullmatch(path.name):
+        siblings = [p for p in path.parent.iterdir() if SHARD_PATTERN.fullmatch(p.name)]
+        if len(siblings) > 1:
+            raise CheckpointError(
+                f"{path} is one of {len(siblings)} shards of a checkpoint: pass the directory {path.parent}"
+            )
+    return [path]
 
 
 def _open_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -194,13 +212,17 @@ def read_model_args(ckpt_dir: str | Path, **runtime) -> ModelArgs:
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
     args = ModelArgs.from_params_json(ckpt_dir / "params.json", **runtime)
     if args.vocab_size < 1:
-        paths = shard_paths(ckpt_dir)
-        embedding = _open_shard(paths[0]).get("tok_embeddings.weight")
-        if embedding is None:
-            raise CheckpointError(f"{paths[0]} has no tok_embeddings.weight to read the vocabulary size from")
-        # Llama 2 shards split the embedding along its width, so the row count is the whole vocabulary.
-        args.vocab_size = embedding.shape[0]
+        args.vocab_size = _embedding_rows(shard_paths(ckpt_dir)[0])
     return args
+
+
+def _embedding_rows(shard: Path) -> int:
+    """The vocabulary size, read from the embedding in `shard` (for a params.json saying vocab_size -1)."""
+    embedding = _open_shard(shard).get("tok_embeddings.weight")
+    if embedding is None:
+        raise CheckpointError(f"{shard} has no tok_embeddings.weight to read the vocabulary size from")
+    # Llama 2 shards split the embedding along its width, so the row count is the whole vocabulary.
+    return embedding.shape[0]
 
 
 def check_world_size(num_shards: int, world_size: int, where) -> None:
@@ -212,10 +234,13 @@ def check_world_size(num_shards: int, world_size: int, where) -> None:
 
 
 @torch.no_grad()
-def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
-    """Copy this rank's slice of every weight in `ckpt_dir` into `model` (built by Transformer.build)."""
-    paths = shard_paths(ckpt_dir)
-    check_world_size(len(paths), model_parallel_world_size(), ckpt_dir)
+def load_weights(model: Transformer, source: str | Path) -> None:
+    """Copy this rank's slice of every weight in `source` into `model` (built by Transformer.build).
+
+    source: a checkpoint directory or a single `.pth` file (see checkpoint_files).
+    """
+    paths = checkpoint_files(source)
+    check_world_size(len(paths), model_parallel_world_size(), source)
     shards = ShardSet(paths)
     specs = shard_specs(model)
     for name, param in model.named_parameters():
@@ -224,12 +249,58 @@ def load_weights(model: Transformer, ckpt_dir: str | Path) -> None:
         value = shards.read(name, full_shape, spec)
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(
-                f"{ckpt_dir}: {name!r} slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
+                f"{source}: {name!r} slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
             )
         param.copy_(value)
     unexpected = set(shards.shard(0)) - set(specs) - IGNORED_KEYS
     if unexpected:
         raise CheckpointError(f"{paths[0]} has tensors this model does not use: {sorted(unexpected)[:5]}")
+
+
+# What identifies a model's math (ffn_hidden_dim stands for multiple_of and ffn_dim_multiplier, which can
+# spell the same width in several ways).
+_IDENTITY = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
+             "use_scaled_rope")
+
+
+def _check_params_json(config: ModelArgs, params_path: Path) -> None:
+    """A params.json beside the weights must describe the model `config` describes (the weights' shapes alone
+    do not: Llama 3 and 3.1 8B have the same shapes but different RoPE)."""
+    if not params_path.is_file():
+        return
+    stored = ModelArgs.from_params_json(params_path)
+    differing = [
+        f"{name}={getattr(config, name)!r} but {params_path} says {getattr(stored, name)!r}"
+        for name in _IDENTITY
+        if getattr(config, name) != getattr(stored, name)
+        and not (name == "vocab_size" and (stored.vocab_size < 1 or config.vocab_size < 1))  # the weights decide
+    ]
+    if differing:
+        raise ConfigError("the config does not match the checkpoint: " + "; ".join(differing))
+
+
+@torch.no_grad()
+def load_pretrained(
+    config: ModelArgs | None, path: str | Path, device="cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """`Transformer.from_pretrained`: this rank's slice of `config`'s model with its weights from `path`.
+
+    path: a checkpoint directory or a single `.pth` file (see checkpoint_files). config=None reads the
+    params.json beside the shards; a given config must agree with that params.json where there is one.
+    """
+    path = Path(path)
+    paths = checkpoint_files(path)
+    if config is None:
+        config = read_model_args(path if path.is_dir() else path.parent)
+    _check_params_json(config, paths[0].parent / "params.json")
+    if config.vocab_size < 1:  # Llama 2 style: every shard holds all rows of the embedding
+        config = dataclasses.replace(config, vocab_size=_embedding_rows(paths[0]))
+    world = model_parallel_world_size()
+    config.validate(world)
+    check_world_size(len(paths), world, path)
+    model = Transformer.build(config, device=device, dtype=dtype)
+    load_weights(model, path)
+    return model
 
 
 def load_model(
@@ -241,15 +312,11 @@ def load_model(
 ) -> Transformer:
     """Validate, build this rank's slice and load its weights: the whole path from a Meta checkpoint."""
     args = read_model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    world = model_parallel_world_size()
     try:
-        args.validate(world)
+        args.validate(model_parallel_world_size())
     except ConfigError as exc:
         raise ConfigError(f"{Path(ckpt_dir) / 'params.json'}: {exc}") from None
-    check_world_size(len(shard_paths(ckpt_dir)), world, ckpt_dir)
-    model = Transformer.build(args, device=device, dtype=dtype)
-    load_weights(model, ckpt_dir)
-    return model
+    return load_pretrained(args, ckpt_dir, device=device, dtype=dtype)
 
 
 def meta_weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

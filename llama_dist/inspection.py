@@ -1,4 +1,4 @@
-"""Looking inside a running model: tokens as strings, named activations, loading from a checkpoint file.
+"""Looking inside a running model: tokens as strings, named activations.
 
     from llama_dist.inspection import run_with_cache, to_str_tokens, to_tokens
     tokens = to_tokens(llm, "the cat sat on")             # (1, n) LongTensor, <s> first
@@ -11,26 +11,11 @@ Attention probabilities of every head come from the model itself:
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import torch
 
-from llama_dist.checkpoint import (
-    IGNORED_KEYS,
-    SHARD_PATTERN,
-    CheckpointError,
-    ShardSet,
-    check_world_size,
-    read_model_args,
-    shard_paths,
-)
-from llama_dist.config import ConfigError, ModelArgs
-from llama_dist.distributed import model_parallel_world_size
 from llama_dist.model import Transformer
-from llama_dist.parallel import shard_specs
 
-__all__ = ["load_pretrained", "run_with_cache", "to_str_tokens", "to_tokens"]
+__all__ = ["run_with_cache", "to_str_tokens", "to_tokens"]
 
 
 # ---- tokens ----------------------------------------------------------------------------------------------
@@ -147,76 +132,3 @@ def run_with_cache(
     for i, pattern in enumerate(out.attentions or ()):
         cache[f"blocks.{i}.attn.pattern"] = pattern
     return out.logits, cache
-
-
-# ---- loading ---------------------------------------------------------------------------------------------
-
-
-# What identifies a model's math (ffn_hidden_dim stands for multiple_of and ffn_dim_multiplier, which can
-# spell the same width in several ways).
-_IDENTITY = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
-             "use_scaled_rope")
-
-
-def _check_params_json(config: ModelArgs, params_path: Path) -> None:
-    """A params.json beside the weights must describe the model `config` describes (the weights' shapes alone
-    do not: Llama 3 and 3.1 8B have the same shapes but different RoPE)."""
-    if not params_path.is_file():
-        return
-    stored = ModelArgs.from_params_json(params_path)
-    differing = [
-        f"{name}={getattr(config, name)!r} but {params_path} says {getattr(stored, name)!r}"
-        for name in _IDENTITY
-        if getattr(config, name) != getattr(stored, name)
-        and not (name == "vocab_size" and (stored.vocab_size < 1 or config.vocab_size < 1))  # the weights decide
-    ]
-    if differing:
-        raise ConfigError("the config does not match the checkpoint: " + "; ".join(differing))
-
-
-@torch.no_grad()
-def load_pretrained(
-    config: ModelArgs | None, path, device="cpu", dtype: torch.dtype = torch.float32
-) -> Transformer:
-    """`Transformer.from_pretrained`: see there."""
-    path = Path(path)
-    if path.is_dir():
-        paths = shard_paths(path)
-        if config is None:
-            config = read_model_args(path)
-    elif path.is_file():
-        if SHARD_PATTERN.fullmatch(path.name):
-            siblings = [p for p in path.parent.iterdir() if SHARD_PATTERN.fullmatch(p.name)]
-            if len(siblings) > 1:
-                raise CheckpointError(
-                    f"{path} is one of {len(siblings)} shards of a checkpoint: pass the directory {path.parent}"
-                )
-        if config is None:
-            config = read_model_args(path.parent)
-        paths = [path]
-    else:
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    _check_params_json(config, paths[0].parent / "params.json")
-
-    shards = ShardSet(paths)
-    if config.vocab_size < 1:  # Llama 2 style: every shard holds all rows of the embedding
-        config = dataclasses.replace(config, vocab_size=shards.tensor(0, "tok_embeddings.weight").shape[0])
-    world = model_parallel_world_size()
-    config.validate(world)
-    check_world_size(len(paths), world, path)
-    model = Transformer.build(config, device=device, dtype=dtype)
-
-    # As checkpoint.load_weights, for an explicit list of shard files.
-    specs = shard_specs(model)
-    for name, param in model.named_parameters():
-        spec = specs[name]
-        value = shards.read(name, spec.full_shape if spec is not None else tuple(param.shape), spec)
-        if tuple(value.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{path}: {name!r} slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
-            )
-        param.copy_(value)
-    unexpected = set(shards.shard(0)) - set(specs) - IGNORED_KEYS
-    if unexpected:
-        raise CheckpointError(f"{paths[0]} has tensors this model does not use: {sorted(unexpected)[:5]}")
-    return model

@@ -242,8 +242,8 @@ class Transformer(nn.Module):
         shards must agree with it. config=None reads that params.json. vocab_size -1 is read from the weights.
         Every rank of the model-parallel group calls this; no collectives are used.
         """
-        # Imported here: inspection imports checkpoint, which imports this module.
-        from llama_dist.inspection import load_pretrained
+        # Imported here: checkpoint imports this module.
+        from llama_dist.checkpoint import load_pretrained
 
         return load_pretrained(config, path, device=device, dtype=dtype)
 

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from llama_dist.checkpoint import load_model, random_meta_weights, save_meta_checkpoint
-from llama_dist.config import ModelArgs
+from llama_dist.config import RUNTIME_FIELDS, ModelArgs
 from llama_dist.distributed import init_distributed
-
-RUNTIME_FIELDS = ("max_seq_len", "max_batch_size")
 
 
 def tiny_args(**overrides) -> ModelArgs:
@@ -26,10 +25,25 @@ def tiny_args(**overrides) -> ModelArgs:
     return ModelArgs(**base)
 
 
+def params_of(args: ModelArgs) -> dict:
+    """What a checkpoint's params.json holds for `args`: every field but the runtime ones."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in RUNTIME_FIELDS}
+
+
+class RunsShellCommand:
+    """Unpickling this object runs a shell command: what a malicious .pth file would do."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def write_checkpoint(out_dir: Path, args: ModelArgs, num_shards: int = 1, family: str = "llama3", seed: int = 0):
     """A random checkpoint in Meta's layout. Llama 2 style: embedding split by width, rope.freqs, vocab -1."""
     weights = random_meta_weights(args, seed=seed)
-    params = {k: v for k, v in dataclasses.asdict(args).items() if k not in RUNTIME_FIELDS}
+    params = params_of(args)
     if family == "llama2":
         params["vocab_size"] = -1
         weights["rope.freqs"] = torch.randn(args.head_dim // 2)

@@ -5,7 +5,6 @@ one, so every `load_model` case runs in a single 2-rank launch (`load_results`),
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -25,11 +24,11 @@ from llama_dist.checkpoint import (
     save_meta_checkpoint,
     shard_paths,
 )
-from llama_dist.config import ConfigError, ModelArgs
+from llama_dist.config import ConfigError
 from llama_dist.distributed import init_distributed
 from llama_dist.local_launch import run_local
 from llama_dist.parallel import ShardSpec, meta_split_dim
-from multirank import RUNTIME_FIELDS, reference_logits, rel_diff, tiny_args, write_checkpoint
+from multirank import RunsShellCommand, params_of, reference_logits, rel_diff, tiny_args, write_checkpoint
 
 TOKENS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
 
@@ -44,10 +43,6 @@ def edit_params(ckpt_dir, **changes):
     params = json.loads(path.read_text())
     params.update(changes)
     path.write_text(json.dumps(params))
-
-
-def params_of(args: ModelArgs) -> dict:
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in RUNTIME_FIELDS}
 
 
 # ---- missing or malformed files ------------------------------------------------------------------------
@@ -125,19 +120,9 @@ def test_truncated_shard(tmp_path):
         read_model_args(tmp_path)
 
 
-class _RunsShellCommand:
-    """Unpickling this object runs a shell command: what a malicious .pth file would do."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
-    payload = {"norm.weight": torch.ones(64), "exploit": _RunsShellCommand(f"touch {shlex.quote(str(marker))}")}
+    payload = {"norm.weight": torch.ones(64), "exploit": RunsShellCommand(f"touch {shlex.quote(str(marker))}")}
     shard = tmp_path / "consolidated.00.pth"
     torch.save(payload, shard)
     (tmp_path / "params.json").write_text(json.dumps({**params_of(tiny_args()), "vocab_size": -1}))

@@ -14,7 +14,8 @@ import torch
 from llama_dist.checkpoint import CheckpointError
 from llama_dist.config import ConfigError
 from llama_dist.distributed import init_distributed
-from llama_dist.inspection import load_pretrained, run_with_cache, to_str_tokens, to_tokens
+from llama_dist.checkpoint import load_pretrained
+from llama_dist.inspection import run_with_cache, to_str_tokens, to_tokens
 from llama_dist.local_launch import run_local
 from llama_dist.model import Transformer
 from llama_dist.tokenizer import SentencePieceWrapper

@@ -19,7 +19,7 @@ from llama_dist.config import ConfigError
 from llama_dist.distributed import DEFAULT_TIMEOUT_S, default_timeout_s, init_distributed
 from llama_dist.generation import Llama, RequestError
 from llama_dist.local_launch import run_local
-from multirank import tiny_args, write_checkpoint
+from multirank import RunsShellCommand, tiny_args, write_checkpoint
 
 VOCAB = 384  # divisible by 1, 2, 3 and 4 ranks, so every world size gets past the vocabulary split
 MAX_SEQ_LEN, MAX_BATCH = 48, 3
@@ -67,16 +67,6 @@ def flip_bytes(path, offset: int, count: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
-class _RunsShellCommand:
-    """Unpickling this object runs a shell command: what a malicious .pth file would do."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, tokenizer_path) -> dict:
     """Good checkpoints and one broken copy per build case; each dir holds its tokenizer.model."""
@@ -112,7 +102,7 @@ def ckpts(tmp_path_factory, tokenizer_path) -> dict:
 
     evil = copy_of(good, root / "malicious_shard")
     payload = torch.load(evil / "consolidated.00.pth", weights_only=True)
-    payload["exploit"] = _RunsShellCommand(f"touch {shlex.quote(str(paths['marker']))}")
+    payload["exploit"] = RunsShellCommand(f"touch {shlex.quote(str(paths['marker']))}")
     torch.save(payload, evil / "consolidated.00.pth")
 
     for shards in (2, 4):  # neither divides nor is a multiple of 3 ranks
@@ -286,13 +276,18 @@ def _same_on_every_rank(per_rank: list, key: str, name: str):
     return outcomes[0]
 
 
+def _assert_error(outcome, exc_type, parts) -> None:
+    """`outcome` (from _outcome) is an `exc_type` error whose message contains every one of `parts`."""
+    assert outcome[:2] == ("error", exc_type), outcome
+    for part in parts:
+        assert part in outcome[2], (part, outcome[2])
+
+
 @pytest.mark.parametrize("name", REQUEST_CASES)
 def test_bad_request_raises_the_same_named_error_on_every_rank(two_ranks, name):
     _, _, exc_type, parts = REQUEST_CASES[name]
     outcome = _same_on_every_rank(two_ranks, "requests", name)
-    assert outcome[:2] == ("error", exc_type), outcome
-    for part in parts:
-        assert part in outcome[2], (part, outcome[2])
+    _assert_error(outcome, exc_type, parts)
 
 
 @pytest.mark.parametrize("name", REQUEST_CASES)
@@ -307,9 +302,7 @@ def test_bad_checkpoint_raises_the_same_named_error_on_every_rank(two_ranks, nam
     if exc_type is None:
         assert outcome == ("ok", "Llama"), outcome
         return
-    assert outcome[:2] == ("error", exc_type), outcome
-    for part in parts:
-        assert part in outcome[2], (part, outcome[2])
+    _assert_error(outcome, exc_type, parts)
 
 
 def test_checksum_error_names_both_md5s(ckpts, two_ranks):
@@ -377,9 +370,7 @@ def one_rank(ckpts):
 def test_world_size_errors_on_every_rank(three_ranks, name):
     _, exc_type, parts = THREE_RANK_CASES[name]
     outcome = _same_on_every_rank(three_ranks, "builds", name)
-    assert outcome[:2] == ("error", exc_type), outcome
-    for part in parts:
-        assert part in outcome[2], (part, outcome[2])
+    _assert_error(outcome, exc_type, parts)
 
 
 def test_three_ranks_generate_what_one_rank_does(three_ranks, one_rank):
