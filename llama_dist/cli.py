@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import fire
+import torch.distributed as dist
 
 from llama_dist.chat import DialogError
 from llama_dist.checkpoint import CheckpointError
@@ -20,8 +21,10 @@ from llama_dist.distributed import (
     RemoteRankError,
     init_distributed,
     is_main_process,
+    long_wait_group,
     on_main_then_share,
     print0,
+    read_launch_env,
     shutdown_distributed,
 )
 from llama_dist.generation import Llama, RequestError
@@ -84,16 +87,24 @@ def generate(
     logprobs: bool = False,
     echo: bool = False,
     seed: int = 1,
+    verify_checksums: bool = False,
+    timeout_s: float | None = None,
 ):
     """Complete --prompt TEXT, or each line of --prompts_file (in batches of --max_batch_size).
 
     With no --ckpt_dir the bundled tiny model is used. --dtype: float32, bfloat16 or float16 (default:
     bfloat16 on CUDA, float32 on CPU). --temperature 0 is greedy decoding.
+    --verify_checksums: check the files against the checkpoint's checklist.chk (md5) before loading.
+    --timeout_s: seconds a rank waits in a collective for its peers before the job fails (default:
+    $LLAMA_DIST_TIMEOUT, else 600); it must cover the slowest rank's loading.
     """
-    init_distributed()  # first, so that only rank 0 reads the input and reports errors
+    init_distributed(timeout_s=timeout_s)  # first (it sets the group's timeout); only rank 0 reads and reports
     prompts = on_main_then_share(_read_prompts, prompt, prompts_file)
     ckpt, tokenizer = on_main_then_share(resolve_paths, ckpt_dir, tokenizer_path)
-    llm = Llama.build(ckpt, tokenizer, max_seq_len, max_batch_size, dtype=dtype, seed=seed)
+    llm = Llama.build(
+        ckpt, tokenizer, max_seq_len, max_batch_size, dtype=dtype, seed=seed, timeout_s=timeout_s,
+        verify_checksums=verify_checksums,
+    )
     generated, seconds = 0, 0.0
     for batch in _batches(prompts, max_batch_size):
         start = time.perf_counter()
@@ -130,15 +141,22 @@ def chat(
     max_batch_size: int = 4,
     dtype: str | None = None,
     seed: int = 1,
+    verify_checksums: bool = False,
+    timeout_s: float | None = None,
 ):
     """Chat interactively on rank 0 (answers stream; 'exit' or Ctrl-D ends), or answer --dialogs_file.
 
     --dialogs_file: JSON list of dialogs, each a list of {"role": "system"|"user"|"assistant", "content": str}.
+    --verify_checksums and --timeout_s: as for `generate`. --timeout_s bounds the collectives of generation,
+    not the time the user takes to type: an interactive chat may sit idle for days.
     """
-    init_distributed()
+    init_distributed(timeout_s=timeout_s)
     dialogs = on_main_then_share(lambda: json.loads(Path(dialogs_file).read_text()) if dialogs_file else None)
     ckpt, tokenizer = on_main_then_share(resolve_paths, ckpt_dir, tokenizer_path)
-    llm = Llama.build(ckpt, tokenizer, max_seq_len, max_batch_size, dtype=dtype, seed=seed)
+    llm = Llama.build(
+        ckpt, tokenizer, max_seq_len, max_batch_size, dtype=dtype, seed=seed, timeout_s=timeout_s,
+        verify_checksums=verify_checksums,
+    )
     if dialogs is not None:
         for batch in _batches(dialogs, max_batch_size):
             for dialog, result in zip(batch, llm.chat_completion(batch, temperature, top_p, max_gen_len)):
@@ -148,7 +166,8 @@ def chat(
         return
     dialog = [{"role": "system", "content": system}] if system else []
     print0("Chat with the model; 'exit' or Ctrl-D ends.")
-    while (line := on_main_then_share(_read_user_turn)) is not None:
+    turn_group = long_wait_group()  # the other ranks wait for the user's turn here, unbounded by timeout_s
+    while (line := on_main_then_share(_read_user_turn, group=turn_group)) is not None:
         dialog.append({"role": "user", "content": line})
         answer = []
         if is_main_process():
@@ -166,7 +185,17 @@ def chat(
         dialog.append({"role": "assistant", "content": "".join(answer)})
 
 
+def lost_contact(exc: BaseException) -> bool:
+    """A peer died or a collective timed out: torch's DistError, or the RuntimeError gloo raises for it."""
+    words = ("connection", "timed out", "timeout", "broken pipe", "peer")
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(word in str(exc).lower() for word in words)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 for an error the user can fix (one line on rank 0), 1 when this rank lost contact
+    with another (a peer died, or a collective outlived the timeout: one line on every surviving rank)."""
     try:
         fire.Fire({"generate": generate, "chat": chat}, command=argv, name="llama-dist")
         return 0
@@ -174,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"llama-dist: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:
+        if not lost_contact(exc):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else read_launch_env().rank
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"llama-dist: error: rank {rank} lost contact with another rank ({first_line})", file=sys.stderr,
+              flush=True)
+        return 1
     finally:
         shutdown_distributed()
 
