@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import io
 import math
 import os
@@ -22,10 +23,16 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from llama_dist.shm_allreduce import SharedMemoryAllReduce, create_for_group
+
 # How long a rank waits in a collective (or the start-up rendezvous) for its peers before it fails. Generous
 # enough for loading a 405B checkpoint from slow disks, short enough that a dead or stalled rank ends the job.
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "LLAMA_DIST_TIMEOUT"
+
+
+# Set up by init_distributed for CPU ranks on one host (LLAMA_DIST_SHM_ALLREDUCE=0 turns it off).
+_shm_allreduce: SharedMemoryAllReduce | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,8 @@ def init_distributed(
     otherwise; 0 would leave a hung collective hanging). Either way the rank exits non-zero and torchrun (or
     `srun --kill-on-bad-exit=1`) stops the rest of the job. It must exceed the longest time one rank can
     legitimately spend outside collectives while others wait, e.g. reading its shards from a slow disk.
-    It only takes effect when this call starts the group; joining an already started group keeps its timeout.
+    It only takes effect when this call starts the group; joining an already started group keeps its timeout
+    (fairscale's model-parallel groups, when this call creates them, get timeout_s as well).
     """
     launch = read_launch_env()
     backend, device = _pick_backend_and_device(launch.local_rank, backend, device)
@@ -210,8 +218,18 @@ def init_distributed(
                 backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, timeout=timeout
             )
     if not fs_init.model_parallel_is_initialized():
-        with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces each group on stdout
-            fs_init.initialize_model_parallel(dist.get_world_size())
+        # fairscale's groups (those of the model's all-reduces) would get torch's default timeout (30 min on
+        # gloo), not ours: hand ours to the dist.new_group calls it makes.
+        new_group = dist.new_group
+        dist.new_group = functools.partial(new_group, timeout=timeout)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces each group on stdout
+                fs_init.initialize_model_parallel(dist.get_world_size())
+        finally:
+            dist.new_group = new_group
+        global _shm_allreduce
+        if dist.get_backend() == "gloo" and os.environ.get("LLAMA_DIST_SHM_ALLREDUCE", "1") != "0":
+            _shm_allreduce = create_for_group(fs_init.get_model_parallel_group(), timeout.total_seconds())
 
     return DistContext(
         rank=dist.get_rank(),
@@ -226,7 +244,14 @@ def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def shared_memory_allreduce() -> SharedMemoryAllReduce | None:
+    """The model-parallel group's shared-memory all-reduce, when all its CPU ranks share this host."""
+    return _shm_allreduce
+
+
 def shutdown_distributed() -> None:
+    global _shm_allreduce
+    _shm_allreduce = None
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
@@ -257,13 +282,25 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s `obj` (any picklable value) on every rank."""
+def broadcast_object(obj, src: int = 0, group=None):
+    """Rank `src`'s `obj` (any picklable value) on every rank; `src` is a global rank, `group` None is the
+    default group."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+def long_wait_group(timeout_s: float = 7 * 24 * 3600):
+    """A gloo group of every rank whose collectives wait up to `timeout_s` (default 7 days), or None for one rank.
+
+    For waits on a person rather than on a peer (rank 0 in input() while the others wait for the text): the
+    default group's timeout would end the job after that long idle. Collective: every rank must call it.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 class RemoteRankError(RuntimeError):
@@ -279,11 +316,12 @@ def _sendable(error: Exception, rank: int) -> Exception:
         return RemoteRankError(f"rank {rank} failed: {type(error).__name__}: {error}")
 
 
-def on_main_then_share(fn, *args, **kwargs):
+def on_main_then_share(fn, *args, group=None, **kwargs):
     """Run `fn` on rank 0 and give every rank its result, or raise rank 0's error on every rank.
 
     Input checks run this way, so a bad request fails everywhere with the same error (type and message)
-    instead of failing on one rank and leaving the others waiting in a collective.
+    instead of failing on one rank and leaving the others waiting in a collective. `group`: the process group
+    to broadcast over (None: the default group; it must hold global rank 0), e.g. a `long_wait_group()`.
     """
     result, error = None, None
     if is_main_process():
@@ -293,7 +331,7 @@ def on_main_then_share(fn, *args, **kwargs):
             error = exc
     if dist.is_initialized() and dist.get_world_size() > 1:
         sent = None if error is None else _sendable(error, 0)
-        result, received = broadcast_object((result, sent))
+        result, received = broadcast_object((result, sent), group=group)
         if error is None and received is not None:
             raise received
     if error is not None:

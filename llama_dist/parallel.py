@@ -26,7 +26,20 @@ from fairscale.nn.model_parallel.mappings import (
     reduce_from_model_parallel_region,
 )
 
-from llama_dist.distributed import model_parallel_group, model_parallel_rank, model_parallel_world_size
+from llama_dist.distributed import (
+    model_parallel_group,
+    model_parallel_rank,
+    model_parallel_world_size,
+    shared_memory_allreduce,
+)
+
+
+def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's `partial`, on every rank (the all-reduce that joins row-parallel outputs)."""
+    segment = shared_memory_allreduce()
+    if segment is not None and segment.fits(partial) and not partial.requires_grad:
+        return segment.all_reduce_(partial)
+    return reduce_from_model_parallel_region(partial)  # gloo/NCCL; differentiable, for training
 
 
 @dataclass(frozen=True)
@@ -143,7 +156,7 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.shard = ShardSpec(1, start, start + per_rank, (out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_model_parallel_region(local_linear(x, self.weight))
+        return sum_over_ranks(local_linear(x, self.weight))
 
 
 class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
@@ -152,6 +165,12 @@ class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__(vocab_size, dim, init_method=_keep)
         self.shard = ShardSpec(0, self.vocab_start_index, self.vocab_end_index, (vocab_size, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Each rank looks up the ids in its rows and contributes zeros for the rest; the sum completes it.
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
+        local = F.embedding((ids - self.vocab_start_index).masked_fill(outside, 0), self.weight)
+        return sum_over_ranks(local.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
 _COLUMN_SPLIT = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.", "feed_forward.w3.", "output.")
