@@ -68,6 +68,16 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def _private_gib() -> float:
+    """This process's own (anonymous) resident memory: weights, caches, activations; not the shared,
+    reclaimable page cache that memory-mapped checkpoint reads leave in the peak RSS."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def _streamed_bytes_per_step(model) -> int:
     """Weight bytes one decode step reads on this rank: every matrix except the embedding table (one row)."""
     return sum(p.nbytes for name, p in model.named_parameters() if not name.startswith("tok_embeddings"))
@@ -131,8 +141,9 @@ def run(
         f"load {load_s:.1f} s, copy bandwidth {bandwidth / 1e9:.1f} GB/s (all ranks), "
         f"weights streamed per step {step_bytes / 2**30:.2f} GiB/rank"
     )
-    print0("| ranks | batch | TTFT s | prefill tok/s | decode tok/s | step ms | GB/s achieved | of copy BW | peak RSS GiB/rank |")
-    print0("|---|---|---|---|---|---|---|---|---|")
+    print0("| ranks | batch | TTFT s | prefill tok/s | decode tok/s | step ms | GB/s achieved | of copy BW "
+           "| peak RSS GiB/rank | private GiB/rank |")
+    print0("|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     ours = {}
     for batch in sizes:
@@ -147,9 +158,11 @@ def run(
         step_s = stats.decode_s / max(stats.decode_steps, 1)
         achieved = ctx.world_size * step_bytes / step_s
         peak = max(_gather_floats(_peak_rss_gib()))
+        private = max(_gather_floats(_private_gib()))
         print0(
             f"| {ctx.world_size} | {batch} | {stats.prefill_s:.3f} | {batch * prompt_len / stats.prefill_s:.0f} | "
-            f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | {peak:.2f} |"
+            f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | {peak:.2f} | "
+            f"{private:.2f} |"
         )
         ours[batch] = (prompts, batch / step_s)
     if compare_hf and ctx.world_size == 1:  # after our rows, so HF's copy of the weights is not in our peak RSS
