@@ -18,7 +18,6 @@ language model: it knows counting, the alphabet, days, months and a handful of s
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import random
 import sys
@@ -109,24 +108,9 @@ def synthetic_documents(n_docs: int, rng: random.Random) -> list[str]:
 
 def train_tokenizer(docs: list[str], out_path: Path) -> None:
     """SentencePiece BPE with Llama 2's layout: unk 0, bos 1, eos 2, no pad, byte fallback, no normalisation."""
-    import sentencepiece as spm
+    from llama_dist.tokenizer import train_llama2_style_tokenizer
 
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs),
-        model_writer=buffer,
-        model_type="bpe",
-        vocab_size=VOCAB_SIZE,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-    )
-    out_path.write_bytes(buffer.getvalue())
+    train_llama2_style_tokenizer(docs, VOCAB_SIZE, out_path)
 
 
 # ---- model -------------------------------------------------------------------------------------------

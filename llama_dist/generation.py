@@ -337,8 +337,7 @@ class Llama:
     ) -> list[dict]:
         """Complete rank 0's `prompts`; returns [{"generation": str, ("tokens", "logprobs")}] per prompt."""
         prompt_tokens = on_main_then_share(self._encode_prompts, prompts)
-        if max_gen_len is None:
-            max_gen_len = self.model.args.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_all(max_gen_len)
         tokens, token_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
         return self._completions(tokens, token_logprobs, lambda text: text)
 
@@ -352,8 +351,7 @@ class Llama:
     ) -> list[dict]:
         """Answer rank 0's `dialogs`; returns [{"generation": {"role": "assistant", "content": str}, ...}]."""
         prompt_tokens = on_main_then_share(self._encode_dialogs, dialogs)
-        if max_gen_len is None:
-            max_gen_len = self.model.args.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_all(max_gen_len)
         tokens, token_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         return self._completions(tokens, token_logprobs, lambda text: {"role": "assistant", "content": text})
 
@@ -362,11 +360,14 @@ class Llama:
     ) -> Iterator[str]:
         """The assistant's answer to rank 0's `dialog`, as text pieces while they are generated."""
         prompt_tokens = on_main_then_share(self._encode_dialogs, [dialog])
-        if max_gen_len is None:
-            max_gen_len = self.model.args.max_seq_len - 1
+        max_gen_len = self._max_gen_len_or_all(max_gen_len)
         for step in self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p):
             if step.texts[0]:
                 yield step.texts[0]
+
+    def _max_gen_len_or_all(self, max_gen_len: int | None) -> int:
+        """None means: as much as the cache allows (Meta's default for completions)."""
+        return self.model.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
     def _encode_prompts(self, prompts) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):

@@ -10,9 +10,11 @@ import base64
 import binascii
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-__all__ = ["TokenizerInterface", "SentencePieceWrapper", "TiktokenWrapper", "load_tokenizer"]
+__all__ = [
+    "TokenizerInterface", "SentencePieceWrapper", "TiktokenWrapper", "load_tokenizer", "train_llama2_style_tokenizer"
+]
 
 
 class TokenizerInterface:
@@ -253,3 +255,30 @@ def load_tokenizer(path: str | Path) -> TokenizerInterface:
         raise ValueError(
             f"{path} is neither a tiktoken BPE ranks file (Llama 3) nor a SentencePiece model (Llama 2): {e}"
         ) from e
+
+
+def train_llama2_style_tokenizer(lines: Iterable[str], vocab_size: int, out_path: str | Path) -> Path:
+    """Train a SentencePiece BPE tokenizer laid out like Llama 2's (unk 0, bos 1, eos 2, no pad, byte
+    fallback, no normalisation) and write it to `out_path`: for toy models and tests, not for real use."""
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buffer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=1.0,
+        num_threads=1,  # one thread: the same text gives the same model, byte for byte
+        minloglevel=2,
+    )
+    out_path = Path(out_path)
+    out_path.write_bytes(buffer.getvalue())
+    return out_path

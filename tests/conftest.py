@@ -18,24 +18,10 @@ def _spm_training_text() -> list[str]:
 @pytest.fixture(scope="session")
 def spm_model_path(tmp_path_factory) -> str:
     """A tiny SentencePiece BPE model with Llama 2's special-id layout (unk 0, bos 1, eos 2, no pad)."""
-    import sentencepiece as spm
+    from llama_dist.tokenizer import train_llama2_style_tokenizer
 
-    prefix = tmp_path_factory.mktemp("spm") / "tiny"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_spm_training_text()),
-        model_prefix=str(prefix),
-        model_type="bpe",
-        vocab_size=400,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        # The options below are Llama 2's: byte fallback for unseen characters, no text normalisation.
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return str(prefix) + ".model"
+    path = tmp_path_factory.mktemp("spm") / "tiny.model"
+    return str(train_llama2_style_tokenizer(_spm_training_text(), 400, path))
 
 # ---- end tokenizer fixtures ---------------------------------------------------------------------------
 
