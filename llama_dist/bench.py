@@ -9,7 +9,6 @@ weight bytes streamed per decode step per rank, achieved bandwidth against the m
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 
 import fire
@@ -64,18 +63,21 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
     return 2 * nbytes / best
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-
-
-def _private_gib() -> float:
-    """This process's own (anonymous) resident memory: weights, caches, activations; not the shared,
-    reclaimable page cache that memory-mapped checkpoint reads leave in the peak RSS."""
+def _status_gib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 2**20
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
     return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux), so the copy-bandwidth buffers do not count as the model's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _streamed_bytes_per_step(model) -> int:
@@ -129,12 +131,14 @@ def run(
     sizes = [int(b) for b in (str(batch_sizes).split(",") if isinstance(batch_sizes, (str, int)) else batch_sizes)]
     ctx = init_distributed()
     torch_dtype = resolve_dtype(dtype, ctx.device)
+    # Bandwidth first: its 1 GiB buffers are freed before the model's peak memory is tracked.
+    bandwidth = sum(_gather_floats(copy_bandwidth()))  # all ranks share the machine's memory system
+    _reset_peak_rss()
     start = time.perf_counter()
     model = load_model(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes),
                        device=ctx.device, dtype=torch_dtype)
     load_s = time.perf_counter() - start
     llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx)
-    bandwidth = sum(_gather_floats(copy_bandwidth()))  # all ranks share the machine's memory system
     step_bytes = _streamed_bytes_per_step(model)
     print0(
         f"\n{ckpt_dir}: {ctx.world_size} rank(s), {dtype}, {torch.get_num_threads()} threads/rank, "
@@ -157,8 +161,9 @@ def run(
         stats = min(runs, key=lambda s: s.decode_s / max(s.decode_steps, 1))
         step_s = stats.decode_s / max(stats.decode_steps, 1)
         achieved = ctx.world_size * step_bytes / step_s
-        peak = max(_gather_floats(_peak_rss_gib()))
-        private = max(_gather_floats(_private_gib()))
+        peak = max(_gather_floats(_status_gib("VmHWM")))
+        # Private: what this rank owns (weights, caches, activations), not the page cache of mapped files.
+        private = max(_gather_floats(_status_gib("RssAnon")))
         print0(
             f"| {ctx.world_size} | {batch} | {stats.prefill_s:.3f} | {batch * prompt_len / stats.prefill_s:.0f} | "
             f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | {peak:.2f} | "

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ctypes
+import functools
 import json
+import mmap
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -130,6 +134,34 @@ def verify_checklist(ckpt_dir: str | Path, part: int = 0, parts: int = 1) -> int
     return len(names)
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) over the whole pages inside a memory-mapped tensor's storage (Linux only).
+
+    For a clean file-backed mapping this only unmaps: a later read faults the data back in from the file.
+    """
+    libc = _libc()
+    if libc is None:
+        return
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # only pages wholly inside this tensor
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
 class ShardSet:
     """The shards of one checkpoint, opened lazily (a rank opens only the shards it reads from)."""
 
@@ -150,6 +182,17 @@ class ShardSet:
         if name not in shard:
             raise CheckpointError(f"{self.paths[index]} has no tensor {name!r}")
         return shard[name]
+
+    def release(self, name: str) -> None:
+        """Unmap the pages of tensor `name` from this process once its slice is copied.
+
+        Reading a memory-mapped shard makes the pages it touched part of this rank's resident memory until
+        the shard is closed: over a whole load, that is every page read. Dropping them as we go keeps a rank's
+        peak at its own slice plus one tensor; the page cache still holds them for the other ranks.
+        """
+        for shard in self._open.values():
+            if name in shard:
+                _drop_mapped_pages(shard[name])
 
     def read(self, name: str, full_shape: tuple[int, ...], want: ShardSpec | None) -> torch.Tensor:
         """The slice `want` of the full tensor `name` (all of it when `want` is None), from whichever shards."""
@@ -252,6 +295,7 @@ def load_weights(model: Transformer, source: str | Path) -> None:
                 f"{source}: {name!r} slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
             )
         param.copy_(value)
+        shards.release(name)
     unexpected = set(shards.shard(0)) - set(specs) - IGNORED_KEYS
     if unexpected:
         raise CheckpointError(f"{paths[0]} has tensors this model does not use: {sorted(unexpected)[:5]}")
