@@ -178,29 +178,29 @@ class Llama:
 
     # ---- the decoding loop ------------------------------------------------------------------------------
 
-    def _decode(self, req: _Request, state_out: list) -> Iterator[tuple[int, torch.Tensor]]:
-        """Run one request; yields (position, tokens chosen there) per step and leaves the state in state_out.
-
-        Prompts may differ in length: decoding starts after the shortest, and a position that still holds
-        a longer prompt's token keeps it.
-        """
+    def _new_state(self, req: _Request) -> _DecodeState:
+        """The token grid of one request: prompts padded to the longest, room for generation after them."""
         device, bsz = self.dist.device, len(req.prompts)
         lengths = torch.tensor([len(p) for p in req.prompts], device=device)
-        min_len, max_len = min(map(len, req.prompts)), max(map(len, req.prompts))
         # Generation is cut where the cache ends: prompt + max_gen_len beyond max_seq_len is truncated.
-        total_len = min(self.model.args.max_seq_len, max_len + req.max_gen_len)
+        total_len = min(self.model.args.max_seq_len, max(map(len, req.prompts)) + req.max_gen_len)
         tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
         for i, prompt in enumerate(req.prompts):
             tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
         in_prompt = torch.arange(total_len, device=device)[None, :] < lengths[:, None]
         state = _DecodeState(tokens, in_prompt, torch.zeros(bsz, total_len, device=device) if req.logprobs else None)
         state.stats.prompt_tokens = int(lengths.sum())
-        state_out.append(state)
-        yield from self._decode_steps(req, state, min_len, total_len)
+        return state
 
     @torch.inference_mode()  # torch applies it around each step of the generator, not across yields
-    def _decode_steps(self, req: _Request, state: _DecodeState, min_len: int, total_len: int):
+    def _decode_steps(self, req: _Request, state: _DecodeState) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decode one request, filling `state`; yields (position, tokens chosen there) per step.
+
+        Prompts may differ in length: decoding starts after the shortest, and a position that still holds
+        a longer prompt's token keeps it.
+        """
         tokens, in_prompt, device, bsz = state.tokens, state.in_prompt, self.dist.device, len(req.prompts)
+        min_len, total_len = min(map(len, req.prompts)), tokens.shape[1]
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         is_main = self.dist.is_main
@@ -292,10 +292,10 @@ class Llama:
         (0, 1]) raises RequestError on every rank before any work, and the Llama stays usable.
         """
         req = self._share_request(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        state_out: list[_DecodeState] = []
-        for _ in self._decode(req, state_out):
+        state = self._new_state(req)
+        for _ in self._decode_steps(req, state):
             pass
-        return self._finish(req, state_out[0], echo)
+        return self._finish(req, state, echo)
 
     def generate_stream(
         self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9
@@ -306,8 +306,8 @@ class Llama:
         generated: list[list[int]] = [[] for _ in req.prompts]
         shown = [""] * len(req.prompts)
         done = [False] * len(req.prompts)
-        state_out: list[_DecodeState] = []
-        for cur_pos, next_tokens in self._decode(req, state_out):
+        state = self._new_state(req)
+        for cur_pos, next_tokens in self._decode_steps(req, state):
             step = StreamStep([None] * len(req.prompts), [""] * len(req.prompts))
             for i, tok in enumerate(next_tokens.tolist()):
                 if done[i] or cur_pos < len(req.prompts[i]):
@@ -324,7 +324,7 @@ class Llama:
             yield step
             if all(done):
                 break
-        self._finish(req, state_out[0], echo=False)
+        self._finish(req, state, echo=False)
 
     def text_completion(
         self,
