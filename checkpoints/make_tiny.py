@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
 
-    from llama_dist.checkpoint import save_meta_checkpoint
+    from llama_dist.formats.consolidated import write_consolidated
     from llama_dist.config import ModelArgs
     from llama_dist.distributed import init_distributed
     from llama_dist.tokenizer import load_tokenizer
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     params = {k: MODEL_SHAPE[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads")}
     params.update(vocab_size=tokenizer.n_words, multiple_of=MODEL_SHAPE["multiple_of"],
                   norm_eps=MODEL_SHAPE["norm_eps"], rope_theta=MODEL_SHAPE["rope_theta"])
-    save_meta_checkpoint(weights, params, out, num_shards=1)
+    write_consolidated(weights, params, out, num_shards=1)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"saved {out} ({size / 1e6:.2f} MB)", flush=True)
 

@@ -15,10 +15,12 @@ import fire
 import torch
 import torch.distributed as dist
 
-from llama_dist.checkpoint import load_model, random_meta_weights, read_model_args, save_meta_checkpoint, shard_paths
-from llama_dist.config import ModelArgs
+from llama_dist.config import ModelArgs, resolve_dtype
 from llama_dist.distributed import init_distributed, print0
-from llama_dist.generation import Llama, resolve_dtype
+from llama_dist.formats.consolidated import shard_paths, write_consolidated
+from llama_dist.generation import Llama
+from llama_dist.loading import load_model, open_checkpoint
+from llama_dist.synthetic import random_weights
 from llama_dist.tokenizer import TokenizerInterface
 
 # The reference workload of the performance issue: shaped like Llama-3.2-1B (untied output), random weights.
@@ -42,9 +44,9 @@ class TokenIdsOnly(TokenizerInterface):
 def make_checkpoint(out: str = "bench_out/llama32_1b_shape", dtype: str = "bfloat16", seed: int = 0) -> None:
     """Write random weights shaped like Llama-3.2-1B (~1.5B parameters) in Meta's layout."""
     args = ModelArgs(**LLAMA_32_1B_SHAPE)
-    weights = random_meta_weights(args, seed=seed, dtype=resolve_dtype(dtype, torch.device("cpu")))
+    weights = random_weights(args, seed=seed, dtype=resolve_dtype(dtype, torch.device("cpu")))
     params = {k: v for k, v in dataclasses.asdict(args).items() if k in LLAMA_32_1B_SHAPE}
-    save_meta_checkpoint(weights, params, out)
+    write_consolidated(weights, params, out)
     total = sum(w.numel() for w in weights.values())
     print(f"wrote {out}: {total / 1e9:.2f}B parameters, {sum(w.nbytes for w in weights.values()) / 2**30:.2f} GiB")
 
@@ -94,10 +96,10 @@ def _gather_floats(value: float) -> list[float]:
 
 
 def _hf_model(ckpt_dir, args: ModelArgs, dtype):
-    from llama_dist.convert import hf_model_from_meta
+    from llama_dist.convert import transformers_model
 
     weights = torch.load(shard_paths(ckpt_dir)[0], map_location="cpu", mmap=True, weights_only=True)
-    return hf_model_from_meta(weights, args, dtype=dtype)
+    return transformers_model(weights, args, dtype=dtype)
 
 
 def _hf_rates(model, prompt: torch.Tensor, gen_len: int, repeats: int) -> tuple[float, float]:
@@ -135,8 +137,8 @@ def run(
     bandwidth = sum(_gather_floats(copy_bandwidth()))  # all ranks share the machine's memory system
     _reset_peak_rss()
     start = time.perf_counter()
-    model = load_model(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes),
-                       device=ctx.device, dtype=torch_dtype)
+    checkpoint = open_checkpoint(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes))
+    model = load_model(checkpoint, device=ctx.device, dtype=torch_dtype)
     load_s = time.perf_counter() - start
     llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx)
     step_bytes = _streamed_bytes_per_step(model)
@@ -174,8 +176,7 @@ def run(
         del llm, model
         print0("\n| transformers | batch | TTFT s | prefill tok/s | decode tok/s | ours / HF decode |")
         print0("|---|---|---|---|---|---|")
-        args = read_model_args(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes))
-        hf = _hf_model(ckpt_dir, args, torch_dtype)
+        hf = _hf_model(ckpt_dir, checkpoint.args, torch_dtype)
         for batch, (prompts, our_rate) in ours.items():
             hf_first, hf_rate = _hf_rates(hf, torch.tensor(prompts), gen_len, repeats)
             print0(f"| HF generate | {batch} | {hf_first:.3f} | {batch * prompt_len / hf_first:.0f} | {hf_rate:.1f} | "

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
-from .tokenizer import TokenizerInterface
+from llama_dist.errors import DialogError
+from llama_dist.tokenizer import TokenizerInterface
 
 __all__ = ["Message", "Dialog", "DialogError", "format_dialog"]
 
@@ -19,10 +20,6 @@ class Message(TypedDict):
 
 
 Dialog = Sequence[Message]
-
-
-class DialogError(ValueError):
-    """A dialog the chat format cannot express (bad role, order, or content)."""
 
 
 # Llama 2 markers, from Meta's llama 2 `chat_completion`.
@@ -110,4 +107,4 @@ def format_dialog(tokenizer: TokenizerInterface, dialog: Dialog) -> list[int]:
         return _format_llama3(tokenizer, dialog)
     if tokenizer.family == "llama2":
         return _format_llama2(tokenizer, dialog)
-    raise ValueError(f"no chat format for tokenizer family {tokenizer.family!r} (expected 'llama2' or 'llama3')")
+    raise DialogError(f"no chat format for tokenizer family {tokenizer.family!r} (expected 'llama2' or 'llama3')")

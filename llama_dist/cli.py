@@ -6,19 +6,20 @@ it, rank 0 reads the input and prints, the others compute their slice of the mod
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import fire
 import torch.distributed as dist
 
-from llama_dist.chat import DialogError
-from llama_dist.checkpoint import CheckpointError
-from llama_dist.config import ConfigError
+from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
 from llama_dist.distributed import (
-    RemoteRankError,
     init_distributed,
     is_main_process,
     long_wait_group,
@@ -27,14 +28,74 @@ from llama_dist.distributed import (
     read_launch_env,
     shutdown_distributed,
 )
-from llama_dist.generation import Llama, RequestError
+from llama_dist.errors import LlamaDistError, RequestError
+from llama_dist.generation import Llama
 
-# Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback.
-USER_ERRORS = (
-    RequestError, DialogError, CheckpointError, ConfigError, RemoteRankError, FileNotFoundError, ValueError, TypeError
-)
+# Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
+# the project's own, only the file-system errors of paths the user gave.
+USER_ERRORS = (LlamaDistError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 REPO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 INSTALLED_CHECKPOINT = Path(sys.prefix) / "share" / "llama_dist" / "checkpoints" / "tiny"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The flags every command takes: which model, how the ranks run it, how it samples."""
+
+    ckpt_dir: str | None = None
+    tokenizer_path: str | None = None
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    dtype: str | None = None
+    seed: int = 1
+    verify_checksums: bool = False
+    timeout_s: float | None = None
+    max_gen_len: int | None = None
+    temperature: float = 0.6
+    top_p: float = 0.9
+
+    def sampling(self) -> dict:
+        return dict(temperature=self.temperature, top_p=self.top_p, max_gen_len=self.max_gen_len)
+
+
+# Continues the "Args:" section of each command's docstring, which fire shows under each flag.
+RUN_OPTIONS_HELP = """\
+        ckpt_dir: a Meta checkpoint directory (default: the bundled tiny model)
+        tokenizer_path: default: tokenizer.model in or beside the checkpoint directory
+        max_seq_len: positions per sequence, prompt + generation; generation is cut where it ends
+        max_batch_size: sequences decoded together
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)
+        seed: rank 0's sampling seed
+        verify_checksums: check the files against the checkpoint's checklist.chk (md5) before loading
+        timeout_s: seconds a rank waits in a collective for its peers before the job fails (default:
+            $LLAMA_DIST_TIMEOUT, else 600); it must cover the slowest rank's loading
+        max_gen_len: tokens to generate at most (default: until a stop token or max_seq_len)
+        temperature: 0 is greedy decoding
+        top_p: nucleus sampling: sample among the most likely tokens that make up this probability mass
+"""
+
+
+def command(fn):
+    """`fn(own flags..., options)` as a fire command taking its own flags and every RunOptions field as flags."""
+    own = [p for name, p in inspect.signature(fn).parameters.items() if name != "options"]
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default, annotation=f.type)
+        for f in dataclasses.fields(RunOptions)
+    ]
+    signature = inspect.Signature(own + shared)
+    own_names = {p.name for p in own}
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        flags = bound.arguments
+        options = RunOptions(**{k: v for k, v in flags.items() if k not in own_names})
+        return fn(**{k: v for k, v in flags.items() if k in own_names}, options=options)
+
+    run.__signature__ = signature  # what fire reads to list and parse the flags
+    run.__doc__ = f"{fn.__doc__.rstrip()}\n{RUN_OPTIONS_HELP}"
+    return run
 
 
 def default_checkpoint() -> Path:
@@ -45,26 +106,28 @@ def default_checkpoint() -> Path:
     raise FileNotFoundError(f"no --ckpt_dir given and the bundled model is not at {REPO_CHECKPOINT}")
 
 
-def resolve_paths(ckpt_dir, tokenizer_path) -> tuple[Path, Path]:
-    """Meta ships tokenizer.model inside the checkpoint dir (Llama 3) or beside it (Llama 2)."""
-    ckpt = Path(ckpt_dir) if ckpt_dir else default_checkpoint()
-    if tokenizer_path:
-        return ckpt, Path(tokenizer_path)
-    for candidate in (ckpt / "tokenizer.model", ckpt.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return ckpt, candidate
-    raise FileNotFoundError(f"no tokenizer.model in or beside {ckpt}: pass --tokenizer_path")
+def start(options: RunOptions, read_input, *args):
+    """Start the process group (once, with the flags' timeout), read the command's input on rank 0 (before
+    anything loads, so a bad input fails fast), and build the model: (Llama, input) on every rank."""
+    context = init_distributed(timeout_s=options.timeout_s)
+    user_input = on_main_then_share(read_input, *args)
+    ckpt = on_main_then_share(lambda: Path(options.ckpt_dir) if options.ckpt_dir else default_checkpoint())
+    llm = Llama.build(
+        ckpt, options.tokenizer_path, options.max_seq_len, options.max_batch_size, dtype=options.dtype,
+        seed=options.seed, verify_checksums=options.verify_checksums, context=context,
+    )
+    return llm, user_input
 
 
 def _read_prompts(prompt, prompts_file) -> list[str]:
     if (prompt is None) == (prompts_file is None):
-        raise ValueError("give exactly one of --prompt TEXT or --prompts_file FILE")
+        raise RequestError("give exactly one of --prompt TEXT or --prompts_file FILE")
     if prompt is not None:
         return [str(prompt)]
     lines = [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line.strip()]
     if not prompts:
-        raise ValueError(f"{prompts_file} has no non-empty lines")
+        raise RequestError(f"{prompts_file} has no non-empty lines")
     return prompts
 
 
@@ -73,43 +136,23 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-def generate(
-    prompt: str | None = None,
-    prompts_file: str | None = None,
-    ckpt_dir: str | None = None,
-    tokenizer_path: str | None = None,
-    max_gen_len: int = 64,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
-    dtype: str | None = None,
-    logprobs: bool = False,
-    echo: bool = False,
-    seed: int = 1,
-    verify_checksums: bool = False,
-    timeout_s: float | None = None,
-):
+@command
+def generate(prompt: str | None = None, prompts_file: str | None = None, logprobs: bool = False,
+             echo: bool = False, *, options: RunOptions):
     """Complete --prompt TEXT, or each line of --prompts_file (in batches of --max_batch_size).
 
-    With no --ckpt_dir the bundled tiny model is used. --dtype: float32, bfloat16 or float16 (default:
-    bfloat16 on CUDA, float32 on CPU). --temperature 0 is greedy decoding.
-    --verify_checksums: check the files against the checkpoint's checklist.chk (md5) before loading.
-    --timeout_s: seconds a rank waits in a collective for its peers before the job fails (default:
-    $LLAMA_DIST_TIMEOUT, else 600); it must cover the slowest rank's loading.
+    Args:
+        prompt: the text to complete
+        prompts_file: a file of prompts, one per line
+        logprobs: also print each generated token's log-probability
+        echo: print the prompt's tokens before the generated ones
     """
-    init_distributed(timeout_s=timeout_s)  # first (it sets the group's timeout); only rank 0 reads and reports
-    prompts = on_main_then_share(_read_prompts, prompt, prompts_file)
-    ckpt, tokenizer = on_main_then_share(resolve_paths, ckpt_dir, tokenizer_path)
-    llm = Llama.build(
-        ckpt, tokenizer, max_seq_len, max_batch_size, dtype=dtype, seed=seed, timeout_s=timeout_s,
-        verify_checksums=verify_checksums,
-    )
+    llm, prompts = start(options, _read_prompts, prompt, prompts_file)
     generated, seconds = 0, 0.0
-    for batch in _batches(prompts, max_batch_size):
-        start = time.perf_counter()
-        results = llm.text_completion(batch, temperature, top_p, max_gen_len, logprobs=logprobs, echo=echo)
-        seconds += time.perf_counter() - start
+    for batch in _batches(prompts, options.max_batch_size):
+        started = time.perf_counter()
+        results = llm.text_completion(batch, **options.sampling(), logprobs=logprobs, echo=echo)
+        seconds += time.perf_counter() - started
         generated += llm.last_stats.generated_tokens
         for text, result in zip(batch, results):
             print0(f"> {text}")
@@ -121,6 +164,10 @@ def generate(
     print0(f"[{len(prompts)} prompt(s), {generated} tokens in {seconds:.2f} s, {generated / max(seconds, 1e-9):.1f} tok/s]")
 
 
+def _read_dialogs(dialogs_file):
+    return json.loads(Path(dialogs_file).read_text()) if dialogs_file else None
+
+
 def _read_user_turn() -> str | None:
     try:
         line = input("user> ")
@@ -129,37 +176,21 @@ def _read_user_turn() -> str | None:
     return None if line.strip() in ("exit", "quit") else line
 
 
-def chat(
-    ckpt_dir: str | None = None,
-    tokenizer_path: str | None = None,
-    dialogs_file: str | None = None,
-    system: str | None = None,
-    max_gen_len: int | None = None,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
-    dtype: str | None = None,
-    seed: int = 1,
-    verify_checksums: bool = False,
-    timeout_s: float | None = None,
-):
+@command
+def chat(dialogs_file: str | None = None, system: str | None = None, *, options: RunOptions):
     """Chat interactively on rank 0 (answers stream; 'exit' or Ctrl-D ends), or answer --dialogs_file.
 
-    --dialogs_file: JSON list of dialogs, each a list of {"role": "system"|"user"|"assistant", "content": str}.
-    --verify_checksums and --timeout_s: as for `generate`. --timeout_s bounds the collectives of generation,
-    not the time the user takes to type: an interactive chat may sit idle for days.
+    --timeout_s bounds the collectives of generation, not the time the user takes to type: an interactive chat
+    may sit idle for days.
+
+    Args:
+        dialogs_file: JSON list of dialogs, each a list of {"role": "system"|"user"|"assistant", "content": str}
+        system: a system prompt for the interactive chat
     """
-    init_distributed(timeout_s=timeout_s)
-    dialogs = on_main_then_share(lambda: json.loads(Path(dialogs_file).read_text()) if dialogs_file else None)
-    ckpt, tokenizer = on_main_then_share(resolve_paths, ckpt_dir, tokenizer_path)
-    llm = Llama.build(
-        ckpt, tokenizer, max_seq_len, max_batch_size, dtype=dtype, seed=seed, timeout_s=timeout_s,
-        verify_checksums=verify_checksums,
-    )
+    llm, dialogs = start(options, _read_dialogs, dialogs_file)
     if dialogs is not None:
-        for batch in _batches(dialogs, max_batch_size):
-            for dialog, result in zip(batch, llm.chat_completion(batch, temperature, top_p, max_gen_len)):
+        for batch in _batches(dialogs, options.max_batch_size):
+            for dialog, result in zip(batch, llm.chat_completion(batch, **options.sampling())):
                 for message in dialog:
                     print0(f"{message['role']}> {message['content']}")
                 print0(f"assistant> {result['generation']['content']}\n")
@@ -173,7 +204,7 @@ def chat(
         if is_main_process():
             print("assistant> ", end="", flush=True)
         try:
-            for piece in llm.chat_stream(dialog, temperature, top_p, max_gen_len):
+            for piece in llm.chat_stream(dialog, **options.sampling()):
                 answer.append(piece)
                 if is_main_process():
                     print(piece, end="", flush=True)
@@ -185,11 +216,15 @@ def chat(
         dialog.append({"role": "assistant", "content": "".join(answer)})
 
 
+# Where gloo's transport raises a peer's death or a receive timeout; it gives them no type of their own.
+_GLOO_TRANSPORT = "gloo/transport/"
+
+
 def lost_contact(exc: BaseException) -> bool:
-    """A peer died or a collective timed out: torch's DistError, or the RuntimeError gloo raises for it."""
-    words = ("connection", "timed out", "timeout", "broken pipe", "peer")
+    """A peer died or a collective timed out: torch's distributed error types (NCCL, the c10d store, our
+    shared-memory all-reduce), or the RuntimeError gloo's transport raises for it."""
     return isinstance(exc, dist.DistError) or (
-        isinstance(exc, RuntimeError) and any(word in str(exc).lower() for word in words)
+        type(exc) is RuntimeError and _GLOO_TRANSPORT in str(exc)
     )
 
 

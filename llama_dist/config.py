@@ -8,9 +8,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 
-class ConfigError(ValueError):
-    """A model configuration that cannot run (bad params.json, or a world size the shapes do not divide)."""
+from llama_dist.errors import ConfigError
+
+# The one default of each runtime limit, for the Python API and the command line alike.
+DEFAULT_MAX_SEQ_LEN = 512  # positions per sequence (prompt + generation): what the KV cache holds
+DEFAULT_MAX_BATCH_SIZE = 4  # sequences decoded together
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -27,8 +33,8 @@ class ModelArgs:
     use_scaled_rope: bool = False
 
     # Runtime limits: they size the KV cache, so they are chosen per run, not read from params.json.
-    max_batch_size: int = 4
-    max_seq_len: int = 2048
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     # Runtime defaults for what a forward returns besides logits (a call's own arguments override them).
     output_hidden_states: bool = False
     output_attentions: bool = False
@@ -64,7 +70,7 @@ class ModelArgs:
         return embeddings + self.n_layers * per_layer + d  # + final norm
 
     @classmethod
-    def from_params_json(cls, path: str | Path, **overrides) -> ModelArgs:
+    def from_params_json(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"params.json not found: {path}")
@@ -74,14 +80,9 @@ class ModelArgs:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(params, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(params).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
         # Meta's files carry extra keys (e.g. quantization, vision fields) that do not shape a text model.
-        args = cls(**{k: v for k, v in params.items() if k in known})
-        for key, value in overrides.items():
-            if key not in known:
-                raise ConfigError(f"unknown model argument {key!r}")
-            setattr(args, key, value)
-        return args
+        return cls(**{k: v for k, v in params.items() if k in known})
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError when these shapes cannot run on `world_size` tensor-parallel ranks."""
@@ -113,6 +114,17 @@ class ModelArgs:
             raise ConfigError(f"FFN width {self.ffn_hidden_dim} is not divisible by the world size {world_size}")
 
 
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None: bfloat16 on CUDA (Meta's weights are bf16), float32 on CPU (the exact reference path)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
+
+
 # Runtime fields of ModelArgs: chosen per run, never part of a checkpoint's params.json.
 RUNTIME_FIELDS = ("max_batch_size", "max_seq_len", "output_hidden_states", "output_attentions")
 
@@ -121,9 +133,7 @@ _LLAMA3 = {"vocab_size": 128256, "n_kv_heads": 8, "norm_eps": 1e-5, "rope_theta"
 _LLAMA31 = dict(_LLAMA3, use_scaled_rope=True)
 
 # Meta's params.json for each model, by name. Use as ModelArgs(**transformer_configs[name], max_seq_len=...).
-# Differences from the files: Llama 2 files say vocab_size -1 (the embedding decides); here it is 32000. Llama 2
-# 7B/13B files omit n_kv_heads (= n_heads) and rope_theta (the 10000 default). (llama_models' sku_list gives
-# Llama 2 Llama 3-style arch_args, GQA and rope_theta 500000, which do not give its published parameter counts.)
+# Llama 2 entries spell out what the files leave implicit: vocab_size 32000 (files: -1), n_kv_heads, rope_theta.
 transformer_configs: dict[str, dict] = {
     "Llama-2-7B": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim_multiplier=None),
     "Llama-2-13B": dict(_LLAMA2, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim_multiplier=None),

@@ -1,4 +1,4 @@
-"""Meta checkpoint -> Hugging Face transformers Llama (config and state dict), in memory.
+"""Weights in Meta's layout -> Hugging Face transformers Llama (config and state dict), in memory.
 
 Used to run the very same weights through `transformers` for comparisons (benchmarks, parity tests).
 transformers is imported lazily: it is a test/benchmark dependency, not a runtime one.
@@ -11,7 +11,7 @@ import torch
 from llama_dist.config import ModelArgs
 
 
-def meta_to_hf_config(args: ModelArgs, **overrides):
+def hf_config(args: ModelArgs, **overrides):
     from transformers import LlamaConfig
 
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
@@ -50,8 +50,8 @@ def _rope_rows_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
-def meta_to_hf_state_dict(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Meta-named full weights -> LlamaForCausalLM's names and RoPE row order."""
+def hf_state_dict(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Full weights with Meta's names -> LlamaForCausalLM's names and RoPE row order."""
     hf = {
         "model.embed_tokens.weight": weights["tok_embeddings.weight"],
         "model.norm.weight": weights["norm.weight"],
@@ -71,17 +71,17 @@ def meta_to_hf_state_dict(weights: dict[str, torch.Tensor], args: ModelArgs) -> 
     return hf
 
 
-def hf_model_from_meta(weights: dict[str, torch.Tensor], args: ModelArgs, dtype=torch.float32, **config_overrides):
+def transformers_model(weights: dict[str, torch.Tensor], args: ModelArgs, dtype=torch.float32, **config_overrides):
     """A LlamaForCausalLM holding `weights` (Meta names), in eval mode."""
     from transformers import LlamaForCausalLM
 
-    config = meta_to_hf_config(args, **config_overrides)
+    config = hf_config(args, **config_overrides)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model.load_state_dict(meta_to_hf_state_dict(weights, args), assign=True, strict=False)
+    model.load_state_dict(hf_state_dict(weights, args), assign=True, strict=False)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise KeyError(f"weights missing for {missing[:3]}")
-    # Buffers (RoPE inverse frequencies) were created on meta: rebuild them on CPU.
+    # Buffers (RoPE inverse frequencies) were created on the meta device, without values: rebuild them on CPU.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.to(dtype).eval()

@@ -1,8 +1,8 @@
 """Process-group bootstrap: torchrun, plain srun, or a single process, on NCCL or gloo.
 
-Every entry point (CLI, Llama.build, tests, benchmarks) calls `init_distributed()` once per process; it reads
-the launcher's environment, starts the default process group and fairscale's model-parallel group, binds the
-device and returns a `DistContext` describing this rank.
+A process starts its group once, with `init_distributed()`: it reads the launcher's environment, starts the
+default process group and fairscale's model-parallel group, binds the device and returns a `DistContext`
+describing this rank, which is then handed to whatever needs it (`Llama.build(context=...)`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from llama_dist.errors import ConfigError
 from llama_dist.shm_allreduce import SharedMemoryAllReduce, create_for_group
 
 # How long a rank waits in a collective (or the start-up rendezvous) for its peers before it fails. Generous
@@ -93,8 +94,9 @@ def _first_slurm_host(nodelist: str) -> str:
 
 
 def free_port() -> int:
+    """A TCP port no process listens on, on any interface (so also on 127.0.0.1)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -169,7 +171,7 @@ def _checked_timeout(value, what: str) -> float:
     except (TypeError, ValueError):
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+        raise ConfigError(f"{what} must be a positive number of seconds, got {value!r}")
     return seconds
 
 
@@ -191,11 +193,18 @@ def init_distributed(
     otherwise; 0 would leave a hung collective hanging). Either way the rank exits non-zero and torchrun (or
     `srun --kill-on-bad-exit=1`) stops the rest of the job. It must exceed the longest time one rank can
     legitimately spend outside collectives while others wait, e.g. reading its shards from a slow disk.
-    It only takes effect when this call starts the group; joining an already started group keeps its timeout
-    (fairscale's model-parallel groups, when this call creates them, get timeout_s as well).
+    fairscale's model-parallel groups get the same timeout.
+
+    Called again once the group is started, it joins that group and returns its context; a timeout_s then
+    could not take effect, so it is refused rather than ignored.
     """
     launch = read_launch_env()
     backend, device = _pick_backend_and_device(launch.local_rank, backend, device)
+    if dist.is_initialized() and timeout_s is not None:
+        raise ConfigError(
+            "the process group is already started, with the timeout it was started with: pass timeout_s to the "
+            "init_distributed call that starts it (and its DistContext, not timeout_s, to Llama.build)"
+        )
     seconds = default_timeout_s() if timeout_s is None else _checked_timeout(timeout_s, "timeout_s")
     timeout = datetime.timedelta(seconds=seconds)
 
@@ -218,15 +227,7 @@ def init_distributed(
                 backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, timeout=timeout
             )
     if not fs_init.model_parallel_is_initialized():
-        # fairscale's groups (those of the model's all-reduces) would get torch's default timeout (30 min on
-        # gloo), not ours: hand ours to the dist.new_group calls it makes.
-        new_group = dist.new_group
-        dist.new_group = functools.partial(new_group, timeout=timeout)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces each group on stdout
-                fs_init.initialize_model_parallel(dist.get_world_size())
-        finally:
-            dist.new_group = new_group
+        _start_model_parallel_groups(timeout)
         global _shm_allreduce
         if dist.get_backend() == "gloo" and os.environ.get("LLAMA_DIST_SHM_ALLREDUCE", "1") != "0":
             _shm_allreduce = create_for_group(fs_init.get_model_parallel_group(), timeout.total_seconds())
@@ -238,6 +239,19 @@ def init_distributed(
         device=device,
         backend=dist.get_backend(),
     )
+
+
+def _start_model_parallel_groups(timeout: datetime.timedelta) -> None:
+    """fairscale's groups over every rank (those of the model's all-reduces), with our timeout."""
+    new_group = dist.new_group
+    # The one patch of a library: fairscale's initialize_model_parallel takes no timeout, and torch's new_group
+    # defaults to its own (30 min on gloo) rather than the default group's.
+    dist.new_group = functools.partial(new_group, timeout=timeout)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces each group on stdout
+            fs_init.initialize_model_parallel(dist.get_world_size())
+    finally:
+        dist.new_group = new_group
 
 
 def _format_host(host: str) -> str:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_dist.chat import Dialog, format_dialog
-from llama_dist.checkpoint import CheckpointError, load_model, read_model_args, verify_checklist
+from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, resolve_dtype
 from llama_dist.distributed import (
     DistContext,
     checked_on_all_ranks,
@@ -28,26 +28,13 @@ from llama_dist.distributed import (
     on_main_then_share,
     print0,
 )
+from llama_dist.errors import CheckpointError, ConfigError, RequestError
+from llama_dist.formats import find_tokenizer
+from llama_dist.formats.checklist import verify_checklist
+from llama_dist.loading import load_model, open_checkpoint
 from llama_dist.model import Transformer
 from llama_dist.sampling import sample_next
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class RequestError(ValueError):
-    """A generation request that cannot be served (bad prompts or sampling settings)."""
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None: bfloat16 on CUDA (Meta's weights are bf16), float32 on CPU (the exact reference path)."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
 
 
 @dataclass
@@ -74,6 +61,12 @@ class _Request:
     temperature: float
     top_p: float
     logprobs: bool
+    stop_tokens: list[int]
+
+    def past_output(self, row: int, pos: int, token: int) -> bool:
+        """Whether generated `token` at position `pos` of sequence `row` falls outside its output: a stop token
+        ends the output (and is not part of it), and so does max_gen_len."""
+        return pos >= len(self.prompts[row]) + self.max_gen_len or token in self.stop_tokens
 
 
 @dataclass
@@ -97,52 +90,61 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str | Path,
-        tokenizer_path: str | Path,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: str | Path | None = None,
+        max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         seed: int = 1,
         backend: str | None = None,
         timeout_s: float | None = None,
         verify_checksums: bool = False,
+        context: DistContext | None = None,
     ) -> "Llama":
-        """Join (or start) the process group, then load the tokenizer and this rank's slice of the model.
+        """Load the tokenizer and this rank's slice of the model, on a process group started once.
 
-        timeout_s: how long a rank waits for the others before failing (see `init_distributed`; default
-        $LLAMA_DIST_TIMEOUT, else 600 s); it must cover the slowest rank's loading (and hashing).
+        context: the `DistContext` of a group started with `init_distributed` (as the command line does);
+        None starts the group here with backend/device/timeout_s (see `init_distributed`). Never both.
+        tokenizer_path: None finds `tokenizer.model` in or beside ckpt_dir.
+        timeout_s: how long a rank waits for the others before failing (default $LLAMA_DIST_TIMEOUT, else
+        600 s); it must cover the slowest rank's loading (and hashing).
         verify_checksums: first check every file listed in ckpt_dir's checklist.chk against its md5. Each node
         hashes its own copy, the files shared out between its local ranks (LOCAL_RANK / LOCAL_WORLD_SIZE).
         Any error (missing or bad file, shapes the world size cannot split) is raised on every rank alike.
         """
-        ctx = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
+        if context is None:
+            context = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
+        elif (backend, device, timeout_s) != (None, None, None):
+            raise ConfigError(
+                "pass either context (a started process group) or backend/device/timeout_s to start one, not both"
+            )
         torch.manual_seed(seed)
-        dtype = resolve_dtype(dtype, ctx.device)
+        dtype = resolve_dtype(dtype, context.device)
         start = time.perf_counter()
 
         if verify_checksums:
             # Every node may hold its own copy: the local ranks of each node split its files between them
             # (this assumes the launcher's local world size is right, i.e. the same on every node).
-            checked_on_all_ranks(verify_checklist, ckpt_dir, part=ctx.local_rank, parts=local_world_size())
+            checked_on_all_ranks(verify_checklist, ckpt_dir, part=context.local_rank, parts=local_world_size())
             print0(f"Verified the md5 sums in {ckpt_dir}/checklist.chk in {time.perf_counter() - start:.2f} s")
 
         def load():
-            tokenizer = load_tokenizer(tokenizer_path)
-            args = read_model_args(ckpt_dir)
-            if tokenizer.n_words != args.vocab_size:
+            tokenizer_file = find_tokenizer(ckpt_dir) if tokenizer_path is None else tokenizer_path
+            tokenizer = load_tokenizer(tokenizer_file)
+            checkpoint = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+            if tokenizer.n_words != checkpoint.args.vocab_size:
                 raise CheckpointError(
-                    f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir} has a vocabulary "
-                    f"of {args.vocab_size}: they belong to different models"
+                    f"tokenizer {tokenizer_file} has {tokenizer.n_words} tokens but {ckpt_dir} has a vocabulary "
+                    f"of {checkpoint.args.vocab_size}: they belong to different models"
                 )
-            model = load_model(ckpt_dir, max_seq_len, max_batch_size, device=ctx.device, dtype=dtype)
-            return tokenizer, model
+            return tokenizer, load_model(checkpoint, device=context.device, dtype=dtype)
 
         tokenizer, model = checked_on_all_ranks(load)
         print0(
-            f"Loaded {ckpt_dir} on {ctx.world_size} rank(s) ({ctx.backend}, {ctx.device.type}, "
+            f"Loaded {ckpt_dir} on {context.world_size} rank(s) ({context.backend}, {context.device.type}, "
             f"{str(dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.2f} s"
         )
-        return Llama(model, tokenizer, ctx, seed)
+        return Llama(model, tokenizer, context, seed)
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -170,7 +172,8 @@ class Llama:
             raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
-        return _Request(prompts, int(max_gen_len), float(temperature), float(top_p), bool(logprobs))
+        return _Request(prompts, int(max_gen_len), float(temperature), float(top_p), bool(logprobs),
+                        list(self.tokenizer.stop_tokens))
 
     def _share_request(self, *request_args) -> _Request:
         """Rank 0's request, checked there, on every rank (or rank 0's error raised on every rank)."""
@@ -201,7 +204,7 @@ class Llama:
         """
         tokens, in_prompt, device, bsz = state.tokens, state.in_prompt, self.dist.device, len(req.prompts)
         min_len, total_len = min(map(len, req.prompts)), tokens.shape[1]
-        stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
+        stop_tokens = torch.tensor(req.stop_tokens, device=device)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         is_main = self.dist.is_main
 
@@ -248,17 +251,12 @@ class Llama:
         logprobs = state.token_logprobs
         if logprobs is not None and self.dist.world_size > 1:
             dist.broadcast(logprobs, src=0)
-        stop_tokens = set(self.tokenizer.stop_tokens)
         out_tokens, out_logprobs = [], []
         rows = state.tokens[:, : state.last_pos + 1].tolist()
         for i, (prompt, row) in enumerate(zip(req.prompts, rows)):
-            start = 0 if echo else len(prompt)
-            end = min(len(row), len(prompt) + req.max_gen_len)
-            generated = row[len(prompt) : end]
-            for j, tok in enumerate(generated):
-                if tok in stop_tokens:
-                    end = len(prompt) + j
-                    break
+            start, end = (0 if echo else len(prompt)), len(prompt)
+            while end < len(row) and not req.past_output(i, end, row[end]):
+                end += 1
             out_tokens.append(row[start:end])
             if logprobs is not None:
                 out_logprobs.append(logprobs[i, start:end].tolist())
@@ -302,7 +300,6 @@ class Llama:
     ) -> Iterator[StreamStep]:
         """Like generate, but yields each step's new token and text per sequence as soon as it is chosen."""
         req = self._share_request(prompt_tokens, max_gen_len, temperature, top_p, False)
-        stop_tokens = set(self.tokenizer.stop_tokens)
         generated: list[list[int]] = [[] for _ in req.prompts]
         shown = [""] * len(req.prompts)
         done = [False] * len(req.prompts)
@@ -312,7 +309,7 @@ class Llama:
             for i, tok in enumerate(next_tokens.tolist()):
                 if done[i] or cur_pos < len(req.prompts[i]):
                     continue
-                if tok in stop_tokens or len(generated[i]) >= req.max_gen_len:
+                if req.past_output(i, cur_pos, tok):
                     done[i] = True
                     continue
                 generated[i].append(tok)
@@ -336,10 +333,8 @@ class Llama:
         echo: bool = False,
     ) -> list[dict]:
         """Complete rank 0's `prompts`; returns [{"generation": str, ("tokens", "logprobs")}] per prompt."""
-        prompt_tokens = on_main_then_share(self._encode_prompts, prompts)
-        max_gen_len = self._max_gen_len_or_all(max_gen_len)
-        tokens, token_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        return self._completions(tokens, token_logprobs, lambda text: text)
+        return self._complete(self._encode_prompts, prompts, lambda text: text, temperature, top_p, max_gen_len,
+                              logprobs, echo)
 
     def chat_completion(
         self,
@@ -350,10 +345,22 @@ class Llama:
         logprobs: bool = False,
     ) -> list[dict]:
         """Answer rank 0's `dialogs`; returns [{"generation": {"role": "assistant", "content": str}, ...}]."""
-        prompt_tokens = on_main_then_share(self._encode_dialogs, dialogs)
+        return self._complete(self._encode_dialogs, dialogs, lambda text: {"role": "assistant", "content": text},
+                              temperature, top_p, max_gen_len, logprobs, echo=False)
+
+    def _complete(self, encode, inputs, wrap, temperature, top_p, max_gen_len, logprobs, echo) -> list[dict]:
+        """Encode rank 0's `inputs`, generate, and return Meta's result dicts: the decoded text (wrapped), plus
+        per-token pieces and logprobs if asked."""
+        prompt_tokens = on_main_then_share(encode, inputs)
         max_gen_len = self._max_gen_len_or_all(max_gen_len)
-        tokens, token_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        return self._completions(tokens, token_logprobs, lambda text: {"role": "assistant", "content": text})
+        tokens, token_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        results = []
+        for i, seq in enumerate(tokens):
+            result = {"generation": wrap(self.tokenizer.decode(seq))}
+            if token_logprobs is not None:
+                result.update(tokens=[self.tokenizer.decode([x]) for x in seq], logprobs=token_logprobs[i])
+            results.append(result)
+        return results
 
     def chat_stream(
         self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9, max_gen_len: int | None = None
@@ -381,13 +388,3 @@ class Llama:
                 f"got {dialogs!r:.80}"
             )
         return [format_dialog(self.tokenizer, dialog) for dialog in dialogs]
-
-    def _completions(self, tokens, token_logprobs, wrap) -> list[dict]:
-        """Meta's result dicts: the decoded text (wrapped), plus per-token pieces and logprobs if asked."""
-        results = []
-        for i, seq in enumerate(tokens):
-            result = {"generation": wrap(self.tokenizer.decode(seq))}
-            if token_logprobs is not None:
-                result.update(tokens=[self.tokenizer.decode([x]) for x in seq], logprobs=token_logprobs[i])
-            results.append(result)
-        return results

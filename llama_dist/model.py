@@ -1,9 +1,7 @@
 """The Llama transformer as math: RMSNorm, RoPE, grouped-query attention with a KV cache, SwiGLU.
 
 Every module here holds this rank's slice only; which slice, and the collectives that join the slices, live
-in `parallel.py`. Build with `Transformer.from_pretrained(config, path)` (this rank's slice plus its weights
-from a Meta checkpoint), or `Transformer.build(args, device, dtype)` (empty weights: load them with
-`checkpoint.load_weights`); `checkpoint.load_model(ckpt_dir)` does both from the checkpoint's params.json.
+in `parallel.py`. Models are built and filled from checkpoints by `llama_dist.loading.load_model`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from llama_dist.parallel import (
     fuse_weights,
     local_kv_heads,
     local_linear,
-    skip_weight_init,
 )
 
 
@@ -202,14 +199,13 @@ def gather_heads(local: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 class Transformer(nn.Module):
     """This rank's slice of a Llama model.
 
-    `Transformer(config)` allocates the slice with UNinitialised weights (initialise or load them), then
-    `post_init()` must run before the first forward. `Transformer.build` allocates straight on the target
-    device and dtype and runs post_init; `Transformer.from_pretrained` also loads a checkpoint's weights.
+    `Transformer(args)` allocates the slice with uninitialised weights; `args` must be valid for the
+    model-parallel world size (`args.validate`). Load weights, then `fuse()` and `post_init()` before the first
+    forward: `llama_dist.loading.load_model` does all of it.
     """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        args.validate(model_parallel_world_size())
         self.args = args
         self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
@@ -218,40 +214,17 @@ class Transformer(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
-    @classmethod
-    def build(cls, args: ModelArgs, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-        """This rank's slice with uninitialised weights (load them next), RoPE tables and an empty KV cache."""
-        with torch.device("meta"), skip_weight_init():
-            model = cls(args)
-        model = model.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
-        for layer in model.layers:  # before loading: the loaded weights land in the stacked tensors
+    def fuse(self) -> None:
+        """Stack each layer's wq/wk/wv and w1/w3 for inference; their weights become views of the stacks."""
+        for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()
-        model.post_init()
-        return model.eval()
-
-    @classmethod
-    def from_pretrained(
-        cls, config: ModelArgs | None, path, device="cpu", dtype: torch.dtype = torch.float32
-    ) -> Transformer:
-        """This rank's slice of `config`'s model, with its weights read from a Meta checkpoint.
-
-        path: a checkpoint directory (`consolidated.NN.pth` shards; the world size must divide, or be a multiple
-        of, their count) or a single `.pth` file, read as a one-shard checkpoint. Hyperparameters come from
-        `config` (e.g. `ModelArgs(**transformer_configs[name], max_seq_len=...)`); a params.json beside the
-        shards must agree with it. config=None reads that params.json. vocab_size -1 is read from the weights.
-        Every rank of the model-parallel group calls this; no collectives are used.
-        """
-        # Imported here: checkpoint imports this module.
-        from llama_dist.checkpoint import load_pretrained
-
-        return load_pretrained(config, path, device=device, dtype=dtype)
 
     def post_init(self, kv_cache: bool = True) -> None:
         """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype).
 
         Call it after the weights have their final device and dtype (the tables and cache follow
-        `output.weight`); `build` and `from_pretrained` call it. The cache holds max_batch_size x max_seq_len
+        `output.weight`); the loader calls it. The cache holds max_batch_size x max_seq_len
         positions of this rank's KV heads per layer. kv_cache=False is for training, where every forward sees
         whole sequences from position 0.
         """
@@ -283,7 +256,7 @@ class Transformer(nn.Module):
         None), which is what rank-0 sampling needs and moves 1/N of the bytes.
         """
         if self.rope_cos is None:
-            raise RuntimeError("call post_init() before the first forward (build and from_pretrained do)")
+            raise RuntimeError("call post_init() before the first forward (load_model does)")
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
         if bsz > self.args.max_batch_size or end > self.args.max_seq_len:

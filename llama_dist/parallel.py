@@ -2,7 +2,7 @@
 
 The layers are fairscale's (so their collectives and Megatron-style split are the well-tested ones); this
 module adds what loading needs: every split layer records a `ShardSpec` saying which slice of the full,
-unsplit Meta weight this rank holds, so `checkpoint.py` can read exactly that slice from any shard layout.
+unsplit weight this rank holds, so the loader can read exactly that slice from any checkpoint format.
 
 Split table (Meta layout, weights are (out_features, in_features)):
   column-parallel (dim 0): attention.wq/wk/wv, feed_forward.w1/w3, output
@@ -53,16 +53,16 @@ class ShardSpec:
 
 
 def _keep(weight: torch.Tensor) -> torch.Tensor:
-    return weight
+    return weight  # no initialisation: every weight is loaded from a checkpoint
 
 
 @contextlib.contextmanager
 def skip_weight_init():
-    """Build split layers without initialising their weights (they are loaded from a checkpoint next).
-
-    fairscale initialises a rank's slice by materialising the whole unsplit weight on every rank and copying
-    its part out: for a 70B model that is gigabytes per rank, only to be overwritten.
-    """
+    """Build split layers without fairscale's initialisation, for weights that are loaded next."""
+    # The one patch of fairscale's layers: to initialise a rank's slice, _initialize_affine_weight builds the whole
+    # unsplit weight on every rank and copies its part out (gigabytes per rank for a 70B model); its layers create
+    # their weights with the legacy torch.Tensor constructor, which ignores torch.device("meta"), so building on
+    # the meta device does not avoid it.
     original = fs_layers._initialize_affine_weight
     fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
     try:
@@ -85,12 +85,8 @@ def local_kv_heads(n_kv_heads: int) -> tuple[int, int]:
 
 
 def local_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T with this rank's slice of the weight.
-
-    Decode is bound by streaming the weights, and on CPU the kernel choice sets the streaming speed (measured
-    on the Llama-3.2-1B shapes, bf16, 2 cores): one row goes through the matrix-vector kernel (~25% faster
-    than matrix-matrix), a few rows through weight @ x.T (~25% faster than x @ weight.T).
-    """
+    """x @ weight.T with this rank's slice of the weight, by the kernel that streams it fastest on this device
+    and row count (docs/performance.md has the measurements)."""
     rows = x.numel() // x.shape[-1]
     if x.device.type == "cpu" and rows == 1:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
@@ -127,23 +123,20 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         return local_linear(copy_to_model_parallel_region(x), self.weight)
 
 
-class KVParallelLinear(fs_layers.ColumnParallelLinear):
-    """wk / wv: column-parallel by whole KV heads, replicating heads when ranks outnumber them."""
+class KVParallelLinear(torch.nn.Module):
+    """wk / wv: column-parallel by whole KV heads, replicating heads when ranks outnumber them.
+
+    fairscale's column split gives each rank 1/N of the rows, which cannot express a head held by several ranks.
+    """
 
     def __init__(self, in_features: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
         first, count = local_kv_heads(n_kv_heads)
-        # fairscale divides out_features by the world size; ask for the replicated total so each rank
-        # gets exactly `count` heads.
-        super().__init__(
-            in_features,
-            count * head_dim * model_parallel_world_size(),
-            bias=False,
-            gather_output=False,
-            init_method=_keep,
-        )
+        self.weight = torch.nn.Parameter(torch.empty(count * head_dim, in_features))
         self.shard = ShardSpec(0, first * head_dim, (first + count) * head_dim, (n_kv_heads * head_dim, in_features))
 
-    forward = ColumnParallelLinear.forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return local_linear(copy_to_model_parallel_region(x), self.weight)
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
@@ -171,25 +164,6 @@ class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
         outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
         local = F.embedding((ids - self.vocab_start_index).masked_fill(outside, 0), self.weight)
         return sum_over_ranks(local.masked_fill(outside.unsqueeze(-1), 0.0))
-
-
-_COLUMN_SPLIT = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.", "feed_forward.w3.", "output.")
-_ROW_SPLIT = ("attention.wo.", "feed_forward.w2.")
-
-
-def meta_split_dim(name: str, embedding_split_dim: int = 0) -> int | None:
-    """The dimension Meta's shards split weight `name` along (None: replicated in every shard).
-
-    Llama 3 shards split tok_embeddings by vocabulary (dim 0), Llama 2 shards by width (dim 1).
-    """
-    if name.startswith("tok_embeddings."):
-        return embedding_split_dim
-    dotted = f".{name}"
-    if any(f".{prefix}" in dotted for prefix in _COLUMN_SPLIT):
-        return 0
-    if any(f".{prefix}" in dotted for prefix in _ROW_SPLIT):
-        return 1
-    return None
 
 
 def shard_specs(model: torch.nn.Module) -> dict[str, ShardSpec | None]:

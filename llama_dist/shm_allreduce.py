@@ -1,10 +1,9 @@
-"""All-reduce through shared memory for CPU ranks that share one host.
+"""All-reduce through shared memory for CPU ranks that share one host (gloo's TCP loopback is far slower for
+the small tensors of a decode step: docs/performance.md).
 
-gloo all-reduces over TCP loopback: on a small VM one all-reduce of a decode step's activations took
-0.4-3 ms, and a Llama layer needs two, so two CPU ranks spent a third of each decode step waiting on
-sockets. Ranks on one host can instead meet in a shared-memory segment: each rank publishes its partial
-sum and a sequence number, waits (spinning, then yielding) until every rank has published, and adds the
-partials in rank order, so every rank computes the bit-identical result.
+Each rank publishes its partial sum and a sequence number in a shared segment, waits (spinning, then yielding)
+until every rank has published, and adds the partials in rank order, so every rank computes the bit-identical
+result.
 
 Only used for CPU tensors, on x86-64 (whose store ordering makes "write data, then write flag" safe without
 explicit fences), when every rank of the group is on this host; otherwise gloo does the work.
@@ -77,7 +76,7 @@ class SharedMemoryAllReduce:
             if now >= next_check:  # a few times a second: has a late peer died?
                 next_check = now + 0.2
                 late = [r for r, f in enumerate(self._flags_np.tolist()) if f < seq]
-                dead = [r for r in late if not _alive(self.pids[r])]
+                dead = [r for r in late if not process_alive(self.pids[r])]
                 if dead:
                     raise PeerLostError(f"peer rank(s) {dead} exited during a shared-memory all-reduce")
                 if now > deadline:
@@ -86,7 +85,8 @@ class SharedMemoryAllReduce:
                     )
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from llama_dist.errors import TokenizerError
+
 __all__ = [
     "TokenizerInterface", "SentencePieceWrapper", "TiktokenWrapper", "load_tokenizer", "train_llama2_style_tokenizer"
 ]
@@ -167,7 +169,7 @@ def _load_bpe_ranks(path: str) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, binascii.Error) as e:
-                raise ValueError(f"{path}:{lineno}: not a `<base64 token> <rank>` line: {line[:80]!r}") from e
+                raise TokenizerError(f"{path}:{lineno}: not a `<base64 token> <rank>` line: {line[:80]!r}") from e
     return ranks
 
 
@@ -235,24 +237,24 @@ def load_tokenizer(path: str | Path) -> TokenizerInterface:
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     if path.is_dir():
-        raise ValueError(f"tokenizer path {path} is a directory; pass the tokenizer.model file inside it")
+        raise TokenizerError(f"tokenizer path {path} is a directory; pass the tokenizer.model file inside it")
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError as e:
-        raise ValueError(f"cannot read tokenizer file {path}: {e}") from e
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from e
     if not head:
-        raise ValueError(f"tokenizer file {path} is empty")
+        raise TokenizerError(f"tokenizer file {path} is empty")
 
     if _looks_like_tiktoken_ranks(head):
         try:
             return TiktokenWrapper(path)
         except Exception as e:
-            raise ValueError(f"{path} looks like a tiktoken BPE ranks file but failed to load: {e}") from e
+            raise TokenizerError(f"{path} looks like a tiktoken BPE ranks file but failed to load: {e}") from e
     try:
         return SentencePieceWrapper(path)
     except Exception as e:
-        raise ValueError(
+        raise TokenizerError(
             f"{path} is neither a tiktoken BPE ranks file (Llama 3) nor a SentencePiece model (Llama 2): {e}"
         ) from e
 

@@ -6,16 +6,37 @@ Workers are module-level functions so `run_local` can start them in spawned rank
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 from pathlib import Path
+
+import pytest
 
 import torch
 import torch.nn.functional as F
 
-from llama_dist.checkpoint import load_model, random_meta_weights, save_meta_checkpoint
 from llama_dist.config import RUNTIME_FIELDS, ModelArgs
 from llama_dist.distributed import init_distributed
+from llama_dist.formats.consolidated import write_consolidated
+from llama_dist.loading import load_model
+from llama_dist.synthetic import random_weights
+
+# The vocabulary of the conftest SentencePiece model: divisible by 1, 2, 3, 4 and 6 ranks.
+SPM_VOCAB = 384
+
+
+def raises_naming(exc_type, *names):
+    """pytest.raises(exc_type) whose message must contain every one of `names` (paths, values, tensor names)."""
+    return pytest.raises(exc_type, match="(?s)" + "".join(f"(?=.*{re.escape(str(n))})" for n in names))
+
+
+def edit_params(ckpt_dir, **changes):
+    path = ckpt_dir / "params.json"
+    params = json.loads(path.read_text())
+    params.update(changes)
+    path.write_text(json.dumps(params))
 
 
 def tiny_args(**overrides) -> ModelArgs:
@@ -42,12 +63,12 @@ class RunsShellCommand:
 
 def write_checkpoint(out_dir: Path, args: ModelArgs, num_shards: int = 1, family: str = "llama3", seed: int = 0):
     """A random checkpoint in Meta's layout. Llama 2 style: embedding split by width, rope.freqs, vocab -1."""
-    weights = random_meta_weights(args, seed=seed)
+    weights = random_weights(args, seed=seed)
     params = params_of(args)
     if family == "llama2":
         params["vocab_size"] = -1
         weights["rope.freqs"] = torch.randn(args.head_dim // 2)
-    save_meta_checkpoint(weights, params, out_dir, num_shards, embedding_split_dim=1 if family == "llama2" else 0)
+    write_consolidated(weights, params, out_dir, num_shards, embedding_split_dim=1 if family == "llama2" else 0)
     weights.pop("rope.freqs", None)
     return weights
 

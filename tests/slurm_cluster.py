@@ -2,7 +2,8 @@
 
 Launch scripts are tested against real `sbatch`/`srun` (not a mock): `SlurmCluster` writes a slurm.conf into a
 fresh temp dir, makes sure munged runs, starts slurmctld + slurmd as root, waits for the node to go idle, and
-submits batch jobs with `sbatch --wait`. Facts behind the configuration: /work/shared/notes/slurm-one-node.md.
+submits batch jobs with `sbatch --wait`. The configuration is the smallest that ran on Debian's Slurm 22.05
+(munged run as its own user from /run/munge, proctrack/linuxproc, task/none, select/cons_tres with CR_Core).
 Needs root and the Debian `slurm-wlm` + `munge` packages (.ci/install_slurm.sh installs them).
 
     with SlurmCluster() as cluster:
@@ -23,6 +24,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from llama_dist.distributed import free_port
+from llama_dist.shm_allreduce import process_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,22 +70,6 @@ def slurm_unavailable_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_pid(pid_file: Path) -> int | None:
     try:
         return int(pid_file.read_text().split()[0])
@@ -94,13 +82,13 @@ def _stop_pids(pids: list[int | None], timeout_s: float = 10.0) -> None:
 
     All at once because each daemon takes 1-2 s to shut down; one after the other adds up.
     """
-    pids = [p for p in pids if p is not None and _pid_alive(p)]
+    pids = [p for p in pids if p is not None and process_alive(p)]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _pid_alive(p)]
+        pids = [p for p in pids if process_alive(p)]
         time.sleep(0.05)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -280,8 +268,8 @@ class SlurmCluster:
         mem_mb = _available_mem_mb()
         cpus = os.cpu_count() or 1
         # Free ports instead of the defaults 6817/6818, so a system SLURM or a second test run does not clash.
-        ctld_port = _free_port()
-        while (slurmd_port := _free_port()) == ctld_port:
+        ctld_port = free_port()
+        while (slurmd_port := free_port()) == ctld_port:
             pass
         # llama_dist derives MASTER_PORT from the job id (20000 + id % 10000). A fresh state would restart ids
         # at 1 every run, so back-to-back runs (or two runs side by side) would reuse the same rendezvous port;
@@ -395,7 +383,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             err.seek(0)
             if rc != 0:
                 raise RuntimeError(f"{argv[0]} exited with {rc}:\n{err.read()}\nlog:\n{_tail(log)}")
-        while (pid := _read_pid(pid_file)) is None or not _pid_alive(pid):
+        while (pid := _read_pid(pid_file)) is None or not process_alive(pid):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{argv[0]} did not come up (no live pid in {pid_file}); log:\n{_tail(log)}")
             time.sleep(0.1)

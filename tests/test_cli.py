@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llama_dist import cli
-from llama_dist.checkpoint import file_md5
+from llama_dist.formats.checklist import file_md5
 from llama_dist.generation import Llama
 from llama_dist.tokenizer import load_tokenizer
 
@@ -140,7 +140,7 @@ def test_verify_checksums(tmp_path, capsys):
     assert rc == 2 and "has md5" in err and len(err.splitlines()) == 1, err
 
 
-def test_timeout_s_reaches_the_first_init_distributed(capsys, monkeypatch):
+def test_the_process_group_starts_once_with_the_timeout_flag(capsys, monkeypatch):
     calls = []
     real = cli.init_distributed
     monkeypatch.setattr(cli, "init_distributed", lambda **kw: calls.append(kw) or real(**kw))

@@ -9,14 +9,19 @@ import torch
 import torch.distributed as dist
 
 from llama_dist.distributed import (
+    DEFAULT_TIMEOUT_S,
     LaunchEnv,
     _pick_backend_and_device,
+    default_timeout_s,
     expand_slurm_nodelist,
     init_distributed,
     model_parallel_world_size,
     print0,
     read_launch_env,
+    shutdown_distributed,
 )
+from llama_dist.errors import ConfigError
+from llama_dist.generation import Llama
 from llama_dist.local_launch import RankFailure, run_local
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29511"}
@@ -135,11 +140,17 @@ def init_and_print_worker():
         ctx = init_distributed()
         again = init_distributed()  # joining the already started group is a no-op
         print0("hello from rank", ctx.rank)
+    try:
+        init_distributed(timeout_s=5)
+        refused = None
+    except ConfigError as exc:
+        refused = str(exc)
     total = torch.tensor([float(ctx.rank + 1)])
     dist.all_reduce(total)
     return {
         "ctx": (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend, ctx.device.type, ctx.is_main),
         "same_after_second_call": again == ctx,
+        "timeout_on_a_started_group": refused,
         "model_parallel_world_size": model_parallel_world_size(),
         "printed": out.getvalue(),
         "sum": total.item(),
@@ -151,6 +162,8 @@ def test_init_distributed_on_two_ranks():
     for rank, result in enumerate(results):
         assert result["ctx"] == (rank, 2, rank, "gloo", "cpu", rank == 0)
         assert result["same_after_second_call"]
+        # A timeout that could not take effect is refused, not ignored.
+        assert "already started" in result["timeout_on_a_started_group"]
         assert result["model_parallel_world_size"] == 2
         assert result["sum"] == 3.0
     # Only rank 0 prints, and fairscale's group announcements are kept off stdout.
@@ -172,3 +185,29 @@ def test_run_local_fails_fast_when_a_rank_raises():
     with pytest.raises(RankFailure, match="rank 1 gives up before the all_reduce"):
         run_local(fail_while_peer_waits_worker, 2)  # default 300 s timeout: it must not be what ends the run
     assert time.monotonic() - start < 30
+
+
+def test_timeout_defaults_to_600_s_and_reads_llama_dist_timeout(monkeypatch):
+    monkeypatch.delenv("LLAMA_DIST_TIMEOUT", raising=False)
+    assert default_timeout_s() == DEFAULT_TIMEOUT_S == 600
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", "12.5")
+    assert default_timeout_s() == 12.5
+    for bad in ("ten", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv("LLAMA_DIST_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match=f"LLAMA_DIST_TIMEOUT must be a positive number of seconds, got '{bad}'"):
+            default_timeout_s()
+
+
+def test_bad_timeout_argument_is_refused_before_any_group_starts():
+    with pytest.raises(ConfigError, match="timeout_s must be a positive number of seconds, got 0"):
+        init_distributed(timeout_s=0)
+
+
+def test_llama_build_takes_a_started_group_or_starts_one_never_both(tmp_path):
+    ctx = init_distributed()
+    try:
+        for start_args in ({"timeout_s": 5}, {"backend": "gloo"}, {"device": "cpu"}):
+            with pytest.raises(ConfigError, match="either context"):
+                Llama.build(tmp_path, context=ctx, **start_args)
+    finally:
+        shutdown_distributed()

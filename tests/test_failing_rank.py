@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from multirank import SPM_VOCAB
+
 REPO = Path(__file__).resolve().parents[1]
 GROUP_TIMEOUT_S = 10  # the process-group timeout the jobs run with
 BOUND_S = 60  # every job must have ended, non-zero, within this
@@ -65,7 +67,7 @@ def ckpt(tmp_path_factory, spm_model_path) -> str:
     from multirank import tiny_args, write_checkpoint
 
     path = tmp_path_factory.mktemp("failing_rank")
-    write_checkpoint(path, tiny_args(vocab_size=400, n_kv_heads=2), seed=3)
+    write_checkpoint(path, tiny_args(vocab_size=SPM_VOCAB, n_kv_heads=2), seed=3)
     shutil.copy(spm_model_path, path / "tokenizer.model")
     return str(path)
 

@@ -1,5 +1,5 @@
 """Inspection API: hidden states and attentions against transformers' LlamaForCausalLM at 1 and 2 ranks,
-run_with_cache, Transformer.from_pretrained, to_tokens / to_str_tokens.
+run_with_cache, load_model with a given config, to_tokens / to_str_tokens.
 
 Our model runs in real gloo ranks (one launch per world size, every configuration in it); transformers' model
 runs in the test process on the same random float32 weights, converted to its names and RoPE layout.
@@ -11,13 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llama_dist.checkpoint import CheckpointError
-from llama_dist.config import ConfigError
 from llama_dist.distributed import init_distributed
-from llama_dist.checkpoint import load_pretrained
 from llama_dist.inspection import run_with_cache, to_str_tokens, to_tokens
+from llama_dist.loading import load_model
 from llama_dist.local_launch import run_local
-from llama_dist.model import Transformer
 from llama_dist.tokenizer import SentencePieceWrapper
 from multirank import rel_diff, tiny_args, write_checkpoint
 
@@ -87,11 +84,11 @@ def hf_state_dict(weights, args):
 
 
 def inspect_worker(jobs: list[dict]) -> list[dict]:
-    """On each rank: load each job's checkpoint with from_pretrained and return what the tests compare."""
+    """On each rank: load each job's checkpoint with its given config and return what the tests compare."""
     init_distributed()
     results = []
     for job in jobs:
-        model = Transformer.from_pretrained(job["config"], job["path"])
+        model = load_model(job["path"], job["config"])
         tokens = job["tokens"]
         out = model(tokens, 0, output_hidden_states=True, output_attentions=True)
         res = {"logits": out.logits, "hidden": out.hidden_states, "attentions": out.attentions}
@@ -115,7 +112,7 @@ def _extra_checks(model, job, tokens):
     ]
 
     # Flags from the config, overridden per call.
-    flagged = Transformer.from_pretrained(dataclasses.replace(job["config"], output_attentions=True), job["path"])
+    flagged = load_model(job["path"], dataclasses.replace(job["config"], output_attentions=True))
     res["config_flag"] = flagged(tokens, 0).attentions is not None
     res["call_override"] = flagged(tokens, 0, output_attentions=False).attentions is None
 
@@ -257,26 +254,6 @@ def test_run_with_cache(results, world_size):
     assert res["hooks_left"] == 0
     for other in ranks[1:]:  # full width and identical everywhere
         assert all(torch.equal(other["cache"][k], v) for k, v in cache.items())
-
-
-# ---- loading errors (no ranks needed: they fail before the model is built) --------------------------------
-
-
-def test_from_pretrained_refuses_a_mismatched_config(tmp_path):
-    args = tiny_args(n_kv_heads=2)
-    write_checkpoint(tmp_path, args)
-    with pytest.raises(ConfigError, match="use_scaled_rope=True"):
-        load_pretrained(dataclasses.replace(args, use_scaled_rope=True), tmp_path)
-    with pytest.raises(ConfigError, match="rope_theta"):
-        load_pretrained(dataclasses.replace(args, rope_theta=500000.0), tmp_path / "consolidated.00.pth")
-
-
-def test_from_pretrained_refuses_one_shard_of_several(tmp_path):
-    write_checkpoint(tmp_path, tiny_args(), num_shards=2)
-    with pytest.raises(CheckpointError, match="pass the directory"):
-        Transformer.from_pretrained(tiny_args(), tmp_path / "consolidated.01.pth")
-    with pytest.raises(FileNotFoundError):
-        Transformer.from_pretrained(tiny_args(), tmp_path / "missing.pth")
 
 
 # ---- tokens as strings ---------------------------------------------------------------------------------

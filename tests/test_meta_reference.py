@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("llama_models.llama3.model", reason="Meta's reference model (pip package llama-models) is not installed")
 
-from llama_dist.checkpoint import load_model, shard_paths  # noqa: E402
+from llama_dist.formats.consolidated import shard_paths  # noqa: E402
+from llama_dist.loading import load_model  # noqa: E402
 from llama_dist.distributed import init_distributed  # noqa: E402
 from llama_dist.local_launch import run_local  # noqa: E402
 from multirank import logits_worker, rel_diff, tiny_args, write_checkpoint  # noqa: E402

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import sentencepiece
 
+from llama_dist.errors import TokenizerError
 from llama_dist.tokenizer import (
     SentencePieceWrapper,
     TiktokenWrapper,
@@ -11,6 +12,7 @@ from llama_dist.tokenizer import (
     _split_long_runs,
     load_tokenizer,
 )
+from multirank import SPM_VOCAB
 
 # Texts chosen to hit every branch of the Llama 3 pre-tokenizer regex and both long-input splits.
 TEXTS = {
@@ -166,7 +168,7 @@ def test_llama2_properties(spm_model_path):
     tok = load_tokenizer(spm_model_path)
     assert isinstance(tok, SentencePieceWrapper)
     assert tok.family == "llama2"
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (1, 2, -1, 400)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (1, 2, -1, SPM_VOCAB)
     assert tok.stop_tokens == [2]
     assert tok.encode_special("</s>") == 2
     assert tok.decode(tok.encode("hello world", bos=True, eos=True)) == "hello world"
@@ -184,12 +186,12 @@ def test_load_tokenizer_missing_path(tmp_path):
 def test_load_tokenizer_unreadable(tmp_path, content):
     path = tmp_path / "bad.model"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="bad.model"):
+    with pytest.raises(TokenizerError, match="bad.model"):
         load_tokenizer(path)
 
 
 def test_load_tokenizer_directory(tmp_path):
-    with pytest.raises(ValueError, match="directory"):
+    with pytest.raises(TokenizerError, match="directory"):
         load_tokenizer(tmp_path)
 
 

@@ -1,11 +1,15 @@
-"""Named presets (`transformer_configs`): published parameter counts, Meta's model list, the bundled model."""
+"""config.py: validation of shapes against a world size, dtypes, and the named presets (`transformer_configs`:
+published parameter counts, Meta's model list, the bundled model)."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
-from llama_dist.checkpoint import meta_weight_shapes
-from llama_dist.config import ModelArgs, transformer_configs
+from llama_dist.config import ModelArgs, resolve_dtype, transformer_configs
+from llama_dist.errors import ConfigError
+from llama_dist.synthetic import weight_shapes
+from multirank import raises_naming, tiny_args
 
 # Published sizes (model cards / Hugging Face's counts), in billions, with the figure's own precision. Meta's
 # checkpoints store `output.weight` for every model; Hugging Face ties it to the embedding for Llama 3.2 1B
@@ -46,7 +50,7 @@ def test_every_issue_preset_exists():
 @pytest.mark.parametrize("name", list(PUBLISHED_B))
 def test_parameter_count_matches_published_size(name):
     args = ModelArgs(**transformer_configs[name])
-    counted = sum(_numel(shape) for shape in meta_weight_shapes(args).values())
+    counted = sum(_numel(shape) for shape in weight_shapes(args).values())
     assert args.num_parameters() == counted  # the arithmetic agrees with the checkpoint's tensor shapes
     print(f"\n{name}: {counted:,} parameters (published {PUBLISHED_B[name]}B)")
     assert abs(counted / 1e9 - PUBLISHED_B[name]) <= TOLERANCE * PUBLISHED_B[name]
@@ -97,3 +101,46 @@ def _numel(shape):
     for size in shape:
         n *= size
     return n
+
+
+# ---- shapes that cannot run on a world size ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, world_size, names",
+    [
+        (tiny_args(), 3, ["n_heads=4", "world size 3"]),
+        (tiny_args(dim=96, n_heads=12, n_kv_heads=3), 2, ["n_kv_heads=3", "world size 2"]),  # 2 < 3, 3 % 2
+        (tiny_args(dim=96, n_heads=12, n_kv_heads=3), 4, ["n_kv_heads=3", "world size 4"]),  # 4 > 3, 4 % 3
+        (tiny_args(vocab_size=130), 4, ["vocab_size=130", "world size 4"]),
+        (tiny_args(vocab_size=-1), 1, ["vocab_size", "-1"]),
+        (tiny_args(n_kv_heads=3), 1, ["n_heads=4", "n_kv_heads=3"]),
+        (tiny_args(dim=62), 1, ["dim=62", "n_heads=4"]),
+        (tiny_args(n_layers=0), 1, ["n_layers", "0"]),
+    ],
+    ids=["heads-vs-world", "kv3-world2", "kv3-world4", "vocab", "vocab-unset", "heads-vs-kv", "dim-vs-heads",
+         "no-layers"],
+)
+def test_validate_rejects_shapes_the_world_size_cannot_split(args, world_size, names):
+    with raises_naming(ConfigError, *names):
+        args.validate(world_size)
+
+
+@pytest.mark.parametrize(
+    "args, world_sizes",
+    [
+        (tiny_args(n_kv_heads=2), (1, 2, 4)),  # at 4 ranks each KV head is replicated on 2 ranks
+        (tiny_args(dim=96, n_heads=12, n_kv_heads=3, vocab_size=96, multiple_of=96), (1, 3, 6, 12)),
+    ],
+)
+def test_validate_accepts_divisible_shapes(args, world_sizes):
+    for n in world_sizes:
+        args.validate(n)
+
+
+def test_resolve_dtype():
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == resolve_dtype(torch.float16, torch.device("cpu"))
+    with raises_naming(ConfigError, "dtype must be one of float32, bfloat16, float16", "'int8'"):
+        resolve_dtype("int8", torch.device("cpu"))

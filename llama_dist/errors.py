@@ -1,0 +1,30 @@
+"""The project's error types. Each is a mistake a user can fix from its message alone, so the command line
+prints it as one line (exit status 2) instead of a traceback; anything else is a bug and keeps its traceback.
+
+They also subclass ValueError, which is what they are: a value (a file, a flag, a request) that cannot be used.
+"""
+
+
+class LlamaDistError(Exception):
+    """Base of the errors a user can fix from the message alone."""
+
+
+class ConfigError(LlamaDistError, ValueError):
+    """A model configuration or run setting that cannot run (bad params.json, a world size the shapes do not
+    divide, a bad dtype or timeout)."""
+
+
+class CheckpointError(LlamaDistError, ValueError):
+    """A checkpoint that is missing, malformed, or cannot be split over this world size."""
+
+
+class TokenizerError(LlamaDistError, ValueError):
+    """A tokenizer file that cannot be read, or text it cannot encode."""
+
+
+class RequestError(LlamaDistError, ValueError):
+    """A generation request that cannot be served (bad prompts or sampling settings)."""
+
+
+class DialogError(LlamaDistError, ValueError):
+    """A dialog the chat format cannot express (bad role, order, or content)."""

@@ -1,0 +1,240 @@
+"""Meta's checkpoint layout: `params.json` + `consolidated.NN.pth` shards (+ Meta's `checklist.chk`).
+
+A checkpoint with S shards runs on N ranks when N % S == 0 (each rank slices one shard) or S % N == 0 (each
+rank joins S/N shards). Shards are memory-mapped and a rank copies only the slices it asks for, so its resident
+weights stay ~1/N of the checkpoint, never the whole of it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from llama_dist.config import ModelArgs
+from llama_dist.errors import CheckpointError
+from llama_dist.formats.pages import drop_mapped_pages
+from llama_dist.parallel import ShardSpec
+
+SHARD_PATTERN = re.compile(r"consolidated\.(\d{2,})\.pth")
+# Present in Llama 2 shards; the model derives RoPE frequencies itself.
+IGNORED_KEYS = {"rope.freqs"}
+
+_COLUMN_SPLIT = ("attention.wq.", "attention.wk.", "attention.wv.", "feed_forward.w1.", "feed_forward.w3.", "output.")
+_ROW_SPLIT = ("attention.wo.", "feed_forward.w2.")
+
+
+def shard_split_dim(name: str, embedding_split_dim: int = 0) -> int | None:
+    """The dimension Meta's shards split weight `name` along (None: a whole copy in every shard).
+
+    Llama 3 shards split tok_embeddings by vocabulary (dim 0), Llama 2 shards by width (dim 1).
+    """
+    if name.startswith("tok_embeddings."):
+        return embedding_split_dim
+    dotted = f".{name}"
+    if any(f".{prefix}" in dotted for prefix in _COLUMN_SPLIT):
+        return 0
+    if any(f".{prefix}" in dotted for prefix in _ROW_SPLIT):
+        return 1
+    return None
+
+
+def shard_paths(ckpt_dir: str | Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.{S-1}.pth, checked to be complete."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    found = {int(m.group(1)): p for p in ckpt_dir.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name))}
+    if not found:
+        raise FileNotFoundError(f"no consolidated.NN.pth shards in {ckpt_dir}")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise FileNotFoundError(f"{ckpt_dir} lacks shard(s) {', '.join(f'consolidated.{i:02d}.pth' for i in missing)}")
+    return [found[i] for i in sorted(found)]
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The shard files `path` names: a checkpoint directory's (see shard_paths), or one `.pth` file read as a
+    one-shard checkpoint. A file that is one of several `consolidated.NN.pth` shards is refused."""
+    path = Path(path)
+    if path.is_dir():
+        return shard_paths(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if SHARD_PATTERN.fullmatch(path.name):
+        siblings = [p for p in path.parent.iterdir() if SHARD_PATTERN.fullmatch(p.name)]
+        if len(siblings) > 1:
+            raise CheckpointError(
+                f"{path} is one of {len(siblings)} shards of a checkpoint: pass the directory {path.parent}"
+            )
+    return [path]
+
+
+def _open_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # mmap: tensors stay on disk until sliced; weights_only: a checkpoint can never run code.
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} is not a plain tensor checkpoint (refused to unpickle): {exc}") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
+
+
+def check_world_size(num_shards: int, world_size: int, where) -> None:
+    if world_size % num_shards and num_shards % world_size:
+        raise CheckpointError(
+            f"{where} has {num_shards} shard(s), which cannot be split over {world_size} rank(s): "
+            f"the world size must divide or be a multiple of the shard count"
+        )
+
+
+class ConsolidatedReader:
+    """Named full-shape tensors of a Meta checkpoint, read slice by slice; shards are opened lazily (a rank opens
+    only those it reads from).
+
+    path: a checkpoint directory, or a single `.pth` file read as a one-shard checkpoint.
+    """
+
+    def __init__(self, path: str | Path):
+        self.location = Path(path)
+        self.paths = checkpoint_files(self.location)
+        self.config_path = self.paths[0].parent / "params.json"
+        self._open: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def stored_args(self) -> ModelArgs | None:
+        """The hyperparameters in params.json beside the shards (None when there is none); Llama 2's vocab_size
+        of -1 is read from the embedding's shape."""
+        if not self.config_path.is_file():
+            return None
+        args = ModelArgs.from_params_json(self.config_path)
+        if args.vocab_size < 1:
+            args.vocab_size = self.vocab_size_from_weights()
+        return args
+
+    def vocab_size_from_weights(self) -> int:
+        embedding = self.shard(0).get("tok_embeddings.weight")
+        if embedding is None:
+            raise CheckpointError(f"{self.paths[0]} has no tok_embeddings.weight to read the vocabulary size from")
+        # Llama 2 shards split the embedding along its width, so every shard holds all the rows.
+        return embedding.shape[0]
+
+    def check_world_size(self, world_size: int) -> None:
+        check_world_size(len(self.paths), world_size, self.location)
+
+    def shard(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._open:
+            self._open[index] = _open_shard(self.paths[index])
+        return self._open[index]
+
+    def check_all_used(self, used: set[str]) -> None:
+        """Refuse a checkpoint holding tensors the model does not use (Llama 2's rope.freqs aside): it is not
+        the model the config describes."""
+        unexpected = set(self.shard(0)) - used - IGNORED_KEYS
+        if unexpected:
+            raise CheckpointError(f"{self.paths[0]} has tensors this model does not use: {sorted(unexpected)[:5]}")
+
+    def release(self, name: str) -> None:
+        """Unmap the pages of tensor `name` from this process once its slice is copied.
+
+        Reading a memory-mapped shard makes the pages it touched part of this rank's resident memory until
+        the shard is closed: over a whole load, that is every page read. Dropping them as we go keeps a rank's
+        peak at its own slice plus one tensor; the page cache still holds them for the other ranks.
+        """
+        for shard in self._open.values():
+            if name in shard:
+                drop_mapped_pages(shard[name])
+
+    def _tensor(self, index: int, name: str) -> torch.Tensor:
+        shard = self.shard(index)
+        if name not in shard:
+            raise CheckpointError(f"{self.paths[index]} has no tensor {name!r}")
+        return shard[name]
+
+    def read(self, name: str, full_shape: tuple[int, ...], want: ShardSpec | None) -> torch.Tensor:
+        """The slice `want` of the full tensor `name` (all of it when `want` is None), from whichever shards."""
+        pieces = [self._tensor(i, name) for i in range(len(self))]
+        where = self.paths[0].parent
+        split_dim = _split_dim_in_shards(name, [p.shape for p in pieces], full_shape, where)
+        if split_dim is None:
+            pieces = pieces[:1]
+            split_dim = 0
+        size = pieces[0].shape[split_dim]
+        full = full_shape[split_dim]
+        if len(pieces) * size < full:
+            raise CheckpointError(
+                f"{where}: {len(pieces)} shard(s) of {name!r} hold {len(pieces) * size} of the {full} rows along "
+                f"dim {split_dim} that params.json implies (is a shard missing, or does params.json not match these "
+                f"weights?)"
+            )
+        # Piece i covers [start_i, start_i + size); with replicated KV heads several pieces cover the same rows.
+        starts = [(i * (full // size)) // len(pieces) * size for i in range(len(pieces))]
+
+        lo, hi = (want.start, want.stop) if want is not None and want.dim == split_dim else (0, full)
+        parts, pos = [], lo
+        while pos < hi:
+            i = max(j for j, s in enumerate(starts) if s <= pos)
+            stop = min(hi, starts[i] + size)
+            parts.append(pieces[i].narrow(split_dim, pos - starts[i], stop - pos))
+            pos = stop
+        if want is not None and want.dim != split_dim:
+            parts = [p.narrow(want.dim, want.start, want.stop - want.start) for p in parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=split_dim)
+
+
+def _split_dim_in_shards(name, shapes, full_shape, where) -> int | None:
+    """Which dimension the shards split `name` along (None: every shard holds all of it)."""
+    if all(tuple(s) == tuple(full_shape) for s in shapes):
+        # Several whole copies of a weight Meta splits means params.json undersized it; only KV heads are
+        # legitimately copied into every shard (one KV head, several shards).
+        is_kv = name.endswith(("attention.wk.weight", "attention.wv.weight"))
+        if len(shapes) > 1 and shard_split_dim(name) is not None and not is_kv:
+            raise CheckpointError(
+                f"{where}: every shard holds a whole {tuple(full_shape)} {name!r}, but Meta's shards split it: "
+                f"params.json does not match these weights"
+            )
+        return None
+    if any(len(s) != len(full_shape) for s in shapes) or len({tuple(s) for s in shapes}) != 1:
+        raise CheckpointError(f"{where}: tensor {name!r} has inconsistent shapes across shards: {shapes}")
+    differing = [d for d, (a, b) in enumerate(zip(shapes[0], full_shape)) if a != b]
+    if len(differing) != 1 or full_shape[differing[0]] % shapes[0][differing[0]]:
+        raise CheckpointError(
+            f"{where}: tensor {name!r} has shard shape {tuple(shapes[0])}, which does not split the "
+            f"expected shape {tuple(full_shape)} (does params.json match these weights?)"
+        )
+    return differing[0]
+
+
+def write_consolidated(
+    weights: dict[str, torch.Tensor],
+    params: dict,
+    out_dir: str | Path,
+    num_shards: int = 1,
+    embedding_split_dim: int = 0,
+) -> Path:
+    """Write full `weights` (Meta's names) as `params.json` + `consolidated.NN.pth` shards.
+
+    embedding_split_dim: 0 splits tok_embeddings by vocabulary (Llama 3 shards), 1 by width (Llama 2 shards).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    for name, tensor in weights.items():
+        dim = shard_split_dim(name, embedding_split_dim)
+        if dim is None or num_shards == 1:
+            parts = [tensor] * num_shards
+        else:
+            parts = tensor.chunk(num_shards, dim=dim)
+            if len(parts) != num_shards or any(p.shape != parts[0].shape for p in parts):
+                raise CheckpointError(f"{name} of shape {tuple(tensor.shape)} cannot be split into {num_shards} shards")
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, out_dir / f"consolidated.{i:02d}.pth")
+    return out_dir

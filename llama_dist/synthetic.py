@@ -1,0 +1,41 @@
+"""Random weights with the names and shapes of a Meta checkpoint: for tests and benchmarks that need no
+trained model (write them with `formats.consolidated.write_consolidated`)."""
+
+from __future__ import annotations
+
+import torch
+
+from llama_dist.config import ModelArgs
+
+
+def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Name -> full (unsplit) shape of every tensor of the model `args` describes, as Meta's checkpoints name them."""
+    d, hd, ffn = args.dim, args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wv.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (ffn, d),
+            p + "feed_forward.w2.weight": (d, ffn),
+            p + "feed_forward.w3.weight": (ffn, d),
+            p + "attention_norm.weight": (d,),
+            p + "ffn_norm.weight": (d,),
+        })
+    shapes.update({"norm.weight": (d,), "output.weight": (args.vocab_size, d)})
+    return shapes
+
+
+def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Full random weights for `args`, scaled so activations keep their size through the layers."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in weight_shapes(args).items():
+        if len(shape) == 1:  # norm gains near 1, as in trained models
+            weights[name] = (1 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+        else:
+            weights[name] = (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
+    return weights
