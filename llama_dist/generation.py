@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_dist.chat import Dialog, format_dialog
@@ -33,6 +32,7 @@ from llama_dist.formats import find_tokenizer
 from llama_dist.formats.checklist import verify_checklist
 from llama_dist.loading import load_model, open_checkpoint
 from llama_dist.model import Transformer
+from llama_dist.parallel import broadcast_from_rank0
 from llama_dist.sampling import sample_next
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
@@ -224,8 +224,7 @@ class Llama:
             next_tokens = torch.empty(bsz, dtype=torch.long, device=device)
             if is_main:
                 next_tokens = sample_next(out.logits[:, -1], req.temperature, req.top_p, self.generator)
-            if self.dist.world_size > 1:
-                dist.broadcast(next_tokens, src=0)
+            broadcast_from_rank0(next_tokens)
             next_tokens = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_tokens)
             tokens[:, cur_pos] = next_tokens
             if is_main and req.logprobs:
@@ -249,8 +248,8 @@ class Llama:
     def _finish(self, req: _Request, state: _DecodeState, echo: bool):
         """Per sequence: (echoed prompt +) generated tokens up to the first stop token or max_gen_len."""
         logprobs = state.token_logprobs
-        if logprobs is not None and self.dist.world_size > 1:
-            dist.broadcast(logprobs, src=0)
+        if logprobs is not None:
+            broadcast_from_rank0(logprobs)
         out_tokens, out_logprobs = [], []
         rows = state.tokens[:, : state.last_pos + 1].tolist()
         for i, (prompt, row) in enumerate(zip(req.prompts, rows)):

@@ -181,6 +181,14 @@ def gather_last_dim(local: torch.Tensor) -> torch.Tensor:
     return gather_from_model_parallel_region(local)
 
 
+def broadcast_from_rank0(tensor: torch.Tensor) -> None:
+    """Rank 0's `tensor` on every rank, in place, over the model-parallel group (the communicator the model's
+    all-reduces already use: a second one over the same ranks would cost another NCCL communicator)."""
+    if model_parallel_world_size() > 1:
+        group = model_parallel_group()
+        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+
+
 def gather_last_dim_to_rank0(local: torch.Tensor) -> torch.Tensor | None:
     """Concatenate every rank's slice along the last dimension on rank 0 only (others get None).
 

@@ -13,9 +13,11 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     # A token stays when the mass of the more likely tokens is still short of top_p (the top one always stays).
-    sorted_probs = sorted_probs.masked_fill(mass_before > top_p, 0.0)
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
+    kept = sorted_probs.masked_fill(mass_before > top_p, 0.0)
+    # Exponential race: token i wins (has the largest p_i / E_i, E_i ~ Exp(1)) with probability p_i / sum(p), so
+    # the kept mass needs no renormalising, and unlike torch.multinomial nothing waits on the host (on GPUs).
+    race = torch.empty_like(kept).exponential_(generator=generator)
+    choice = (kept / race).argmax(dim=-1, keepdim=True)
     return torch.gather(order, -1, choice).squeeze(-1)
 
 

@@ -2,6 +2,11 @@ import os
 
 import pytest
 
+# The suite tests the CPU path (gloo, float32): on a machine with CUDA, init_distributed would otherwise pick NCCL
+# and bfloat16 behind the tests' back. Spawned ranks inherit this. A GPU test set must opt in explicitly.
+if os.environ.get("LLAMA_DIST_GPU_TESTS") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 
 # ---- tokenizer fixtures (tests/test_tokenizer.py, tests/test_chat.py) -------------------------------
 
