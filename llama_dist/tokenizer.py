@@ -1,7 +1,8 @@
-"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE), behind one small interface.
+"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE), behind one small interface; Hugging Face
+`tokenizer.json` files implement the same interface in `tokenizer_hf`.
 
-Both produce exactly the ids Meta's reference tokenizers produce; `load_tokenizer` picks the right one
-from the file contents, so callers only ever pass a path.
+Each produces exactly the ids its reference produces (Meta's tokenizers, transformers); `load_tokenizer` picks the
+right one from the file's name and contents, so callers only ever pass a path.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import base64
 import binascii
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from types import MappingProxyType
+from typing import Iterable, Iterator, Mapping
 
 from llama_dist.errors import TokenizerError
 
@@ -26,7 +28,11 @@ class TokenizerInterface:
     in `__init__`; the read-only properties below serve them.
     """
 
-    family: str = ""  # "llama2" or "llama3": selects the chat format
+    family: str = ""  # "llama2" or "llama3": selects the built-in chat format
+    # A jinja2 chat template that replaces the built-in format (Hugging Face tokenizers that ship one), and the
+    # named special tokens it may use ({"bos_token": "<|begin_of_text|>", ...}).
+    chat_template: str | None = None
+    template_tokens: Mapping[str, str] = MappingProxyType({})
     special_tokens: dict[str, int]
     _bos: int
     _eos: int
@@ -59,6 +65,16 @@ class TokenizerInterface:
     @property
     def stop_tokens(self) -> list[int]:
         return list(self._stop)
+
+    def encode_template_output(self, text: str) -> list[int]:
+        """Ids of text a chat template wrote: special tokens spelled in it are those tokens, nothing is added."""
+        raise NotImplementedError(f"{type(self).__name__} has no chat template")
+
+    def vocab_mismatch(self, model_vocab_size: int) -> str | None:
+        """Why a model with `model_vocab_size` embedding rows cannot use this tokenizer (a phrase such as "has
+        32000 tokens"), or None when it can. A SentencePiece or tiktoken vocabulary is the model's own: the
+        sizes must be equal."""
+        return None if self.n_words == model_vocab_size else f"has {self.n_words} tokens"
 
     def encode_special(self, name: str) -> int:
         """Id of a special token by its literal name, e.g. "<|eot_id|>"."""
@@ -231,13 +247,20 @@ def _looks_like_tiktoken_ranks(head: bytes) -> bool:
     return True
 
 
+def _looks_like_tokenizer_json(path: Path, head: bytes) -> bool:
+    return path.suffix == ".json" or head.lstrip().startswith(b"{")
+
+
 def load_tokenizer(path: str | Path) -> TokenizerInterface:
-    """Open a Llama 2 or Llama 3 `tokenizer.model`, detecting which from its contents."""
+    """Open a Llama 2 or Llama 3 `tokenizer.model` (detecting which from its contents) or a Hugging Face
+    `tokenizer.json` (a `.json` name or JSON contents), with its directory's tokenizer_config.json."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     if path.is_dir():
-        raise TokenizerError(f"tokenizer path {path} is a directory; pass the tokenizer.model file inside it")
+        raise TokenizerError(
+            f"tokenizer path {path} is a directory; pass the tokenizer.model or tokenizer.json file inside it"
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -246,6 +269,10 @@ def load_tokenizer(path: str | Path) -> TokenizerInterface:
     if not head:
         raise TokenizerError(f"tokenizer file {path} is empty")
 
+    if _looks_like_tokenizer_json(path, head):
+        from llama_dist.tokenizer_hf import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(path)
     if _looks_like_tiktoken_ranks(head):
         try:
             return TiktokenWrapper(path)
