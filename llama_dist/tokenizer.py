@@ -11,83 +11,14 @@ import base64
 import binascii
 import re
 from pathlib import Path
-from types import MappingProxyType
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator
 
 from llama_dist.errors import TokenizerError
+from llama_dist.tokenizer_interface import TokenizerInterface, check_text
 
 __all__ = [
     "TokenizerInterface", "SentencePieceWrapper", "TiktokenWrapper", "load_tokenizer", "train_llama2_style_tokenizer"
 ]
-
-
-class TokenizerInterface:
-    """What generation and chat formatting need from a tokenizer.
-
-    Subclasses implement encode/decode and set the `_bos`, `_eos`, `_pad`, `_n_words`, `_stop` fields
-    in `__init__`; the read-only properties below serve them.
-    """
-
-    family: str = ""  # "llama2" or "llama3": selects the built-in chat format
-    # A jinja2 chat template that replaces the built-in format (Hugging Face tokenizers that ship one), and the
-    # named special tokens it may use ({"bos_token": "<|begin_of_text|>", ...}).
-    chat_template: str | None = None
-    template_tokens: Mapping[str, str] = MappingProxyType({})
-    special_tokens: dict[str, int]
-    _bos: int
-    _eos: int
-    _pad: int  # -1 when the model has no pad token
-    _n_words: int  # vocabulary size including special tokens
-    _stop: list[int]  # ids that end a generation
-
-    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def n_words(self) -> int:
-        return self._n_words
-
-    @property
-    def stop_tokens(self) -> list[int]:
-        return list(self._stop)
-
-    def encode_template_output(self, text: str) -> list[int]:
-        """Ids of text a chat template wrote: special tokens spelled in it are those tokens, nothing is added."""
-        raise NotImplementedError(f"{type(self).__name__} has no chat template")
-
-    def vocab_mismatch(self, model_vocab_size: int) -> str | None:
-        """Why a model with `model_vocab_size` embedding rows cannot use this tokenizer (a phrase such as "has
-        32000 tokens"), or None when it can. A SentencePiece or tiktoken vocabulary is the model's own: the
-        sizes must be equal."""
-        return None if self.n_words == model_vocab_size else f"has {self.n_words} tokens"
-
-    def encode_special(self, name: str) -> int:
-        """Id of a special token by its literal name, e.g. "<|eot_id|>"."""
-        try:
-            return self.special_tokens[name]
-        except KeyError:
-            raise KeyError(f"{type(self).__name__} has no special token {name!r}") from None
-
-
-def _check_text(text: object) -> None:
-    # Checked here so a bad prompt fails with a readable message rather than inside a C extension.
-    if not isinstance(text, str):
-        raise TypeError(f"expected text of type str, got {type(text).__name__}")
 
 
 class SentencePieceWrapper(TokenizerInterface):
@@ -108,7 +39,7 @@ class SentencePieceWrapper(TokenizerInterface):
         self.special_tokens = {self.sp_model.id_to_piece(i): i for i in (self._bos, self._eos) if i >= 0}
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        _check_text(text)
+        check_text(text)
         ids = list(self.sp_model.encode(text))
         if bos:
             ids.insert(0, self._bos)
@@ -219,7 +150,7 @@ class TiktokenWrapper(TokenizerInterface):
         self._pad = -1
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        _check_text(text)
+        check_text(text)
         ids: list[int] = [self._bos] if bos else []
         for i in range(0, len(text), _MAX_ENCODE_CHARS):
             for piece in _split_long_runs(text[i : i + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):

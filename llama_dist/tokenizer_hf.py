@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from llama_dist.errors import TokenizerError
-from llama_dist.tokenizer import TokenizerInterface, _check_text
+from llama_dist.tokenizer_interface import TokenizerInterface, check_text
 
 __all__ = ["HuggingFaceTokenizer", "NAMED_SPECIAL_TOKENS"]
 
@@ -154,7 +154,7 @@ class HuggingFaceTokenizer(TokenizerInterface):
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         """Ids of `text`, with BOS / EOS when asked and the tokenizer has them."""
-        _check_text(text)
+        check_text(text)
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         if bos and self._bos >= 0:
             ids.insert(0, self._bos)
@@ -163,7 +163,7 @@ class HuggingFaceTokenizer(TokenizerInterface):
         return ids
 
     def encode_template_output(self, text: str) -> list[int]:
-        _check_text(text)
+        check_text(text)
         self._tokenizer.encode_special_tokens = False
         try:
             return self._tokenizer.encode(text, add_special_tokens=False).ids
