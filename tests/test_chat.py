@@ -243,3 +243,25 @@ def test_without_a_template_llama3_tokens_get_the_built_in_format(hf_tokenizer_d
     )
     # The user's "<|eot_id|>" stays text in Meta's format: only the format's own end-of-turn is the token.
     assert ids.count(tok.encode_special("<|eot_id|>")) == 2
+
+
+FEATURES_TEMPLATE = """{%- set ns = namespace(turns=0) -%}
+{{ bos_token }}Today is {{ strftime_now('%d %b %Y') }}.
+{% for message in messages %}
+    {% set ns.turns = ns.turns + 1 %}
+    {% generation %}[{{ message['role'] }}]{% endgeneration %} {{ message['content'] | tojson(indent=2) }}
+    {% if loop.last %}({{ ns.turns }} turns, eos {{ eos_token }}){% endif %}
+{% endfor %}
+{% if add_generation_prompt %}[assistant]{% endif %}"""
+
+
+def test_chat_template_globals_and_extensions_match_transformers(hf_pair):
+    # strftime_now, namespace, the {% generation %} block, tojson's arguments, eos_token, loop variables.
+    ours, hf = hf_pair
+    ours = copy.copy(ours)
+    ours.chat_template = FEATURES_TEMPLATE
+    dialog = [{"role": "user", "content": "line one\n\"quoted\" <tag> ünïcode"}, {"role": "assistant", "content": "ok"}]
+    expected = hf.apply_chat_template(dialog, chat_template=FEATURES_TEMPLATE, add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    assert format_dialog(ours, dialog) == expected
+    assert "(2 turns, eos <|end_of_text|>)" in ours.decode(expected)
