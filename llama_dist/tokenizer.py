@@ -1,5 +1,5 @@
-"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE), behind one small interface; Hugging Face
-`tokenizer.json` files implement the same interface in `tokenizer_hf`.
+"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE), behind `TokenizerInterface`
+(tokenizer_interface.py), which Hugging Face `tokenizer.json` files implement too (tokenizer_hf.py).
 
 Each produces exactly the ids its reference produces (Meta's tokenizers, transformers); `load_tokenizer` picks the
 right one from the file's name and contents, so callers only ever pass a path.
