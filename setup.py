@@ -12,7 +12,11 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned here so an existing CUDA build is kept; install torch first
     # (README / .ci/run pin torch==2.13.0) or pip may resolve a multi-GB CUDA build.
-    install_requires=["torch>=2.4", "fairscale>=0.4.13", "tiktoken>=0.7", "sentencepiece>=0.2", "fire>=0.6"],
+    install_requires=[
+        "torch>=2.4", "fairscale>=0.4.13", "tiktoken>=0.7", "sentencepiece>=0.2", "fire>=0.6",
+        # Hugging Face tokenizer.json files, and the chat templates (jinja2 >= 3.1.6: older ones have sandbox escapes).
+        "tokenizers>=0.20", "jinja2>=3.1.6",
+    ],
     extras_require={
         # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers.
         "test": ["pytest>=8", "llama-models>=0.3", "transformers>=5.0"],

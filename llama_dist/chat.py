@@ -1,4 +1,5 @@
-"""Dialog -> prompt token ids, in the exact layouts Meta's Llama 2 and Llama 3 chat models were tuned on.
+"""Dialog -> prompt token ids, in the exact layouts Meta's Llama 2 and Llama 3 chat models were tuned on, or
+through the chat template a Hugging Face tokenizer ships (see `chat_template`).
 
 The returned ids end where the assistant's reply should begin, so they can go straight to `generate`.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
+from llama_dist.chat_template import render_chat_template
 from llama_dist.errors import DialogError
 from llama_dist.tokenizer import TokenizerInterface
 
@@ -101,10 +103,26 @@ def _format_llama2(tokenizer: TokenizerInterface, dialog: Dialog) -> list[int]:
     return ids
 
 
+def _format_with_template(tokenizer: TokenizerInterface, dialog: Dialog) -> list[int]:
+    # As transformers' apply_chat_template(add_generation_prompt=True, tokenize=True): the template writes every
+    # special token itself (BOS included, if the model wants one), so nothing is added to its text.
+    text = render_chat_template(tokenizer.chat_template, dialog, tokenizer.template_tokens)
+    ids = tokenizer.encode_template_output(text)
+    if not ids:
+        raise DialogError("the chat template rendered this dialog as empty text")
+    return ids
+
+
 def format_dialog(tokenizer: TokenizerInterface, dialog: Dialog) -> list[int]:
-    """Prompt ids for `dialog`, in the chat format of `tokenizer.family`."""
+    """Prompt ids for `dialog`: through the tokenizer's chat template when it has one, else in the built-in
+    format of `tokenizer.family` (Meta's tokenizers, and Hugging Face ones that ship no template)."""
+    if tokenizer.chat_template is not None:
+        return _format_with_template(tokenizer, dialog)
     if tokenizer.family == "llama3":
         return _format_llama3(tokenizer, dialog)
     if tokenizer.family == "llama2":
         return _format_llama2(tokenizer, dialog)
-    raise DialogError(f"no chat format for tokenizer family {tokenizer.family!r} (expected 'llama2' or 'llama3')")
+    raise DialogError(
+        f"no chat format for tokenizer family {tokenizer.family!r} (expected 'llama2' or 'llama3') and the tokenizer "
+        "has no chat template"
+    )

@@ -61,7 +61,7 @@ class RunOptions:
 # Continues the "Args:" section of each command's docstring, which fire shows under each flag.
 RUN_OPTIONS_HELP = """\
         ckpt_dir: a Meta checkpoint directory (default: the bundled tiny model)
-        tokenizer_path: default: tokenizer.model in or beside the checkpoint directory
+        tokenizer_path: default: the tokenizer.model or tokenizer.json in or beside the checkpoint directory
         max_seq_len: positions per sequence, prompt + generation; generation is cut where it ends
         max_batch_size: sequences decoded together
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)

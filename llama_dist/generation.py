@@ -105,7 +105,9 @@ class Llama:
 
         context: the `DistContext` of a group started with `init_distributed` (as the command line does);
         None starts the group here with backend/device/timeout_s (see `init_distributed`). Never both.
-        tokenizer_path: None finds `tokenizer.model` in or beside ckpt_dir.
+        tokenizer_path: None finds the tokenizer in or beside ckpt_dir (`formats.find_tokenizer`): a Meta
+        `tokenizer.model` or a Hugging Face `tokenizer.json`, whose directory's chat template and eos_token_id
+        then drive chat and stopping.
         timeout_s: how long a rank waits for the others before failing (default $LLAMA_DIST_TIMEOUT, else
         600 s); it must cover the slowest rank's loading (and hashing).
         verify_checksums: first check every file listed in ckpt_dir's checklist.chk against its md5. Each node
@@ -132,9 +134,12 @@ class Llama:
             tokenizer_file = find_tokenizer(ckpt_dir) if tokenizer_path is None else tokenizer_path
             tokenizer = load_tokenizer(tokenizer_file)
             checkpoint = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-            if tokenizer.n_words != checkpoint.args.vocab_size:
+            # Meta's tokenizers must match the vocabulary exactly; a Hugging Face one must fit in it (a padded
+            # embedding is fine): see TokenizerInterface.vocab_mismatch.
+            mismatch = tokenizer.vocab_mismatch(checkpoint.args.vocab_size)
+            if mismatch is not None:
                 raise CheckpointError(
-                    f"tokenizer {tokenizer_file} has {tokenizer.n_words} tokens but {ckpt_dir} has a vocabulary "
+                    f"tokenizer {tokenizer_file} {mismatch} but {ckpt_dir} has a vocabulary "
                     f"of {checkpoint.args.vocab_size}: they belong to different models"
                 )
             return tokenizer, load_model(checkpoint, device=context.device, dtype=dtype)

@@ -1,7 +1,8 @@
-"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE), behind one small interface.
+"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE), behind `TokenizerInterface`
+(tokenizer_interface.py), which Hugging Face `tokenizer.json` files implement too (tokenizer_hf.py).
 
-Both produce exactly the ids Meta's reference tokenizers produce; `load_tokenizer` picks the right one
-from the file contents, so callers only ever pass a path.
+Each produces exactly the ids its reference produces (Meta's tokenizers, transformers); `load_tokenizer` picks the
+right one from the file's name and contents, so callers only ever pass a path.
 """
 
 from __future__ import annotations
@@ -13,65 +14,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from llama_dist.errors import TokenizerError
+from llama_dist.tokenizer_interface import TokenizerInterface, check_text
 
 __all__ = [
     "TokenizerInterface", "SentencePieceWrapper", "TiktokenWrapper", "load_tokenizer", "train_llama2_style_tokenizer"
 ]
-
-
-class TokenizerInterface:
-    """What generation and chat formatting need from a tokenizer.
-
-    Subclasses implement encode/decode and set the `_bos`, `_eos`, `_pad`, `_n_words`, `_stop` fields
-    in `__init__`; the read-only properties below serve them.
-    """
-
-    family: str = ""  # "llama2" or "llama3": selects the chat format
-    special_tokens: dict[str, int]
-    _bos: int
-    _eos: int
-    _pad: int  # -1 when the model has no pad token
-    _n_words: int  # vocabulary size including special tokens
-    _stop: list[int]  # ids that end a generation
-
-    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def n_words(self) -> int:
-        return self._n_words
-
-    @property
-    def stop_tokens(self) -> list[int]:
-        return list(self._stop)
-
-    def encode_special(self, name: str) -> int:
-        """Id of a special token by its literal name, e.g. "<|eot_id|>"."""
-        try:
-            return self.special_tokens[name]
-        except KeyError:
-            raise KeyError(f"{type(self).__name__} has no special token {name!r}") from None
-
-
-def _check_text(text: object) -> None:
-    # Checked here so a bad prompt fails with a readable message rather than inside a C extension.
-    if not isinstance(text, str):
-        raise TypeError(f"expected text of type str, got {type(text).__name__}")
 
 
 class SentencePieceWrapper(TokenizerInterface):
@@ -92,7 +39,7 @@ class SentencePieceWrapper(TokenizerInterface):
         self.special_tokens = {self.sp_model.id_to_piece(i): i for i in (self._bos, self._eos) if i >= 0}
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        _check_text(text)
+        check_text(text)
         ids = list(self.sp_model.encode(text))
         if bos:
             ids.insert(0, self._bos)
@@ -203,7 +150,7 @@ class TiktokenWrapper(TokenizerInterface):
         self._pad = -1
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        _check_text(text)
+        check_text(text)
         ids: list[int] = [self._bos] if bos else []
         for i in range(0, len(text), _MAX_ENCODE_CHARS):
             for piece in _split_long_runs(text[i : i + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):
@@ -231,13 +178,20 @@ def _looks_like_tiktoken_ranks(head: bytes) -> bool:
     return True
 
 
+def _looks_like_tokenizer_json(path: Path, head: bytes) -> bool:
+    return path.suffix == ".json" or head.lstrip().startswith(b"{")
+
+
 def load_tokenizer(path: str | Path) -> TokenizerInterface:
-    """Open a Llama 2 or Llama 3 `tokenizer.model`, detecting which from its contents."""
+    """Open a Llama 2 or Llama 3 `tokenizer.model` (detecting which from its contents) or a Hugging Face
+    `tokenizer.json` (a `.json` name or JSON contents), with its directory's tokenizer_config.json."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     if path.is_dir():
-        raise TokenizerError(f"tokenizer path {path} is a directory; pass the tokenizer.model file inside it")
+        raise TokenizerError(
+            f"tokenizer path {path} is a directory; pass the tokenizer.model or tokenizer.json file inside it"
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -246,6 +200,10 @@ def load_tokenizer(path: str | Path) -> TokenizerInterface:
     if not head:
         raise TokenizerError(f"tokenizer file {path} is empty")
 
+    if _looks_like_tokenizer_json(path, head):
+        from llama_dist.tokenizer_hf import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(path)
     if _looks_like_tiktoken_ranks(head):
         try:
             return TiktokenWrapper(path)

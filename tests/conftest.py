@@ -29,6 +29,17 @@ def spm_model_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("spm") / "tiny.model"
     return str(train_llama2_style_tokenizer(_spm_training_text(), SPM_VOCAB, path))
 
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory) -> str:
+    """A Hugging Face tokenizer directory (tests/hf_tokenizer.py): byte-level BPE with Llama 3's special tokens,
+    384 ids, a Llama-3-style chat template in tokenizer_config.json. Copy it before changing its files."""
+    pytest.importorskip("transformers", reason="transformers (the reference for Hugging Face tokenizers) not installed")
+    from hf_tokenizer import write_hf_tokenizer
+
+    out = tmp_path_factory.mktemp("hf_tokenizer")
+    write_hf_tokenizer(out)
+    return str(out)
+
 # ---- end tokenizer fixtures ---------------------------------------------------------------------------
 
 

@@ -47,13 +47,26 @@ def open_reader(path: str | Path) -> CheckpointReader:
 
 
 def find_tokenizer(ckpt_dir: str | Path) -> Path:
-    """The tokenizer of the checkpoint at `ckpt_dir`: Meta ships tokenizer.model inside the checkpoint directory
-    (Llama 3) or beside it (Llama 2)."""
+    """The tokenizer of the checkpoint at `ckpt_dir`, looked for in the order its format keeps one:
+
+    - a Hugging Face directory (config.json, no params.json): `tokenizer.json`, then `tokenizer.model` (Llama 2
+      repositories ship the SentencePiece model too), then `original/tokenizer.model` (Meta's Llama 3
+      repositories keep Meta's files there);
+    - a Meta checkpoint: `tokenizer.model` inside the directory (Llama 3) or beside it (Llama 2), then a
+      `tokenizer.json` inside it.
+    """
     ckpt = Path(ckpt_dir)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     folder = ckpt if ckpt.is_dir() else ckpt.parent
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+    if (folder / "config.json").is_file() and not (folder / "params.json").is_file():
+        candidates = [folder / "tokenizer.json", folder / "tokenizer.model", folder / "original" / "tokenizer.model"]
+    else:
+        candidates = [folder / "tokenizer.model", folder.parent / "tokenizer.model", folder / "tokenizer.json"]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no tokenizer.model in or beside {ckpt}: pass tokenizer_path (--tokenizer_path)")
+    raise FileNotFoundError(
+        f"no tokenizer for {ckpt}: looked for {', '.join(str(c) for c in candidates)}; "
+        "pass tokenizer_path (--tokenizer_path)"
+    )
