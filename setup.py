@@ -5,14 +5,18 @@ from setuptools import find_packages, setup
 setup(
     name="llama_dist",
     version="0.1.0",
-    description="Tensor-parallel inference runtime for Meta Llama checkpoints (torchrun, SLURM, or plain Python)",
+    description=(
+        "Tensor-parallel inference runtime for Llama checkpoints in Meta's or Hugging Face's layout "
+        "(torchrun, SLURM, or plain Python)"
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama_dist", "llama_dist.*"]),
     python_requires=">=3.10",
     # torch is deliberately unpinned here so an existing CUDA build is kept; install torch first
     # (README / .ci/run pin torch==2.13.0) or pip may resolve a multi-GB CUDA build.
-    install_requires=["torch>=2.4", "fairscale>=0.4.13", "tiktoken>=0.7", "sentencepiece>=0.2", "fire>=0.6"],
+    install_requires=["torch>=2.4", "fairscale>=0.4.13", "tiktoken>=0.7", "sentencepiece>=0.2", "fire>=0.6",
+                      "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={
         # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers.
         "test": ["pytest>=8", "llama-models>=0.3", "transformers>=5.0"],
