@@ -47,8 +47,8 @@ def open_checkpoint(path: str | Path, config: ModelArgs | None = None, **runtime
 
     config=None reads the config stored with the weights (Meta's params.json, Hugging Face's config.json); a given
     config must agree with a stored one wherever both say something (the weights' shapes alone do not decide:
-    Llama 3 and 3.1 8B have the same shapes but different RoPE). runtime: `max_seq_len`, `max_batch_size`, `output_hidden_states`,
-    `output_attentions`, overriding the config's.
+    Llama 3 and 3.1 8B have the same shapes but different RoPE). runtime: `max_seq_len`, `max_batch_size`,
+    `output_hidden_states`, `output_attentions`, overriding the config's.
     """
     unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if unknown:

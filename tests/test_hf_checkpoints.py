@@ -229,7 +229,8 @@ def test_rope_factor_32_is_not_8(tmp_path, checkpoints):
 @pytest.mark.parametrize(
     "job, exc_type, names",
     [
-        ("wrong_shape", CheckpointError, ["model.layers.0.mlp.gate_proj.weight", "(96, 64)", "(128, 64)", "config.json"]),
+        ("wrong_shape", CheckpointError,
+         ["model.layers.0.mlp.gate_proj.weight", "(96, 64)", "(128, 64)", "config.json"]),
         ("extra_tensor", CheckpointError, ["extra_tensor", "model.layers.0.self_attn.q_proj.bias"]),
     ],
 )
@@ -414,3 +415,22 @@ def test_convert_refuses_what_it_cannot_do(tmp_path, checkpoints, capsys):
     assert "is not an empty directory" in capsys.readouterr().err
     assert cli_main(["convert", src, str(tmp_path / "out"), "--to", "meta", "--shards", "4"]) == 2
     assert "n_kv_heads=2" in capsys.readouterr().err
+
+
+def test_generate_from_the_bundled_model_converted_to_hf(tmp_path, capsys):
+    """The command line runs a converted directory (its tokenizer.model carried over) as it runs the original."""
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
+    flags = ["--prompt", "one two three four", "--temperature", "0", "--max_gen_len", "8"]
+    assert cli_main(["convert", str(tiny), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert cli_main(["generate", "--ckpt_dir", str(tmp_path / "hf"), *flags]) == 0
+    from_hf = capsys.readouterr().out
+    assert cli_main(["generate", "--ckpt_dir", str(tiny), *flags]) == 0
+    from_meta = capsys.readouterr().out
+    def continuation(out: str) -> str:
+        lines = out.splitlines()
+        return lines[lines.index("> one two three four") + 1]
+
+    assert continuation(from_hf).startswith("five six seven eight")
+    assert continuation(from_hf) == continuation(from_meta)

@@ -16,6 +16,7 @@ tensor at a time, so the pages a rank touches are unmapped again as soon as its 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -323,10 +324,13 @@ def write_hf(weights, args: ModelArgs, out_dir: str | Path, max_shard_bytes: int
     # the files are named once their count is known.
     parts: list[tuple[Path, list[str]]] = []
     tensors, size, total = {}, 0, 0
+    umask = os.umask(0)
+    os.umask(umask)
 
     def flush():
         part = out_dir / f"model-part{len(parts):05d}.safetensors"
         save_file(tensors, part, metadata={"format": "pt"})
+        part.chmod(0o666 & ~umask)  # safetensors writes 0600; a shared checkpoint must be readable like any file
         parts.append((part, list(tensors)))
 
     for name in names:
