@@ -5,7 +5,10 @@ from setuptools import find_packages, setup
 setup(
     name="llama_dist",
     version="0.1.0",
-    description="Tensor-parallel inference runtime for Meta Llama checkpoints (torchrun, SLURM, or plain Python)",
+    description=(
+        "Tensor-parallel inference runtime for Llama checkpoints in Meta's or Hugging Face's layout "
+        "(torchrun, SLURM, or plain Python)"
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama_dist", "llama_dist.*"]),
@@ -14,8 +17,9 @@ setup(
     # (README / .ci/run pin torch==2.13.0) or pip may resolve a multi-GB CUDA build.
     install_requires=[
         "torch>=2.4", "fairscale>=0.4.13", "tiktoken>=0.7", "sentencepiece>=0.2", "fire>=0.6",
-        # Hugging Face tokenizer.json files, and the chat templates (jinja2 >= 3.1.6: older ones have sandbox escapes).
-        "tokenizers>=0.20", "jinja2>=3.1.6",
+        # Hugging Face checkpoints (safetensors), tokenizer.json files, and the chat templates (jinja2 >= 3.1.6:
+        # older ones have sandbox escapes); tqdm draws the loading progress bar.
+        "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1.6", "tqdm>=4.60",
     ],
     extras_require={
         # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers.

@@ -1,4 +1,4 @@
-"""Command line: `python -m llama_dist generate|chat ...` (also installed as `llama-dist`).
+"""Command line: `python -m llama_dist generate|chat|convert ...` (also installed as `llama-dist`).
 
 The same command runs as one process, under `torchrun --nproc_per_node N`, or under `srun`: every rank runs
 it, rank 0 reads the input and prints, the others compute their slice of the model.
@@ -19,6 +19,7 @@ import fire
 import torch.distributed as dist
 
 from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
+from llama_dist.convert import convert
 from llama_dist.distributed import (
     init_distributed,
     is_main_process,
@@ -60,7 +61,7 @@ class RunOptions:
 
 # Continues the "Args:" section of each command's docstring, which fire shows under each flag.
 RUN_OPTIONS_HELP = """\
-        ckpt_dir: a Meta checkpoint directory (default: the bundled tiny model)
+        ckpt_dir: a Meta or Hugging Face checkpoint directory (default: the bundled tiny model)
         tokenizer_path: default: the tokenizer.model or tokenizer.json in or beside the checkpoint directory
         max_seq_len: positions per sequence, prompt + generation; generation is cut where it ends
         max_batch_size: sequences decoded together
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0, 2 for an error the user can fix (one line on rank 0), 1 when this rank lost contact
     with another (a peer died, or a collective outlived the timeout: one line on every surviving rank)."""
     try:
-        fire.Fire({"generate": generate, "chat": chat}, command=argv, name="llama-dist")
+        # convert runs in one process and takes none of the run options.
+        fire.Fire({"generate": generate, "chat": chat, "convert": convert}, command=argv, name="llama-dist")
         return 0
     except USER_ERRORS as exc:
         if is_main_process():

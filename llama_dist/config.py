@@ -31,6 +31,19 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Llama 2's value; Llama 3 params.json files carry their own
     use_scaled_rope: bool = False
+    # Llama 3.1's frequency scaling (used when use_scaled_rope). Meta's params.json has no field for these: its
+    # reference code hard-codes 8, 1, 4 and 8192, kept here as defaults. Hugging Face configs carry their own
+    # (Llama 3.2's factor is 32).
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    # What Hugging Face configs state outright and Meta's params.json derives: None keeps Meta's derivation
+    # (dim // n_heads; the multiple_of / ffn_dim_multiplier rounding rule).
+    explicit_head_dim: int | None = None
+    explicit_ffn_dim: int | None = None
+    # The output layer is the embedding (Llama 3.2 1B/3B on Hugging Face): one weight, stored once per rank.
+    tie_word_embeddings: bool = False
 
     # Runtime limits: they size the KV cache, so they are chosen per run, not read from params.json.
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -45,18 +58,22 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim if self.explicit_head_dim is not None else self.dim // self.n_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU width: 2/3 of 4*dim, scaled by ffn_dim_multiplier, rounded up to multiple_of (Meta's rule)."""
+        """SwiGLU width: explicit_ffn_dim when given, else 2/3 of 4*dim, scaled by ffn_dim_multiplier, rounded up
+        to multiple_of (Meta's rule)."""
+        if self.explicit_ffn_dim is not None:
+            return self.explicit_ffn_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
-    def num_parameters(self, tied_embeddings: bool = False) -> int:
-        """Parameters of the whole (unsplit) model; tied_embeddings counts `output` as sharing the embedding.
+    def num_parameters(self, tied_embeddings: bool | None = None) -> int:
+        """Parameters of the whole (unsplit) model; tied_embeddings (default: tie_word_embeddings) counts
+        `output` as sharing the embedding.
 
         Meta's checkpoints always store `output.weight`, also for Llama 3.2 1B/3B where it equals the
         embedding (Hugging Face ties the two, hence its smaller published counts for those models).
@@ -66,7 +83,8 @@ class ModelArgs:
         d, hd = self.dim, self.head_dim
         attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)  # wq, wo; wk, wv
         per_layer = attention + 3 * d * self.ffn_hidden_dim + 2 * d  # + w1, w2, w3 and two norm gains
-        embeddings = self.vocab_size * d * (1 if tied_embeddings else 2)
+        tied = self.tie_word_embeddings if tied_embeddings is None else tied_embeddings
+        embeddings = self.vocab_size * d * (1 if tied else 2)
         return embeddings + self.n_layers * per_layer + d  # + final norm
 
     @classmethod
@@ -80,19 +98,28 @@ class ModelArgs:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(params, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(params).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
-        # Meta's files carry extra keys (e.g. quantization, vision fields) that do not shape a text model.
-        return cls(**{k: v for k, v in params.items() if k in known})
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in RUNTIME_FIELDS}
+        # Meta's files carry extra keys (e.g. quantization, vision fields) that do not shape a text model; a null
+        # where the field has a value by default (Llama 4's rope_scaling_factor) means that default.
+        return cls(**{
+            k: v for k, v in params.items() if k in fields and (v is not None or fields[k].default is None)
+        })
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError when these shapes cannot run on `world_size` tensor-parallel ranks."""
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+        positive = ["dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"]
+        positive += [name for name in ("explicit_head_dim", "explicit_ffn_dim") if getattr(self, name) is not None]
+        for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.vocab_size < 1:
             raise ConfigError(f"vocab_size must be positive (got {self.vocab_size}); read it from the checkpoint")
-        if self.dim % self.n_heads:
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if self.use_scaled_rope:
+            self._validate_rope_scaling()
+        if self.explicit_head_dim is None and self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
@@ -112,6 +139,18 @@ class ModelArgs:
             raise ConfigError(f"vocab_size={self.vocab_size} is not divisible by the world size {world_size}")
         if self.ffn_hidden_dim % world_size:
             raise ConfigError(f"FFN width {self.ffn_hidden_dim} is not divisible by the world size {world_size}")
+
+    def _validate_rope_scaling(self) -> None:
+        for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            # The blend between the two bands divides by their difference.
+            raise ConfigError(
+                f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"rope_low_freq_factor={self.rope_low_freq_factor}"
+            )
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -1,84 +1,130 @@
-"""Weights in Meta's layout -> Hugging Face transformers Llama (config and state dict), in memory.
+"""Moving a checkpoint between Meta's layout and Hugging Face's (`python -m llama_dist convert --to hf|meta SRC
+DST`), and the same weights as an in-memory transformers model for comparisons (benchmarks, parity tests).
 
-Used to run the very same weights through `transformers` for comparisons (benchmarks, parity tests).
-transformers is imported lazily: it is a test/benchmark dependency, not a runtime one.
+The name map and the rotary row order live in `llama_dist.formats.hf`; this module only joins a reader of one
+layout to the writer of the other. transformers is imported lazily: it is a test/benchmark dependency.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 
 from llama_dist.config import ModelArgs
+from llama_dist.errors import CheckpointError, ConfigError
+from llama_dist.formats import CheckpointReader
+from llama_dist.formats.consolidated import params_json, write_consolidated
+from llama_dist.formats.hf import hf_config, hf_name, rotary_rows_to_hf, write_hf
+from llama_dist.loading import open_checkpoint
+from llama_dist.synthetic import weight_shapes
+
+# Files beside the weights that describe the tokenizer and generation, carried over as they are.
+_CARRIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "generation_config.json", "chat_template.jinja")
+LAYOUTS = ("hf", "meta")
 
 
-def hf_config(args: ModelArgs, **overrides):
-    from transformers import LlamaConfig
+class FullTensors(Mapping):
+    """Meta's name -> the whole tensor (Meta's rotary order), read from `reader` when asked for."""
 
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": args.rope_theta,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        }
-    kwargs = dict(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_kv_heads,
-        rms_norm_eps=args.norm_eps,
-        # Llama 3.1 scaling is defined relative to 8192 positions; HF wants the extended length above that.
-        max_position_embeddings=max(args.max_seq_len, 131072) if args.use_scaled_rope else args.max_seq_len,
-        rope_parameters=rope,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    def __init__(self, reader: CheckpointReader, shapes: dict[str, tuple[int, ...]]):
+        self.reader, self.shapes = reader, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.read(name, self.shapes[name], None)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
-def _rope_rows_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta rotates interleaved pairs (x0,x1),(x2,x3)..; HF rotates halves (x0,x_{d/2}),...: reorder rows."""
-    out_features, in_features = weight.shape
-    head_dim = out_features // n_heads
-    return weight.view(n_heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+def convert(src: str, dst: str, to: str | None = None, shards: int = 1, max_shard_gb: float = 5.0) -> None:
+    """Convert the checkpoint SRC (Meta's or Hugging Face's layout, told by its files) into DST in the layout --to.
+
+    Tensors are copied exactly (same dtype, same values): converting back gives the same bytes per tensor.
+
+    Args:
+        src: a checkpoint directory of either layout
+        dst: a new or empty directory
+        to: hf or meta
+        shards: consolidated.NN.pth files to write (--to meta): the world sizes that divide it, or that it
+            divides, load them
+        max_shard_gb: largest safetensors file to write (--to hf), in GiB
+    """
+    if to not in LAYOUTS:
+        raise ConfigError(f"--to must be one of {', '.join(LAYOUTS)}, got {to!r}")
+    dst_path = Path(dst)
+    if dst_path.exists() and (not dst_path.is_dir() or any(dst_path.iterdir())):
+        raise CheckpointError(f"{dst_path} exists and is not an empty directory: convert writes a new checkpoint")
+    checkpoint = open_checkpoint(src)
+    reader, args = checkpoint.reader, checkpoint.args
+    args.validate()
+    shapes = weight_shapes(args)
+    reader.check_all_used(set(shapes) | {"output.weight"})
+    weights = FullTensors(reader, shapes)
+    if to == "hf":
+        if shards != 1:
+            raise ConfigError("--shards is for --to meta; Hugging Face files are split by size (--max_shard_gb)")
+        write_hf(weights, args, dst_path, max_shard_bytes=int(max_shard_gb * 2**30))
+    else:
+        _write_meta(weights, args, dst_path, shards)
+    for name in _CARRIED_FILES:
+        if (reader.location / name).is_file():
+            shutil.copy2(reader.location / name, dst_path / name)
+    print(f"Wrote {dst_path} ({'Hugging Face' if to == 'hf' else 'Meta'} layout) from {reader.location}")
+
+
+def _write_meta(weights: FullTensors, args: ModelArgs, dst: Path, shards: int) -> None:
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ConfigError(f"--shards must be a positive integer, got {shards!r}")
+    try:
+        args.validate(world_size=shards)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot split into {shards} shards: {exc}") from None
+    if shards > args.n_kv_heads:
+        raise ConfigError(
+            f"--shards {shards} exceeds n_kv_heads={args.n_kv_heads}: Meta's layout would copy KV heads into "
+            f"several shards, which this writer does not do"
+        )
+    full = dict(weights.items())
+    if args.tie_word_embeddings:  # Meta's checkpoints always store the output layer, also when it is the embedding
+        full["output.weight"] = full["tok_embeddings.weight"]
+    untied = dataclasses.replace(args, tie_word_embeddings=False)
+    write_consolidated(full, params_json(untied), dst, num_shards=shards)
+
+
+# ---- the same weights in transformers, in memory -----------------------------------------------------------------
 
 
 def hf_state_dict(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Full weights with Meta's names -> LlamaForCausalLM's names and RoPE row order."""
-    hf = {
-        "model.embed_tokens.weight": weights["tok_embeddings.weight"],
-        "model.norm.weight": weights["norm.weight"],
-        "lm_head.weight": weights["output.weight"],
+    """Full weights with Meta's names -> LlamaForCausalLM's names and rotary row order."""
+    return {
+        hf_name(name): rotary_rows_to_hf(tensor, args.head_dim) if name.endswith(("wq.weight", "wk.weight")) else tensor
+        for name, tensor in weights.items()
+        if not (args.tie_word_embeddings and name == "output.weight")
     }
-    for i in range(args.n_layers):
-        meta, ours = f"layers.{i}.", f"model.layers.{i}."
-        hf[ours + "self_attn.q_proj.weight"] = _rope_rows_to_hf(weights[meta + "attention.wq.weight"], args.n_heads)
-        hf[ours + "self_attn.k_proj.weight"] = _rope_rows_to_hf(weights[meta + "attention.wk.weight"], args.n_kv_heads)
-        hf[ours + "self_attn.v_proj.weight"] = weights[meta + "attention.wv.weight"]
-        hf[ours + "self_attn.o_proj.weight"] = weights[meta + "attention.wo.weight"]
-        hf[ours + "mlp.gate_proj.weight"] = weights[meta + "feed_forward.w1.weight"]
-        hf[ours + "mlp.up_proj.weight"] = weights[meta + "feed_forward.w3.weight"]
-        hf[ours + "mlp.down_proj.weight"] = weights[meta + "feed_forward.w2.weight"]
-        hf[ours + "input_layernorm.weight"] = weights[meta + "attention_norm.weight"]
-        hf[ours + "post_attention_layernorm.weight"] = weights[meta + "ffn_norm.weight"]
-    return hf
 
 
 def transformers_model(weights: dict[str, torch.Tensor], args: ModelArgs, dtype=torch.float32, **config_overrides):
     """A LlamaForCausalLM holding `weights` (Meta names), in eval mode."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = hf_config(args, **config_overrides)
+    settings = dict(hf_config(args), bos_token_id=None, eos_token_id=None)
+    # Llama 3.1 scaling is defined relative to 8192 positions; HF wants the extended length above that.
+    settings["max_position_embeddings"] = max(args.max_seq_len, 131072) if args.use_scaled_rope else args.max_seq_len
+    settings.update(config_overrides)
+    config = LlamaConfig.from_dict(settings)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(hf_state_dict(weights, args), assign=True, strict=False)
+    if args.tie_word_embeddings:
+        model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise KeyError(f"weights missing for {missing[:3]}")

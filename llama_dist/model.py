@@ -52,9 +52,11 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def _llama31_scaled_frequencies(freqs: torch.Tensor) -> torch.Tensor:
-    """Llama 3.1 long-context rule: slow down low frequencies by 8, blend the middle band smoothly."""
-    scale_factor, low_freq_factor, high_freq_factor, original_context = 8.0, 1.0, 4.0, 8192
+def _llama31_scaled_frequencies(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Llama 3.1 long-context rule: slow low frequencies down by the scaling factor, keep high ones, blend the band
+    between smoothly (Meta's 8, 1, 4, 8192 unless a Hugging Face config gives its own, e.g. Llama 3.2's 32)."""
+    scale_factor, low_freq_factor = args.rope_scaling_factor, args.rope_low_freq_factor
+    high_freq_factor, original_context = args.rope_high_freq_factor, args.rope_original_context
     low_freq_wavelen = original_context / low_freq_factor
     high_freq_wavelen = original_context / high_freq_factor
     wavelen = 2 * math.pi / freqs
@@ -65,12 +67,14 @@ def _llama31_scaled_frequencies(freqs: torch.Tensor) -> torch.Tensor:
     return torch.where(in_band, blended, scaled)
 
 
-def rope_tables(head_dim: int, max_positions: int, theta: float, use_scaled: bool, device=None):
-    """cos and sin of every (position, frequency) pair, float32, shape (max_positions, head_dim // 2)."""
+def rope_tables(args: ModelArgs, device=None):
+    """cos and sin of every (position, frequency) pair up to args.max_seq_len, float32, shape
+    (max_seq_len, head_dim // 2)."""
+    head_dim, theta = args.head_dim, args.rope_theta
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
-    if use_scaled:
-        freqs = _llama31_scaled_frequencies(freqs)
-    angles = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), freqs)
+    if args.use_scaled_rope:
+        freqs = _llama31_scaled_frequencies(freqs, args)
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.cos(angles), torch.sin(angles)
 
 
@@ -211,8 +215,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size)
+        self.tie_embeddings()
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+
+    def tie_embeddings(self) -> None:
+        """With args.tie_word_embeddings, make the output layer's weight the embedding's (one tensor per rank).
+
+        The vocab-parallel embedding and the column-parallel output split the vocabulary identically (rank r
+        holds rows [r * V/N, (r + 1) * V/N) of both), so each rank's slice of one is its slice of the other.
+        """
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def fuse(self) -> None:
         """Stack each layer's wq/wk/wv and w1/w3 for inference; their weights become views of the stacks."""
@@ -228,10 +242,9 @@ class Transformer(nn.Module):
         positions of this rank's KV heads per layer. kv_cache=False is for training, where every forward sees
         whole sequences from position 0.
         """
+        self.tie_embeddings()  # again: moving the model between devices makes new, separate parameters
         param = self.output.weight
-        self.rope_cos, self.rope_sin = rope_tables(
-            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.use_scaled_rope, param.device
-        )
+        self.rope_cos, self.rope_sin = rope_tables(self.args, param.device)
         for layer in self.layers if kv_cache else ():
             layer.attention.allocate_cache(self.args.max_batch_size, self.args.max_seq_len, param.dtype, param.device)
 

@@ -9,7 +9,10 @@ from llama_dist.config import ModelArgs
 
 
 def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Name -> full (unsplit) shape of every tensor of the model `args` describes, as Meta's checkpoints name them."""
+    """Name -> full (unsplit) shape of every tensor of the model `args` describes, as Meta's checkpoints name them.
+
+    A model with tied embeddings has no `output.weight` of its own: it is `tok_embeddings.weight`.
+    """
     d, hd, ffn = args.dim, args.head_dim, args.ffn_hidden_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, d)}
     for i in range(args.n_layers):
@@ -25,7 +28,9 @@ def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "attention_norm.weight": (d,),
             p + "ffn_norm.weight": (d,),
         })
-    shapes.update({"norm.weight": (d,), "output.weight": (args.vocab_size, d)})
+    shapes["norm.weight"] = (d,)
+    if not args.tie_word_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
     return shapes
 
 

@@ -19,7 +19,9 @@ from typing import Protocol
 import torch
 
 from llama_dist.config import ModelArgs
-from llama_dist.formats.consolidated import ConsolidatedReader
+from llama_dist.errors import CheckpointError
+from llama_dist.formats import hf
+from llama_dist.formats.consolidated import SHARD_PATTERN, ConsolidatedReader
 from llama_dist.parallel import ShardSpec
 
 
@@ -41,9 +43,18 @@ class CheckpointReader(Protocol):
 
 
 def open_reader(path: str | Path) -> CheckpointReader:
-    """The reader for the checkpoint at `path`: a Meta directory (`consolidated.NN.pth` + `params.json`) or a
-    single `.pth` file."""
-    return ConsolidatedReader(path)
+    """The reader for the checkpoint at `path`, told by its files: a Meta directory (`consolidated.NN.pth` +
+    `params.json`) or a single `.pth` file; a Hugging Face directory (`config.json` + `model.safetensors`, or
+    `model.safetensors.index.json` and the files it lists). A directory holding both reads as Meta's."""
+    path = Path(path)
+    if not path.is_dir() or any(SHARD_PATTERN.fullmatch(p.name) for p in path.iterdir()):
+        return ConsolidatedReader(path)  # a file, a missing path, or Meta's shards: it names what is wrong
+    if hf.is_hf_checkpoint(path):
+        return hf.HuggingFaceReader(path)
+    raise CheckpointError(
+        f"{path} is not a checkpoint: it has neither Meta's consolidated.NN.pth shards (with params.json) nor "
+        f"Hugging Face's {hf.CONFIG} with {hf.SINGLE_FILE} or {hf.INDEX}"
+    )
 
 
 def find_tokenizer(ckpt_dir: str | Path) -> Path:

@@ -210,6 +210,33 @@ def _split_dim_in_shards(name, shapes, full_shape, where) -> int | None:
     return differing[0]
 
 
+def params_json(args: ModelArgs) -> dict:
+    """Meta's params.json for the model `args` describes (what Meta's own code reads), plus, only where Meta's
+    fields cannot say it, this package's: an explicit head_dim, llama3 rope scaling numbers other than Meta's
+    8, 1, 4, 8192. A tied output layer is written out as its own weight by the caller (Meta always stores it)."""
+    params = {
+        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+        "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "use_scaled_rope": args.use_scaled_rope,
+    }
+    if args.explicit_ffn_dim is not None:
+        # Meta's rule rounds 8/3 * dim (scaled by ffn_dim_multiplier) up to a multiple of multiple_of: with
+        # multiple_of the width itself, any base width up to it rounds to exactly it, in Meta's code too.
+        width, base = args.explicit_ffn_dim, int(2 * (4 * args.dim) / 3)
+        params.update(multiple_of=width, ffn_dim_multiplier=None if base <= width else width / base)
+        if ModelArgs(**params).ffn_hidden_dim != width:
+            params.update(multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier,
+                          explicit_ffn_dim=width)
+    if args.explicit_head_dim is not None and args.explicit_head_dim * args.n_heads != args.dim:
+        params["explicit_head_dim"] = args.explicit_head_dim
+    defaults = ModelArgs()
+    for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context"):
+        if args.use_scaled_rope and getattr(args, name) != getattr(defaults, name):
+            params[name] = getattr(args, name)
+    return params
+
+
 def write_consolidated(
     weights: dict[str, torch.Tensor],
     params: dict,
