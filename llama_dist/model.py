@@ -220,15 +220,30 @@ class Transformer(nn.Module):
             layer.attention.fuse()
             layer.feed_forward.fuse()
 
+    def matmul_weights(self) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+        """Every weight an inference forward multiplies by, as (owner, attribute, the split linears it stacks):
+        each layer's wqkv, wo, w13 and w2, then output. Quantization replaces `owner.attribute` with a quantized
+        weight of the stacked rows (per-row scales make that the same as quantizing each part)."""
+        weights = []
+        for layer in self.layers:
+            attention, ffn = layer.attention, layer.feed_forward
+            weights += [
+                (attention, "wqkv", [attention.wq, attention.wk, attention.wv]),
+                (attention.wo, "weight", [attention.wo]),
+                (ffn, "w13", [ffn.w1, ffn.w3]),
+                (ffn.w2, "weight", [ffn.w2]),
+            ]
+        return weights + [(self.output, "weight", [self.output])]
+
     def post_init(self, kv_cache: bool = True) -> None:
         """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype).
 
         Call it after the weights have their final device and dtype (the tables and cache follow
-        `output.weight`); the loader calls it. The cache holds max_batch_size x max_seq_len
-        positions of this rank's KV heads per layer. kv_cache=False is for training, where every forward sees
-        whole sequences from position 0.
+        `tok_embeddings.weight`, which is never quantized); the loader calls it. The cache holds
+        max_batch_size x max_seq_len positions of this rank's KV heads per layer. kv_cache=False is for training,
+        where every forward sees whole sequences from position 0.
         """
-        param = self.output.weight
+        param = self.tok_embeddings.weight
         self.rope_cos, self.rope_sin = rope_tables(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.use_scaled_rope, param.device
         )
