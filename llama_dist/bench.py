@@ -279,20 +279,16 @@ def quality(
         print0(f"| {_scheme_name(scheme)} | {agreement:.2%} | {ppl:.4f} | {ppl / reference[1] - 1:+.2%} |")
 
 
-def _seconds_per_call(fn, x, repeats: int, min_seconds: float) -> float:
-    """Best time of one call over `repeats` timed runs of >= min_seconds each (a shared machine: take the best)."""
-    fn(x)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds / 4:
-        fn(x)
-        calls += 1
-    calls = max(1, 4 * calls)
+def _seconds_per_call(kernel, weights: list, x, repeats: int) -> float:
+    """Best time of one call over `repeats` passes over `weights` (copies of one weight, more bytes than the
+    caches hold, so every call streams its weight from memory as decode does); a shared machine: take the best."""
+    kernel(weights[0], x)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(calls):
-            fn(x)
-        best = min(best, (time.perf_counter() - start) / calls)
+        for weight in weights:
+            kernel(weight, x)
+        best = min(best, (time.perf_counter() - start) / len(weights))
     return best
 
 
@@ -301,11 +297,15 @@ def kernels(
     rows: str | int | tuple = "1,8,32",
     dtypes: str | tuple = "bfloat16,float32",
     repeats: int = 5,
-    min_seconds: float = 0.1,
+    stream_mib: int = 768,
+    dequantized: bool = False,
 ) -> None:
-    """Micro-benchmark of every matmul kernel for one rank's weight (out x in; default: Llama-3.2-1B's stacked
-    w1/w3 and its w2), per activation dtype and row count: microseconds a call and weight GB/s streamed
-    (values + scales). This is what chose the kernels in `parallel.local_linear` (docs/performance.md)."""
+    """Micro-benchmark of the matmul kernels for one rank's weight (out x in; default: Llama-3.2-1B's stacked
+    w1/w3 and its w2), per activation dtype and row count: microseconds a call and weight GB/s streamed (values +
+    scales), each call on another copy of the weight (`stream_mib` MiB of copies: beyond the caches). This is
+    what chose the kernels in `parallel.local_linear` (docs/performance.md). dequantized: also time the
+    dequantize-then-multiply fallbacks (slow)."""
+    import copy
 
     def parse(value, convert):
         return [convert(v) for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
@@ -318,28 +318,33 @@ def kernels(
         for shape in parse(shapes, str):
             out_features, in_features = map(int, shape.split("x"))
             weight = torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
-            dense = weight.to(dtype)
-            int8 = Int8Weight.quantize(weight, dtype)
-            int4 = {g: Int4Weight.quantize(weight, g, dtype, packed=True) for g in (32, 128)}
-            int4_bytes = Int4Weight.quantize(weight, 32, dtype, packed=False)
             candidates = [
-                ("dense (local_linear)", lambda x: local_linear(x, dense), dense),
-                ("int8 _weight_int8pack_mm", int8.mm_int8pack, int8),
-                ("int8 dequantize + mm", int8.mm_dequantized, int8),
-                ("int8 dequantize + mv", int8.mv_dequantized, int8),
-                ("int4 g32 _weight_int4pack_mm_for_cpu", int4[32].mm_int4pack, int4[32]),
-                ("int4 g128 _weight_int4pack_mm_for_cpu", int4[128].mm_int4pack, int4[128]),
-                ("int4 g32 dequantize + mm", int4_bytes.mm_dequantized, int4_bytes),
+                ("dense (local_linear)", lambda: weight.to(dtype), local_linear),
+                ("int8 _weight_int8pack_mm", lambda: Int8Weight.quantize(weight, dtype), Int8Weight.mm_int8pack),
+                ("int4 g32 _weight_int4pack_mm_for_cpu", lambda: Int4Weight.quantize(weight, 32, dtype, True),
+                 Int4Weight.mm_int4pack),
+                ("int4 g128 _weight_int4pack_mm_for_cpu", lambda: Int4Weight.quantize(weight, 128, dtype, True),
+                 Int4Weight.mm_int4pack),
             ]
-            for count in parse(rows, int):
-                x = torch.randn(count, in_features, generator=gen).to(dtype)
-                for name, fn, held in candidates:
-                    if name.endswith("mv") and count != 1:
-                        continue
-                    nbytes = held.nbytes if isinstance(held, torch.Tensor) else sum(b.nbytes for b in held.buffers())
-                    seconds = _seconds_per_call(fn, x, repeats, min_seconds)
+            if dequantized:
+                candidates += [
+                    ("int8 dequantize + mm", lambda: Int8Weight.quantize(weight, dtype), Int8Weight.mm_dequantized),
+                    ("int4 g32 dequantize + mm", lambda: Int4Weight.quantize(weight, 32, dtype, False),
+                     Int4Weight.mm_dequantized),
+                ]
+            for name, make, kernel in candidates:
+                one = make()
+                nbytes = one.nbytes if isinstance(one, torch.Tensor) else sum(b.nbytes for b in one.buffers())
+                copies = [one] + [copy.deepcopy(one) for _ in range(max(1, stream_mib * 2**20 // nbytes) - 1)]
+                for count in parse(rows, int):
+                    x = torch.randn(count, in_features, generator=gen).to(dtype)
+                    if kernel is local_linear:
+                        seconds = _seconds_per_call(lambda w, v: local_linear(v, w), copies, x, repeats)
+                    else:
+                        seconds = _seconds_per_call(kernel, copies, x, repeats)
                     print(f"| {shape} | {dtype_name} | {count} | {name} | {seconds * 1e6:.0f} | "
                           f"{nbytes / seconds / 1e9:.1f} |", flush=True)
+                del copies, one
 
 
 if __name__ == "__main__":

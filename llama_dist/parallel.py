@@ -100,10 +100,15 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> tor
 
 
 def _quantized_kernel(weight: QuantizedWeight, device: torch.device, dtype: torch.dtype, rows: int):
-    """The kernel of a quantized weight for `rows` rows of activations in `dtype` on `device`."""
+    """The kernel of a quantized weight for `rows` rows of activations in `dtype` on `device`.
+
+    CPU, measured (docs/performance.md, `python -m llama_dist.bench kernels`): with bf16 activations the int8 and
+    int4 pack kernels beat dequantize-then-multiply at every row count (1-64); with fp32 activations the int8
+    kernel is scalar code, faster only for one row. Elsewhere (CUDA: not measured) the weight is dequantized.
+    """
     if isinstance(weight, Int8Weight):
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            return weight.mm_int8pack  # vectorised for bf16 activations
+        if device.type == "cpu" and (dtype == torch.bfloat16 or rows == 1):
+            return weight.mm_int8pack
         return weight.mm_dequantized
     if isinstance(weight, Int4Weight) and weight.packed:
         return weight.mm_int4pack
