@@ -102,6 +102,9 @@ def checkpoints(tmp_path_factory):
     aligned = write_checkpoint(root / "aligned", ALIGNED, num_shards=2)
     ragged = write_checkpoint(root / "ragged", RAGGED)
     write_quantized(root / "aligned", root / "aligned_int8", QuantScheme("int8"))
+    # Llama 2 style shards (embedding split by width, rope.freqs, vocab_size -1), same weights.
+    write_checkpoint(root / "llama2", ALIGNED, num_shards=2, family="llama2")
+    write_quantized(root / "llama2", root / "llama2_int8", QuantScheme("int8"))
     return root, {"aligned": aligned, "ragged": ragged}
 
 
@@ -113,6 +116,7 @@ def _jobs(root, world):
         "int4-g32": {"ckpt": aligned, "quantize": make_scheme("int4", 32)},
         "saved-int8": {"ckpt": saved},
         "saved-int8-asked": {"ckpt": saved, "quantize": "int8"},
+        "saved-int8-llama2": {"ckpt": str(root / "llama2_int8")},
     }
     if world == 1:
         jobs["int8-output-kept"] = {"ckpt": aligned, "quantize": make_scheme("int8", keep_output_precision=True)}
@@ -155,6 +159,7 @@ def test_quantized_logits_match_the_full_weight_reference(checkpoints, world):
     assert rank0["int4-g32"]["kinds"] == ["Int4Weight"] and rank0["int4-g32"]["packed"] == [True]
     # The saved checkpoint is the same model as quantizing at load time, at any world size.
     assert torch.equal(rank0["saved-int8"]["full"], rank0["int8"]["full"])
+    assert torch.equal(rank0["saved-int8-llama2"]["full"], rank0["int8"]["full"])
     # Quantization changes the model: the test could tell a float model from a quantized one.
     assert rel_diff(rank0["int4-g32"]["full"], rank0["float"]["full"]) > 1e-3
     if world == 1:
