@@ -7,7 +7,8 @@ Two schemes, both weight-only (activations, the KV cache, embedding and norms st
         `group_size` consecutive input values:         q in [0, 15], g = k // group_size
 
 Per-output-channel scales commute with tensor parallelism: a column-parallel rank holds whole rows (its slice of
-the scales), a row-parallel rank multiplies its partial sum by the full per-row scale before the all-reduce.
+the scales), a row-parallel rank multiplies its partial sum by the full per-row scale before the all-reduce (the
+loader reads each full row's largest value for it), so int8 gives the same model at every world size.
 Groups are counted from the start of each rank's slice of the input dimension, so a row-parallel rank's groups are
 the full weight's groups whenever its slice width is a multiple of the group size (the usual case); otherwise its
 last group is shorter (zero-padded) and int4 values depend on the world size.
@@ -95,17 +96,27 @@ def round_to_bf16(t: torch.Tensor) -> torch.Tensor:
 # ---- the rounding (float32 math on the weight as stored) ----------------------------------------------------
 
 
+# Rows rounded (and packed) at a time: the float32 temporaries of a whole output projection (128256 x 2048) would
+# be GiBs. A multiple of 64: the CPU int4 layout packs blocks of 64 rows, so packing by blocks changes nothing.
+_ROW_BLOCK = 2048
+
+
 def quantize_int8(weight: torch.Tensor, row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float32 scale per row) with weight ~= values * scale[:, None].
 
     row_absmax: the largest |w| of each full row, for a slice of the columns (a row-parallel rank's): its scales
     are then the full weight's. Default: this weight's own.
     """
-    w = weight.float()
-    absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax.float()
-    scale = round_to_bf16((absmax / 127).clamp_min(1e-10))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _ROW_BLOCK):
+        stop = start + _ROW_BLOCK
+        w = weight[start:stop].float()
+        absmax = w.abs().amax(dim=1) if row_absmax is None else row_absmax[start:stop].float()
+        scale = round_to_bf16((absmax / 127).clamp_min(1e-10))
+        values[start:stop] = torch.round(w / scale[:, None]).clamp_(-127, 127)
+        scales[start:stop] = scale
+    return values, scales
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,15 +124,22 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 
     The columns are zero-padded to a whole number of groups.
     """
-    w = weight.float()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     padded = math.ceil(cols / group_size) * group_size
-    groups = F.pad(w, (0, padded - cols)).reshape(rows, -1, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = round_to_bf16(((high - low) / 15).clamp_min(1e-10))
-    zero = round_to_bf16(low + 8 * scale)
-    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
-    return q.to(torch.uint8).reshape(rows, padded), scale, zero
+    values = torch.empty(rows, padded, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(rows, padded // group_size, dtype=torch.float32, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for start in range(0, rows, _ROW_BLOCK):
+        stop = start + _ROW_BLOCK
+        block = weight[start:stop].float()
+        groups = F.pad(block, (0, padded - cols)).reshape(block.shape[0], -1, group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = round_to_bf16(((high - low) / 15).clamp_min(1e-10))
+        zero = round_to_bf16(low + 8 * scale)
+        q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
+        values[start:stop] = q.reshape(block.shape[0], padded)
+        scales[start:stop], zeros[start:stop] = scale, zero
+    return values, scales, zeros
 
 
 # ---- the weight objects ---------------------------------------------------------------------------------------
@@ -183,8 +201,10 @@ class Int4Weight(QuantizedWeight):
         self.group_size = group_size
         self.packed = packed
         values = values.to(torch.uint8).contiguous()
-        if packed:
-            values = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+        if packed:  # by blocks of rows: the kernel's packing takes int32, 4 bytes a value
+            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            starts = range(0, len(values), _ROW_BLOCK)
+            values = torch.cat([pack(values[start : start + _ROW_BLOCK].to(torch.int32), 1) for start in starts])
         self.register_buffer("values", values)
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous())
 

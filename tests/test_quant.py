@@ -204,6 +204,18 @@ def test_quantized_values_and_scales():
     assert ((int8.dequantize() - weight).abs() <= step8 * 0.51).all()
 
 
+def test_rounding_and_packing_by_blocks_of_rows_change_nothing(monkeypatch):
+    """Large weights are quantized and packed a block of rows at a time (bounded temporaries)."""
+    from llama_dist import quant
+
+    weight = torch.randn(160, 64, generator=torch.Generator().manual_seed(2))
+    whole8, whole4 = Int8Weight.quantize(weight, torch.float32), Int4Weight.quantize(weight, 32, torch.float32, True)
+    monkeypatch.setattr(quant, "_ROW_BLOCK", 64)  # the packed layout's blocks are 64 rows: a multiple of them
+    blocks8, blocks4 = Int8Weight.quantize(weight, torch.float32), Int4Weight.quantize(weight, 32, torch.float32, True)
+    assert torch.equal(whole8.qweight, blocks8.qweight) and torch.equal(whole8.scale, blocks8.scale)
+    assert torch.equal(whole4.values, blocks4.values) and torch.equal(whole4.scales_and_zeros, blocks4.scales_and_zeros)
+
+
 # ---- saving, schemes, errors ----------------------------------------------------------------------------------------
 
 
