@@ -1,27 +1,37 @@
-"""Decode benchmark: `python -m llama_dist.bench run|make-checkpoint ...` (under torchrun for N ranks).
+"""Decode benchmark: `python -m llama_dist.bench run|make-checkpoint|quality ...` (under torchrun for N ranks).
 
 `run` prints one table row per batch size: load time, time to first token, prefill and decode tokens/s,
 weight bytes streamed per decode step per rank, achieved bandwidth against the machine's copy bandwidth
 (measured in the same run, on every rank at once), and peak resident memory per rank. With
 --compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio.
+`quality` compares each weight quantization with the float model on held-out text (top-1 agreement, perplexity).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
+import sys
 import time
+from pathlib import Path
 
 import fire
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from llama_dist.config import ModelArgs, resolve_dtype
 from llama_dist.distributed import init_distributed, print0
+from llama_dist.errors import ConfigError
+from llama_dist.formats import find_tokenizer
 from llama_dist.formats.consolidated import shard_paths, write_consolidated
 from llama_dist.generation import Llama
 from llama_dist.loading import load_model, open_checkpoint
+from llama_dist.parallel import local_linear
+from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE, Int4Weight, Int8Weight, QuantScheme, make_scheme
 from llama_dist.synthetic import random_weights
-from llama_dist.tokenizer import TokenizerInterface
+from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
 # The reference workload of the performance issue: shaped like Llama-3.2-1B (untied output), random weights.
 LLAMA_32_1B_SHAPE = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
@@ -41,14 +51,25 @@ class TokenIdsOnly(TokenizerInterface):
         return ""
 
 
-def make_checkpoint(out: str = "bench_out/llama32_1b_shape", dtype: str = "bfloat16", seed: int = 0) -> None:
-    """Write random weights shaped like Llama-3.2-1B (~1.5B parameters) in Meta's layout."""
-    args = ModelArgs(**LLAMA_32_1B_SHAPE)
+def make_checkpoint(out: str = "bench_out/llama32_1b_shape", dtype: str = "bfloat16", seed: int = 0, **shape) -> None:
+    """Write random weights shaped like Llama-3.2-1B (~1.5B parameters) in Meta's layout; `shape` overrides
+    params.json fields for a smaller model (e.g. --dim 512 --n_layers 2 --vocab_size 8192)."""
+    unknown = sorted(set(shape) - set(LLAMA_32_1B_SHAPE))
+    if unknown:
+        raise ConfigError(f"unknown shape field(s) {unknown}; known: {sorted(LLAMA_32_1B_SHAPE)}")
+    args = ModelArgs(**{**LLAMA_32_1B_SHAPE, **shape})
     weights = random_weights(args, seed=seed, dtype=resolve_dtype(dtype, torch.device("cpu")))
     params = {k: v for k, v in dataclasses.asdict(args).items() if k in LLAMA_32_1B_SHAPE}
     write_consolidated(weights, params, out)
     total = sum(w.numel() for w in weights.values())
     print(f"wrote {out}: {total / 1e9:.2f}B parameters, {sum(w.nbytes for w in weights.values()) / 2**30:.2f} GiB")
+
+
+def _scheme_name(scheme: QuantScheme | None) -> str:
+    if scheme is None:
+        return "as stored"
+    group = f" g{scheme.group_size}" if scheme.group_size else ""
+    return f"{scheme.mode}{group}" + ("" if scheme.quantize_output else " (output kept)")
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
@@ -83,8 +104,10 @@ def _reset_peak_rss() -> None:
 
 
 def _streamed_bytes_per_step(model) -> int:
-    """Weight bytes one decode step reads on this rank: every matrix except the embedding table (one row)."""
-    return sum(p.nbytes for name, p in model.named_parameters() if not name.startswith("tok_embeddings"))
+    """Weight bytes one decode step reads on this rank: every matrix except the embedding table (one row); for a
+    quantized weight, its int8 / packed int4 values and its scales (and zeros)."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())  # quantized weights hold buffers
+    return sum(t.nbytes for name, t in tensors if not name.startswith("tok_embeddings"))
 
 
 def _gather_floats(value: float) -> list[float]:
@@ -127,8 +150,15 @@ def run(
     compare_hf: bool = False,
     warmup: int = 1,
     repeats: int = 5,
+    quantize: str | None = None,
+    int4_group_size: int = DEFAULT_INT4_GROUP_SIZE,
+    keep_output_precision: bool = False,
 ) -> None:
-    """Benchmark greedy generation on `ckpt_dir` at each batch size; run under torchrun for N ranks."""
+    """Benchmark greedy generation on `ckpt_dir` at each batch size; run under torchrun for N ranks.
+
+    quantize / int4_group_size / keep_output_precision: as for every llama-dist command (weight-only int8 / int4,
+    quantized by each rank at load; the load time includes it)."""
+    scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
     # fire turns "1,8,32" into a tuple and "1" into an int.
     sizes = [int(b) for b in (str(batch_sizes).split(",") if isinstance(batch_sizes, (str, int)) else batch_sizes)]
     ctx = init_distributed()
@@ -138,12 +168,13 @@ def run(
     _reset_peak_rss()
     start = time.perf_counter()
     checkpoint = open_checkpoint(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes))
-    model = load_model(checkpoint, device=ctx.device, dtype=torch_dtype)
+    model = load_model(checkpoint, device=ctx.device, dtype=torch_dtype, quantize=scheme)
     load_s = time.perf_counter() - start
     llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx)
     step_bytes = _streamed_bytes_per_step(model)
     print0(
-        f"\n{ckpt_dir}: {ctx.world_size} rank(s), {dtype}, {torch.get_num_threads()} threads/rank, "
+        f"\n{ckpt_dir}: {ctx.world_size} rank(s), {dtype}, weights {_scheme_name(scheme)}, "
+        f"{torch.get_num_threads()} threads/rank, "
         f"load {load_s:.1f} s, copy bandwidth {bandwidth / 1e9:.1f} GB/s (all ranks), "
         f"weights streamed per step {step_bytes / 2**30:.2f} GiB/rank"
     )
@@ -183,5 +214,138 @@ def run(
                    f"{our_rate / hf_rate:.2f}x |")
 
 
+def _held_out_windows(tokenizer, text_file: str | None, seq_len: int, tokens: int, seed: int) -> torch.Tensor:
+    """(windows, seq_len) token ids, each window starting at a document's <s>, with >= `tokens` predicted
+    positions in all. Documents: the lines of `text_file`, or fresh samples of the bundled model's training
+    generator (checkpoints/make_tiny.py) drawn with a seed other than its training seed."""
+    if text_file is not None:
+        docs = [line for line in Path(text_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoints"))
+        from make_tiny import synthetic_documents
+
+        docs = synthetic_documents(4 * tokens, random.Random(seed))
+    stream, starts = [], []
+    for doc in docs:
+        starts.append(len(stream))
+        stream.extend(tokenizer.encode(doc, bos=True, eos=True))
+    windows, end = [], 0
+    for start in starts:
+        if start >= end and start + seq_len <= len(stream):
+            windows.append(stream[start : start + seq_len])
+            end = start + seq_len
+        if len(windows) * (seq_len - 1) >= tokens:
+            return torch.tensor(windows)
+    raise ConfigError(f"the text has fewer than {tokens} predicted positions in windows of {seq_len} tokens")
+
+
+def quality(
+    ckpt_dir: str = "checkpoints/tiny",
+    tokens: int = 2048,
+    seq_len: int = 128,
+    dtype: str = "float32",
+    group_sizes: str | int | tuple = "32,64,128",
+    text_file: str | None = None,
+    seed: int = 2026,
+    batch_size: int = 8,
+) -> None:
+    """Teacher-forced quality of each quantization against the float model on held-out text: top-1 agreement
+    (the quantized model's most likely next token equals the float model's) and perplexity, over `tokens`
+    predicted positions."""
+    sizes = [int(g) for g in (str(group_sizes).split(",") if isinstance(group_sizes, (str, int)) else group_sizes)]
+    ctx = init_distributed()
+    torch_dtype = resolve_dtype(dtype, ctx.device)
+    tokenizer = load_tokenizer(find_tokenizer(ckpt_dir))
+    windows = _held_out_windows(tokenizer, text_file, seq_len, tokens, seed).to(ctx.device)
+    schemes = [None, make_scheme("int8"), make_scheme("int8", keep_output_precision=True)]
+    schemes += [make_scheme("int4", group) for group in sizes]
+    targets = windows[:, 1:]
+    print0(f"\n{ckpt_dir}, {dtype}, {targets.numel()} predicted tokens in {len(windows)} windows of {seq_len}")
+    print0("| weights | top-1 agreement with float | perplexity | change |\n|---|---|---|---|")
+    reference = None
+    for scheme in schemes:
+        model = load_model(ckpt_dir, device=ctx.device, dtype=torch_dtype, quantize=scheme, max_seq_len=seq_len,
+                           max_batch_size=batch_size)
+        with torch.inference_mode():
+            logits = torch.cat([model(chunk, 0).logits[:, :-1] for chunk in windows.split(batch_size)])
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="mean").item()
+        top1 = logits.argmax(-1)
+        if reference is None:
+            reference = (top1, math.exp(nll))
+            print0(f"| {dtype} (float) | 100% | {reference[1]:.4f} | |")
+            continue
+        agreement = (top1 == reference[0]).float().mean().item()
+        ppl = math.exp(nll)
+        print0(f"| {_scheme_name(scheme)} | {agreement:.2%} | {ppl:.4f} | {ppl / reference[1] - 1:+.2%} |")
+
+
+def _seconds_per_call(kernel, weights: list, x, repeats: int) -> float:
+    """Best time of one call over `repeats` passes over `weights` (copies of one weight, more bytes than the
+    caches hold, so every call streams its weight from memory as decode does); a shared machine: take the best."""
+    kernel(weights[0], x)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for weight in weights:
+            kernel(weight, x)
+        best = min(best, (time.perf_counter() - start) / len(weights))
+    return best
+
+
+def kernels(
+    shapes: str | tuple = "16384x2048,2048x8192",
+    rows: str | int | tuple = "1,8,32",
+    dtypes: str | tuple = "bfloat16,float32",
+    repeats: int = 5,
+    stream_mib: int = 768,
+    dequantized: bool = False,
+) -> None:
+    """Micro-benchmark of the matmul kernels for one rank's weight (out x in; default: Llama-3.2-1B's stacked
+    w1/w3 and its w2), per activation dtype and row count: microseconds a call and weight GB/s streamed (values +
+    scales), each call on another copy of the weight (`stream_mib` MiB of copies: beyond the caches). This is
+    what chose the kernels in `parallel.local_linear` (docs/performance.md). dequantized: also time the
+    dequantize-then-multiply fallbacks (slow)."""
+    import copy
+
+    def parse(value, convert):
+        return [convert(v) for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
+
+    print(f"{torch.get_num_threads()} threads")
+    print("| weight | activations | rows | kernel | us/call | GB/s |\n|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for dtype_name in parse(dtypes, str):
+        dtype = resolve_dtype(dtype_name, torch.device("cpu"))
+        for shape in parse(shapes, str):
+            out_features, in_features = map(int, shape.split("x"))
+            weight = torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
+            candidates = [
+                ("dense (local_linear)", lambda: weight.to(dtype), local_linear),
+                ("int8 _weight_int8pack_mm", lambda: Int8Weight.quantize(weight, dtype), Int8Weight.mm_int8pack),
+                ("int4 g32 _weight_int4pack_mm_for_cpu", lambda: Int4Weight.quantize(weight, 32, dtype, True),
+                 Int4Weight.mm_int4pack),
+                ("int4 g128 _weight_int4pack_mm_for_cpu", lambda: Int4Weight.quantize(weight, 128, dtype, True),
+                 Int4Weight.mm_int4pack),
+            ]
+            if dequantized:
+                candidates += [
+                    ("int8 dequantize + mm", lambda: Int8Weight.quantize(weight, dtype), Int8Weight.mm_dequantized),
+                    ("int4 g32 dequantize + mm", lambda: Int4Weight.quantize(weight, 32, dtype, False),
+                     Int4Weight.mm_dequantized),
+                ]
+            for name, make, kernel in candidates:
+                one = make()
+                nbytes = one.nbytes if isinstance(one, torch.Tensor) else sum(b.nbytes for b in one.buffers())
+                copies = [one] + [copy.deepcopy(one) for _ in range(max(1, stream_mib * 2**20 // nbytes) - 1)]
+                for count in parse(rows, int):
+                    x = torch.randn(count, in_features, generator=gen).to(dtype)
+                    if kernel is local_linear:
+                        seconds = _seconds_per_call(lambda w, v: local_linear(v, w), copies, x, repeats)
+                    else:
+                        seconds = _seconds_per_call(kernel, copies, x, repeats)
+                    print(f"| {shape} | {dtype_name} | {count} | {name} | {seconds * 1e6:.0f} | "
+                          f"{nbytes / seconds / 1e9:.1f} |", flush=True)
+                del copies, one
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "make-checkpoint": make_checkpoint})
+    fire.Fire({"run": run, "make-checkpoint": make_checkpoint, "quality": quality, "kernels": kernels})

@@ -30,7 +30,9 @@ from llama_dist.distributed import (
     shutdown_distributed,
 )
 from llama_dist.errors import LlamaDistError, RequestError
+from llama_dist.formats.consolidated import write_quantized
 from llama_dist.generation import Llama
+from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE, make_scheme
 
 # Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
 # the project's own, only the file-system errors of paths the user gave.
@@ -54,6 +56,9 @@ class RunOptions:
     max_gen_len: int | None = None
     temperature: float = 0.6
     top_p: float = 0.9
+    quantize: str | None = None
+    int4_group_size: int = DEFAULT_INT4_GROUP_SIZE
+    keep_output_precision: bool = False
 
     def sampling(self) -> dict:
         return dict(temperature=self.temperature, top_p=self.top_p, max_gen_len=self.max_gen_len)
@@ -73,6 +78,10 @@ RUN_OPTIONS_HELP = """\
         max_gen_len: tokens to generate at most (default: until a stop token or max_seq_len)
         temperature: 0 is greedy decoding
         top_p: nucleus sampling: sample among the most likely tokens that make up this probability mass
+        quantize: int8 or int4: weight-only quantization of the matmul weights, each rank its own slice at load
+            (a checkpoint saved by `llama-dist quantize` loads quantized without it)
+        int4_group_size: input values per int4 scale and zero: 32, 64 or 128
+        keep_output_precision: keep the output projection in the model dtype when quantizing
 """
 
 
@@ -115,7 +124,8 @@ def start(options: RunOptions, read_input, *args):
     ckpt = on_main_then_share(lambda: Path(options.ckpt_dir) if options.ckpt_dir else default_checkpoint())
     llm = Llama.build(
         ckpt, options.tokenizer_path, options.max_seq_len, options.max_batch_size, dtype=options.dtype,
-        seed=options.seed, verify_checksums=options.verify_checksums, context=context,
+        seed=options.seed, verify_checksums=options.verify_checksums, context=context, quantize=options.quantize,
+        int4_group_size=options.int4_group_size, keep_output_precision=options.keep_output_precision,
     )
     return llm, user_input
 
@@ -217,6 +227,23 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
         dialog.append({"role": "assistant", "content": "".join(answer)})
 
 
+def quantize(src: str, dst: str, mode: str = "int8", keep_output_precision: bool = False):
+    """Write a quantized copy of the float checkpoint SRC to DST: int8 weights with one bfloat16 scale per output
+    channel, the same shard count (so it runs on the same world sizes), params.json naming the scheme. Load it
+    like any checkpoint (--ckpt_dir DST): no --quantize needed. One process; it holds the int8 checkpoint in memory.
+
+    Args:
+        src: a float (bf16/fp16/fp32) Meta checkpoint directory
+        dst: the directory to write
+        mode: int8 (int4 is quantized at load time: its packed layout depends on the CPU)
+        keep_output_precision: keep the output projection as stored
+    """
+    started = time.perf_counter()
+    out = write_quantized(src, dst, make_scheme(mode, keep_output_precision=keep_output_precision))
+    size = sum(f.stat().st_size for f in out.glob("consolidated.*.pth"))
+    print(f"wrote {out} ({mode}, {size / 2**30:.2f} GiB) in {time.perf_counter() - started:.1f} s")
+
+
 # Where gloo's transport raises a peer's death or a receive timeout; it gives them no type of their own.
 _GLOO_TRANSPORT = "gloo/transport/"
 
@@ -233,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0, 2 for an error the user can fix (one line on rank 0), 1 when this rank lost contact
     with another (a peer died, or a collective outlived the timeout: one line on every surviving rank)."""
     try:
-        # convert runs in one process and takes none of the run options.
-        fire.Fire({"generate": generate, "chat": chat, "convert": convert}, command=argv, name="llama-dist")
+        # convert and quantize run in one process and take none of the run options.
+        commands = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize}
+        fire.Fire(commands, command=argv, name="llama-dist")
         return 0
     except USER_ERRORS as exc:
         if is_main_process():

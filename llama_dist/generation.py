@@ -33,6 +33,7 @@ from llama_dist.formats.checklist import verify_checklist
 from llama_dist.loading import load_model, open_checkpoint
 from llama_dist.model import Transformer
 from llama_dist.parallel import broadcast_from_rank0
+from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE, QuantizedWeight, QuantScheme, make_scheme
 from llama_dist.sampling import sample_next
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
@@ -78,6 +79,13 @@ class _DecodeState:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+def _describe_quantization(model: Transformer) -> str:
+    """", int8 weights" for a quantized model (for the load message), "" for a float one."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    kinds = sorted({type(m).__name__.removesuffix("Weight").lower() for m in quantized})
+    return f", {'+'.join(kinds)} weights" if kinds else ""
+
+
 class Llama:
     def __init__(self, model: Transformer, tokenizer: TokenizerInterface, dist_ctx: DistContext, seed: int = 1):
         self.model = model
@@ -100,6 +108,9 @@ class Llama:
         timeout_s: float | None = None,
         verify_checksums: bool = False,
         context: DistContext | None = None,
+        quantize: str | QuantScheme | None = None,
+        int4_group_size: int = DEFAULT_INT4_GROUP_SIZE,
+        keep_output_precision: bool = False,
     ) -> "Llama":
         """Load the tokenizer and this rank's slice of the model, on a process group started once.
 
@@ -113,6 +124,10 @@ class Llama:
         verify_checksums: first check every file listed in ckpt_dir's checklist.chk against its md5. Each node
         hashes its own copy, the files shared out between its local ranks (LOCAL_RANK / LOCAL_WORLD_SIZE).
         Any error (missing or bad file, shapes the world size cannot split) is raised on every rank alike.
+        quantize: None, "int8" (one scale per output channel) or "int4" (a scale and zero per group of
+        int4_group_size = 32, 64 or 128 input values): each rank quantizes its slice of the matmul weights at load
+        (llama_dist.quant); keep_output_precision keeps the output projection in `dtype`. A quantized checkpoint
+        (`python -m llama_dist quantize`) loads quantized as saved.
         """
         if context is None:
             context = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
@@ -131,6 +146,7 @@ class Llama:
             print0(f"Verified the md5 sums in {ckpt_dir}/checklist.chk in {time.perf_counter() - start:.2f} s")
 
         def load():
+            scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
             tokenizer_file = find_tokenizer(ckpt_dir) if tokenizer_path is None else tokenizer_path
             tokenizer = load_tokenizer(tokenizer_file)
             checkpoint = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
@@ -142,12 +158,13 @@ class Llama:
                     f"tokenizer {tokenizer_file} {mismatch} but {ckpt_dir} has a vocabulary "
                     f"of {checkpoint.args.vocab_size}: they belong to different models"
                 )
-            return tokenizer, load_model(checkpoint, device=context.device, dtype=dtype)
+            return tokenizer, load_model(checkpoint, device=context.device, dtype=dtype, quantize=scheme)
 
         tokenizer, model = checked_on_all_ranks(load)
         print0(
             f"Loaded {ckpt_dir} on {context.world_size} rank(s) ({context.backend}, {context.device.type}, "
-            f"{str(dtype).removeprefix('torch.')}) in {time.perf_counter() - start:.2f} s"
+            f"{str(dtype).removeprefix('torch.')}{_describe_quantization(model)}) "
+            f"in {time.perf_counter() - start:.2f} s"
         )
         return Llama(model, tokenizer, context, seed)
 

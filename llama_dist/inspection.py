@@ -32,7 +32,7 @@ def to_tokens(tokenizer_or_llm, text: str, bos: bool = True, device=None) -> tor
     """
     tokenizer = _tokenizer(tokenizer_or_llm)
     if device is None and hasattr(tokenizer_or_llm, "model"):
-        device = tokenizer_or_llm.model.output.weight.device
+        device = tokenizer_or_llm.model.tok_embeddings.weight.device
     return torch.tensor([tokenizer.encode(text, bos=bos, eos=False)], dtype=torch.long, device=device)
 
 

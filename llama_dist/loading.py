@@ -24,7 +24,8 @@ from llama_dist.distributed import is_main_process, model_parallel_world_size, p
 from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.formats import CheckpointReader, open_reader
 from llama_dist.model import Transformer
-from llama_dist.parallel import shard_specs, skip_weight_init
+from llama_dist.parallel import ShardSpec, packs_int4, shard_specs, skip_weight_init
+from llama_dist.quant import SCALE_SUFFIX, Int4Weight, Int8Weight, QuantScheme, make_scheme
 
 # What identifies a model's math (ffn_hidden_dim stands for multiple_of and ffn_dim_multiplier, which can
 # spell the same width in several ways; head_dim for an explicit one or dim // n_heads).
@@ -85,11 +86,15 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    quantize: str | QuantScheme | None = None,
     **runtime,
 ) -> Transformer:
     """This rank's slice of the model in `checkpoint` (a path, or what `open_checkpoint` returned), with its
     weights, RoPE tables and an empty KV cache on `device` in `dtype`.
 
+    quantize: None, "int8", "int4" (groups of 128) or a `QuantScheme`: each rank quantizes its own slice of the
+    matmul weights as it reads them (see llama_dist.quant). A quantized checkpoint loads as its params.json says
+    (quantize may be None, or must name the same scheme).
     config and runtime: as for `open_checkpoint`, when `checkpoint` is a path.
     """
     if not isinstance(checkpoint, Checkpoint):
@@ -103,55 +108,164 @@ def load_model(
     except ConfigError as exc:
         raise ConfigError(f"{reader.config_path}: {exc}") from None
     reader.check_world_size(world)
-    model = _empty_model(args, device, dtype)
-    _fill(model, reader)
+    stored = reader.stored_quantization()
+    scheme = _resolve_scheme(make_scheme(quantize), stored, reader.config_path)
+    model, quantized = _empty_model(args, device, dtype, scheme)
+    progress = _Progress(reader, _slice_bytes(model, quantized, dtype))
+    used = _fill(model, reader, progress)
+    if quantized:
+        used |= _fill_quantized(quantized, reader, scheme, stored is not None, device, dtype, progress)
+    reader.check_all_used(used)
+    progress.done()
     return model
 
 
-def _empty_model(args: ModelArgs, device, dtype: torch.dtype) -> Transformer:
-    """This rank's slice with uninitialised weights on `device`, ready to be filled."""
+def _slice_bytes(model: Transformer, quantized: "_Quantized", dtype: torch.dtype) -> int:
+    """What this rank reads: its float parameters, and its slices of the weights it quantizes (as stored in
+    float; a quantized checkpoint's are smaller, so the bar may end short)."""
+    total = sum(p.nbytes for p in model.parameters())
+    for _, _, _, linears in quantized:
+        for linear in linears:
+            spec = linear.shard
+            rows_or_columns = spec.stop - spec.start
+            other = spec.full_shape[1 - spec.dim]
+            total += rows_or_columns * other * dtype.itemsize
+    return total
+
+
+def _resolve_scheme(requested: QuantScheme | None, stored: QuantScheme | None, where: Path) -> QuantScheme | None:
+    """A quantized checkpoint loads as it was saved; asking for another scheme is an error, not a silent choice."""
+    if stored is None or requested is None or requested == stored:
+        return stored or requested
+    raise ConfigError(
+        f"{where} holds weights quantized as {stored.to_params()}, which cannot load as {requested.to_params()}: "
+        "load it without --quantize, or quantize the float checkpoint"
+    )
+
+
+# (owner module, attribute, Meta names of the stacked weights, their split linears)
+_Quantized = list[tuple[torch.nn.Module, str, list[str], list[torch.nn.Module]]]
+
+
+def _empty_model(args: ModelArgs, device, dtype: torch.dtype, scheme: QuantScheme | None):
+    """This rank's slice with uninitialised weights on `device`, ready to be filled, and the weights to fill as
+    quantized stacks (their float weights are never allocated)."""
     with torch.device("meta"), skip_weight_init():
         model = Transformer(args)
+    quantized: _Quantized = []
+    if scheme is not None:
+        names = {id(module): name for name, module in model.named_modules()}
+        for owner, attribute, linears in model.matmul_weights():
+            weight_names = [f"{names[id(linear)]}.weight" for linear in linears]
+            if scheme.covers(weight_names[0]):
+                quantized.append((owner, attribute, weight_names, linears))
+                for linear in linears:
+                    # No longer a parameter: the quantized stack replaces it (the split linears' own forward is
+                    # not used); a linear that is its own stack (wo, w2, output) gets the quantized module here.
+                    del linear.weight
+                    linear.weight = None
     model = model.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
-    model.fuse()  # before filling: the loaded weights land in the stacked tensors
+    if not quantized:
+        model.fuse()  # before filling: the loaded weights land in the stacked tensors
     model.post_init()
-    return model.eval()
+    return model.eval(), quantized
 
 
-def _fill(model: Transformer, reader: CheckpointReader) -> None:
-    """Copy this rank's slice of every weight from `reader` into `model`, releasing each tensor once copied.
-
-    Rank 0 shows its progress (bytes of its slices, ~1/N of the checkpoint like every rank's) as a bar on stderr
-    when that is a terminal, else as one line on stdout once done (stderr stays for errors alone).
-    """
-    specs = shard_specs(model)
-    params = list(model.named_parameters())  # a tied output weight is the embedding: listed, and read, once
-    total = sum(param.nbytes for _, param in params)
-    main = is_main_process()
-    show_bar = main and sys.stderr.isatty()
-    started = time.perf_counter()
-    bar = tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Loading {reader.location.name}",
-        disable=not show_bar,
-    )
-    with bar:
-        for name, param in params:
-            _fill_one(reader, name, param, specs[name])
-            bar.update(param.nbytes)
-    reader.check_all_used(set(specs))
-    if main and not show_bar:
-        print0(
-            f"Read {len(params)} tensors ({total / 2**20:.1f} MiB on rank 0) from {reader.location} in "
-            f"{time.perf_counter() - started:.2f} s"
-        )
-
-
-def _fill_one(reader: CheckpointReader, name: str, param: torch.Tensor, spec) -> None:
-    full_shape = spec.full_shape if spec is not None else tuple(param.shape)
-    value = reader.read(name, full_shape, spec)
-    if tuple(value.shape) != tuple(param.shape):
+def _checked_read(reader: CheckpointReader, name: str, spec: ShardSpec | None, full_shape, local_shape):
+    value = reader.read(name, tuple(full_shape), spec)
+    if tuple(value.shape) != tuple(local_shape):
         raise CheckpointError(
-            f"{reader.location}: {name!r} slice has shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
+            f"{reader.location}: {name!r} slice has shape {tuple(value.shape)}, model expects {tuple(local_shape)}"
         )
-    param.copy_(value)
-    reader.release(name)
+    return value
+
+
+class _Progress:
+    """Rank 0's loading progress: a bar on stderr (bytes of its slices, ~1/N of the checkpoint like every rank's)
+    when that is a terminal, else one line on stdout once done (stderr stays for errors alone)."""
+
+    def __init__(self, reader: CheckpointReader, total_bytes: int):
+        self.reader, self.total, self.tensors = reader, total_bytes, 0
+        self.main = is_main_process()
+        self.show_bar = self.main and sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=f"Loading {reader.location.name}", disable=not self.show_bar)
+
+    def advance(self, nbytes: int) -> None:
+        self.tensors += 1
+        self.bar.update(nbytes)
+
+    def done(self) -> None:
+        self.bar.close()
+        if self.main and not self.show_bar:
+            print0(
+                f"Read {self.tensors} tensors ({self.total / 2**20:.1f} MiB on rank 0) from {self.reader.location} "
+                f"in {time.perf_counter() - self.started:.2f} s"
+            )
+
+
+def _fill(model: Transformer, reader: CheckpointReader, progress: _Progress) -> set[str]:
+    """Copy this rank's slice of every (float) parameter from `reader` into `model`, releasing each tensor once
+    copied; returns the names read. A tied output weight is the embedding: listed, and read, once."""
+    specs = shard_specs(model)
+    for name, param in model.named_parameters():
+        spec = specs[name]
+        full_shape = spec.full_shape if spec is not None else tuple(param.shape)
+        param.copy_(_checked_read(reader, name, spec, full_shape, param.shape))
+        reader.release(name)
+        progress.advance(param.nbytes)
+    return set(specs)
+
+
+def _fill_quantized(
+    quantized: _Quantized, reader, scheme: QuantScheme, prequantized: bool, device, dtype, progress: _Progress
+) -> set[str]:
+    """Read each stack's rows of this rank's slice and set it quantized on its owner; returns the names read."""
+    used = set()
+    for owner, attribute, names, linears in quantized:
+        rows, scales = [], []
+        for name, linear in zip(names, linears):
+            spec = linear.shard
+            local = list(spec.full_shape)
+            local[spec.dim] = spec.stop - spec.start
+            rows.append(_checked_read(reader, name, spec, spec.full_shape, local))
+            used.add(name)
+            progress.advance(rows[-1].nbytes)
+            if prequantized:
+                if rows[-1].dtype != torch.int8:
+                    raise CheckpointError(f"{reader.location}: {name!r} is {rows[-1].dtype}, its scheme says int8")
+                # Per-row scales: a column split takes its rows' scales, a row split all of them.
+                scale_spec = ShardSpec(0, spec.start, spec.stop, spec.full_shape[:1]) if spec.dim == 0 else None
+                scales.append(_checked_read(reader, name + SCALE_SUFFIX, scale_spec, spec.full_shape[:1], local[:1]))
+                used.add(name + SCALE_SUFFIX)
+        stacked = torch.cat(rows).to(device) if len(rows) > 1 else rows[0].to(device)
+        if prequantized:  # copied: the weight must own its memory, not the reader's mapped pages
+            weight = Int8Weight(stacked.clone(), torch.cat(scales).to(device), dtype)
+        elif scheme.mode == "int8":
+            # A row-parallel rank holds part of each row; its scales are the full rows' (the scale multiplies
+            # the partial sum before the all-reduce), as at any other world size and in a saved checkpoint.
+            spec = linears[0].shard
+            whole_rows = spec.dim == 0 or spec.stop - spec.start == spec.full_shape[1]
+            absmax = None if whole_rows else _full_row_absmax(reader, names[0], spec.full_shape).to(device)
+            weight = Int8Weight.quantize(stacked, dtype, absmax)
+        else:
+            packed = packs_int4(stacked.device, stacked.shape[0])
+            weight = Int4Weight.quantize(stacked, scheme.group_size, dtype, packed)
+        setattr(owner, attribute, weight)
+        for name in names:  # after quantizing: `stacked` may be a view of the reader's pages
+            reader.release(name)
+            reader.release(name + SCALE_SUFFIX)
+    return used
+
+
+def _full_row_absmax(reader: CheckpointReader, name: str, full_shape, block: int = 2048) -> torch.Tensor:
+    """The largest |w| of each row of the full weight `name`, read a block of columns at a time (no copy of the
+    whole weight; its pages are released with the rank's own slice)."""
+    rows, columns = full_shape
+    absmax = torch.zeros(rows)
+    for start in range(0, columns, block):
+        stop = min(columns, start + block)
+        part = reader.read(name, tuple(full_shape), ShardSpec(1, start, stop, tuple(full_shape)))
+        absmax = torch.maximum(absmax, part.float().abs().amax(dim=1))
+    return absmax

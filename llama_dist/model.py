@@ -225,7 +225,7 @@ class Transformer(nn.Module):
         The vocab-parallel embedding and the column-parallel output split the vocabulary identically (rank r
         holds rows [r * V/N, (r + 1) * V/N) of both), so each rank's slice of one is its slice of the other.
         """
-        if self.args.tie_word_embeddings:
+        if self.args.tie_word_embeddings and self.output.weight is not None:  # None: quantized apart (loading.py)
             self.output.weight = self.tok_embeddings.weight
 
     def fuse(self) -> None:
@@ -234,16 +234,31 @@ class Transformer(nn.Module):
             layer.attention.fuse()
             layer.feed_forward.fuse()
 
+    def matmul_weights(self) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+        """Every weight an inference forward multiplies by, as (owner, attribute, the split linears it stacks):
+        each layer's wqkv, wo, w13 and w2, then output. Quantization replaces `owner.attribute` with a quantized
+        weight of the stacked rows (per-row scales make that the same as quantizing each part)."""
+        weights = []
+        for layer in self.layers:
+            attention, ffn = layer.attention, layer.feed_forward
+            weights += [
+                (attention, "wqkv", [attention.wq, attention.wk, attention.wv]),
+                (attention.wo, "weight", [attention.wo]),
+                (ffn, "w13", [ffn.w1, ffn.w3]),
+                (ffn.w2, "weight", [ffn.w2]),
+            ]
+        return weights + [(self.output, "weight", [self.output])]
+
     def post_init(self, kv_cache: bool = True) -> None:
         """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype).
 
         Call it after the weights have their final device and dtype (the tables and cache follow
-        `output.weight`); the loader calls it. The cache holds max_batch_size x max_seq_len
-        positions of this rank's KV heads per layer. kv_cache=False is for training, where every forward sees
-        whole sequences from position 0.
+        `tok_embeddings.weight`, which is never quantized); the loader calls it. The cache holds
+        max_batch_size x max_seq_len positions of this rank's KV heads per layer. kv_cache=False is for training,
+        where every forward sees whole sequences from position 0.
         """
         self.tie_embeddings()  # again: moving the model between devices makes new, separate parameters
-        param = self.output.weight
+        param = self.tok_embeddings.weight
         self.rope_cos, self.rope_sin = rope_tables(self.args, param.device)
         for layer in self.layers if kv_cache else ():
             layer.attention.allocate_cache(self.args.max_batch_size, self.args.max_seq_len, param.dtype, param.device)

@@ -32,6 +32,7 @@ from llama_dist.distributed import (
     model_parallel_world_size,
     shared_memory_allreduce,
 )
+from llama_dist.quant import Int4Weight, Int8Weight, QuantizedWeight
 
 
 def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
@@ -84,15 +85,40 @@ def local_kv_heads(n_kv_heads: int) -> tuple[int, int]:
     return rank * n_kv_heads // world, 1
 
 
-def local_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T with this rank's slice of the weight, by the kernel that streams it fastest on this device
-    and row count (docs/performance.md has the measurements)."""
+def local_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """x @ weight.T with this rank's slice of the weight, by the kernel that streams it fastest on this device,
+    weight kind and row count (docs/performance.md has the measurements)."""
     rows = x.numel() // x.shape[-1]
+    if isinstance(weight, QuantizedWeight):
+        kernel = _quantized_kernel(weight, x.device, x.dtype, rows)
+        return kernel(x.reshape(rows, -1).contiguous()).view(*x.shape[:-1], weight.out_features)
     if x.device.type == "cpu" and rows == 1:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     if x.device.type == "cpu" and rows <= 64:
         return (weight @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
+
+
+def _quantized_kernel(weight: QuantizedWeight, device: torch.device, dtype: torch.dtype, rows: int):
+    """The kernel of a quantized weight for `rows` rows of activations in `dtype` on `device`.
+
+    CPU, measured (docs/performance.md, `python -m llama_dist.bench kernels`): with bf16 activations the int8 and
+    int4 pack kernels beat dequantize-then-multiply at every row count (1-64); with fp32 activations the int8
+    kernel is scalar code, faster only for one row. Elsewhere (CUDA: not measured) the weight is dequantized.
+    """
+    if isinstance(weight, Int8Weight):
+        if device.type == "cpu" and (dtype == torch.bfloat16 or rows == 1):
+            return weight.mm_int8pack
+        return weight.mm_dequantized
+    if isinstance(weight, Int4Weight) and weight.packed:
+        return weight.mm_int4pack
+    return weight.mm_dequantized
+
+
+def packs_int4(device: torch.device, out_features: int) -> bool:
+    """Whether an int4 weight on `device` is stored in the packed layout of the CPU int4 kernel (which needs
+    the row count to be a multiple of 16); otherwise it keeps one value a byte and runs dequantized."""
+    return torch.device(device).type == "cpu" and out_features % 16 == 0
 
 
 def fuse_weights(*linears: torch.nn.Module) -> torch.Tensor:

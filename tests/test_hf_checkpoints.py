@@ -479,3 +479,33 @@ def test_chat_on_a_hugging_face_directory_with_no_other_flag(tmp_path, hf_tokeni
     print(f"ours: {answer!r}; transformers: {expected!r}")
     # Our chat stops at a stop token (not shown); transformers was told to run on through it.
     assert answer and answer == expected.split("<|eot_id|>")[0], (answer, expected)
+
+
+def test_tied_checkpoint_quantizes_its_output_apart_from_the_embedding(tmp_path):
+    """With tied embeddings the output layer is quantized on its own; the embedding stays the float weights."""
+    from llama_dist.distributed import shutdown_distributed
+    from llama_dist.quant import Int8Weight
+
+    path = save_hf(tmp_path / "tied", dict(BASE, vocab_size=128, tie_word_embeddings=True))
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    init_distributed()
+    try:
+        float_model = load_model(path, max_seq_len=16, max_batch_size=2)
+        int8_model = load_model(path, max_seq_len=16, max_batch_size=2, quantize="int8")
+        assert isinstance(int8_model.output.weight, Int8Weight)
+        assert torch.equal(int8_model.tok_embeddings.weight, float_model.tok_embeddings.weight)
+        assert rel_diff(int8_model(tokens, 0).logits, float_model(tokens, 0).logits) < 5e-2
+    finally:
+        shutdown_distributed()
+
+
+def test_quantized_hugging_face_checkpoints_are_refused(tmp_path, checkpoints):
+    import shutil
+
+    path = tmp_path / "gptq"
+    shutil.copytree(checkpoints["gqa"]["path"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    with raises_naming(CheckpointError, "config.json", "'gptq'", "--quantize"):
+        load_model(path, max_seq_len=16, max_batch_size=2)

@@ -4,6 +4,8 @@
     reader.location                  the path it was opened from, for messages
     reader.config_path               where the format keeps the model's config (it may be absent)
     reader.stored_args()             ModelArgs stored with the weights, or None
+    reader.stored_quantization()     the QuantScheme of a quantized checkpoint (its int8 weight `X` comes with
+                                     per-row scales `X_scale`), None for a float one
     reader.vocab_size_from_weights() the vocabulary size the embedding's shape implies
     reader.check_world_size(n)       raise CheckpointError if the files cannot be split over n ranks
     reader.check_all_used(names)     raise CheckpointError if it holds tensors outside `names`
@@ -23,6 +25,7 @@ from llama_dist.errors import CheckpointError
 from llama_dist.formats import hf
 from llama_dist.formats.consolidated import SHARD_PATTERN, ConsolidatedReader
 from llama_dist.parallel import ShardSpec
+from llama_dist.quant import QuantScheme
 
 
 class CheckpointReader(Protocol):
@@ -30,6 +33,8 @@ class CheckpointReader(Protocol):
     config_path: Path
 
     def stored_args(self) -> ModelArgs | None: ...
+
+    def stored_quantization(self) -> QuantScheme | None: ...
 
     def vocab_size_from_weights(self) -> int: ...
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from llama_dist.config import ModelArgs
-from llama_dist.errors import CheckpointError
+from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.formats.pages import drop_mapped_pages
 from llama_dist.parallel import ShardSpec
+from llama_dist.quant import PARAMS_FIELD, SCALE_SUFFIX, QuantScheme
 
 SHARD_PATTERN = re.compile(r"consolidated\.(\d{2,})\.pth")
 # Present in Llama 2 shards; the model derives RoPE frequencies itself.
@@ -34,6 +36,8 @@ def shard_split_dim(name: str, embedding_split_dim: int = 0) -> int | None:
     """
     if name.startswith("tok_embeddings."):
         return embedding_split_dim
+    if name.endswith(SCALE_SUFFIX):  # per-row scales go with their rows: split by a column split, whole by a row split
+        return 0 if shard_split_dim(name.removesuffix(SCALE_SUFFIX)) == 0 else None
     dotted = f".{name}"
     if any(f".{prefix}" in dotted for prefix in _COLUMN_SPLIT):
         return 0
@@ -117,6 +121,17 @@ class ConsolidatedReader:
             args.vocab_size = self.vocab_size_from_weights()
         return args
 
+    def stored_quantization(self) -> QuantScheme | None:
+        """The scheme of a quantized checkpoint (params.json's weight_quantization field), None for a float one."""
+        if not self.config_path.is_file():
+            return None
+        field = json.loads(self.config_path.read_text()).get(PARAMS_FIELD)
+        return None if field is None else QuantScheme.from_params(field, self.config_path)
+
+    def embedding_split_dim(self, dim: int) -> int:
+        """How the shards split tok_embeddings of width `dim`: 0 by vocabulary (Llama 3), 1 by width (Llama 2)."""
+        return 1 if self._tensor(0, "tok_embeddings.weight").shape[1] < dim else 0
+
     def vocab_size_from_weights(self) -> int:
         embedding = self.shard(0).get("tok_embeddings.weight")
         if embedding is None:
@@ -192,7 +207,7 @@ def _split_dim_in_shards(name, shapes, full_shape, where) -> int | None:
     if all(tuple(s) == tuple(full_shape) for s in shapes):
         # Several whole copies of a weight Meta splits means params.json undersized it; only KV heads are
         # legitimately copied into every shard (one KV head, several shards).
-        is_kv = name.endswith(("attention.wk.weight", "attention.wv.weight"))
+        is_kv = name.endswith(tuple(f"attention.{w}.weight{s}" for w in ("wk", "wv") for s in ("", SCALE_SUFFIX)))
         if len(shapes) > 1 and shard_split_dim(name) is not None and not is_kv:
             raise CheckpointError(
                 f"{where}: every shard holds a whole {tuple(full_shape)} {name!r}, but Meta's shards split it: "
@@ -265,3 +280,44 @@ def write_consolidated(
     for i, shard in enumerate(shards):
         torch.save(shard, out_dir / f"consolidated.{i:02d}.pth")
     return out_dir
+
+
+def write_quantized(src: str | Path, dst: str | Path, scheme: QuantScheme) -> Path:
+    """Quantize the float checkpoint at `src` into `dst`: int8 matmul weights with their per-row scales in
+    `<name>_scale` (bfloat16), everything else as stored, as many shards as `src` (so it runs on the same world
+    sizes), params.json with a `weight_quantization` field naming the scheme, and src's tokenizer.model if any.
+
+    Runs in one process, one tensor at a time, holding the quantized checkpoint in memory until it is written.
+    """
+    from llama_dist.quant import quantize_int8
+    from llama_dist.synthetic import weight_shapes
+
+    if scheme.mode != "int8":
+        raise ConfigError(
+            f"only int8 checkpoints can be saved; {scheme.mode} is quantized at load time (--quantize {scheme.mode}), "
+            "since its packed layout depends on the CPU"
+        )
+    reader = ConsolidatedReader(src)
+    if reader.stored_quantization() is not None:
+        raise CheckpointError(f"{src} is already quantized ({reader.config_path} has {PARAMS_FIELD})")
+    args = reader.stored_args()
+    if args is None:
+        raise FileNotFoundError(f"params.json not found: {reader.config_path}")
+    weights = {}
+    for name, shape in weight_shapes(args).items():
+        full = reader.read(name, shape, None)
+        if scheme.covers(name):
+            weights[name], scale = quantize_int8(full)
+            weights[name + SCALE_SUFFIX] = scale.to(torch.bfloat16)  # exact: scales are rounded to bf16 precision
+        else:
+            weights[name] = full.clone()
+        reader.release(name)
+    params = json.loads(reader.config_path.read_text())
+    params[PARAMS_FIELD] = scheme.to_params()
+    out = write_consolidated(weights, params, dst, len(reader), reader.embedding_split_dim(args.dim))
+    folder = reader.paths[0].parent
+    for tokenizer in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, out / "tokenizer.model")
+            break
+    return out

@@ -228,6 +228,18 @@ class HuggingFaceReader:
             self._args = args_from_hf_config(config, self.config_path)
         return self._args
 
+    def stored_quantization(self) -> None:
+        """Float weights only: a config.json with a quantization_config (GPTQ, AWQ, bitsandbytes...) is refused."""
+        config = json.loads(self.config_path.read_text())
+        if isinstance(config, dict) and config.get("quantization_config") is not None:
+            method = config["quantization_config"].get("quant_method", "?") if isinstance(
+                config["quantization_config"], dict) else "?"
+            raise CheckpointError(
+                f"{self.config_path} describes weights quantized with {method!r}, which do not load here: load a "
+                "float (bf16/fp16/fp32) checkpoint, with --quantize int8 or int4 to quantize it at load"
+            )
+        return None
+
     def vocab_size_from_weights(self) -> int:
         return self._shape(_TOP_NAMES["tok_embeddings.weight"])[0]
 
