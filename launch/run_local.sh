@@ -4,4 +4,4 @@
 set -euo pipefail
 NPROC="${NPROC:-2}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
-exec torchrun --standalone --nproc_per_node "$NPROC" -m llama_dist "$@"
+exec python -m llama_dist.torchrun --standalone --nproc_per_node "$NPROC" -m llama_dist "$@"

@@ -8,7 +8,7 @@ NNODES="${NNODES:-2}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_ID="${RDZV_ID:-llama_dist}"
-exec torchrun \
+exec python -m llama_dist.torchrun \
   --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID" \
   -m llama_dist "$@"

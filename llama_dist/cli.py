@@ -1,4 +1,4 @@
-"""Command line: `python -m llama_dist generate|chat|convert ...` (also installed as `llama-dist`).
+"""Command line: `python -m llama_dist generate|chat|convert|quantize ...` (also installed as `llama-dist`).
 
 The same command runs as one process, under `torchrun --nproc_per_node N`, or under `srun`: every rank runs
 it, rank 0 reads the input and prints, the others compute their slice of the model.
@@ -7,9 +7,13 @@ it, rank 0 reads the input and prints, the others compute their slice of the mod
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import json
+import os
+import select
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ import fire
 import torch.distributed as dist
 
 from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
-from llama_dist.convert import convert
+from llama_dist.convert import convert, quantize
 from llama_dist.distributed import (
     init_distributed,
     is_main_process,
@@ -29,10 +33,9 @@ from llama_dist.distributed import (
     read_launch_env,
     shutdown_distributed,
 )
-from llama_dist.errors import LlamaDistError, RequestError
-from llama_dist.formats.consolidated import write_quantized
+from llama_dist.errors import ConfigError, DialogError, LlamaDistError, RequestError, StartupError
 from llama_dist.generation import Llama
-from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE, make_scheme
+from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE
 
 # Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
 # the project's own, only the file-system errors of paths the user gave.
@@ -99,13 +102,42 @@ def command(fn):
     def run(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        flags = bound.arguments
+        flags = {name: _as_text(name, value, signature.parameters[name]) for name, value in bound.arguments.items()}
         options = RunOptions(**{k: v for k, v in flags.items() if k not in own_names})
         return fn(**{k: v for k, v in flags.items() if k in own_names}, options=options)
 
     run.__signature__ = signature  # what fire reads to list and parse the flags
     run.__doc__ = f"{fn.__doc__.rstrip()}\n{RUN_OPTIONS_HELP}"
     return run
+
+
+def _as_text(name: str, value, parameter: inspect.Parameter):
+    """A text flag (a path, a prompt) as str: fire parses `--ckpt_dir 7` as an int, and a flag given without a
+    value as True, which must not become the path or the prompt "True"."""
+    if "str" not in str(parameter.annotation) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"--{name} needs a value")
+    return str(value)
+
+
+def check_flags(argv: list[str]) -> None:
+    """Refuse a flag the command does not take before anything runs (fire would only complain about leftover
+    flags after the command returned: after the whole job ran with defaults), naming the closest valid one."""
+    if not argv or argv[0] not in COMMANDS:
+        return  # fire explains a missing or unknown command
+    known = sorted(inspect.signature(COMMANDS[argv[0]]).parameters)
+    for token in argv[1:]:
+        if token == "--":
+            break  # fire's own flags (--help, --interactive, ...) follow
+        if not token.startswith("--") or token == "--help":
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name in known or (name.startswith("no") and name[2:] in known):  # fire's --noecho negates --echo
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f": did you mean --{close[0]}?" if close else f" (see llama-dist {argv[0]} --help)"
+        raise ConfigError(f"{argv[0]} has no flag --{name}{hint}")
 
 
 def default_checkpoint() -> Path:
@@ -130,16 +162,45 @@ def start(options: RunOptions, read_input, *args):
     return llm, user_input
 
 
-def _read_prompts(prompt, prompts_file) -> list[str]:
+def _read_prompts(prompt, prompts_file) -> list[tuple[str, str]]:
+    """(where, text) of each prompt: "--prompt", or the file's line number (blank lines are skipped)."""
     if (prompt is None) == (prompts_file is None):
         raise RequestError("give exactly one of --prompt TEXT or --prompts_file FILE")
     if prompt is not None:
-        return [str(prompt)]
-    lines = [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines()]
-    prompts = [line for line in lines if line.strip()]
+        try:
+            str(prompt).encode("utf-8")
+        except UnicodeEncodeError as exc:  # undecodable argv bytes arrive as surrogates (0xDC80 + byte)
+            raise RequestError(
+                f"--prompt is not valid UTF-8 text: it holds the byte 0x{ord(str(prompt)[exc.start]) & 0xFF:02x} at "
+                f"character {exc.start} (is the terminal in another encoding?)"
+            ) from None
+        return [("--prompt", str(prompt))]
+    path = Path(prompts_file)
+    if path.is_dir():
+        raise RequestError(f"--prompts_file {path} is a directory, not a file of prompts")
+    prompts = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"{path} line {number} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if line.strip():
+            prompts.append((f"{path} line {number}", line))
     if not prompts:
-        raise RequestError(f"{prompts_file} has no non-empty lines")
+        raise RequestError(f"{path} has no non-empty lines")
     return prompts
+
+
+def _check_prompt_lengths(llm: Llama, prompts: list[tuple[str, str]]) -> None:
+    """Every prompt fits max_seq_len, checked before the first is generated (and named by its line)."""
+    limit = llm.model.args.max_seq_len
+    for where, text in prompts:
+        try:
+            count = len(llm.tokenizer.encode(text, bos=True, eos=False))
+        except LlamaDistError as exc:
+            raise RequestError(f"{where}: {exc}") from None
+        if count > limit:
+            raise RequestError(f"{where}: the prompt has {count} tokens, more than --max_seq_len={limit}")
 
 
 def _batches(items: list, size: int):
@@ -158,7 +219,9 @@ def generate(prompt: str | None = None, prompts_file: str | None = None, logprob
         logprobs: also print each generated token's log-probability
         echo: print the prompt's tokens before the generated ones
     """
-    llm, prompts = start(options, _read_prompts, prompt, prompts_file)
+    llm, numbered = start(options, _read_prompts, prompt, prompts_file)
+    on_main_then_share(_check_prompt_lengths, llm, numbered)
+    prompts = [text for _, text in numbered]
     generated, seconds = 0, 0.0
     for batch in _batches(prompts, options.max_batch_size):
         started = time.perf_counter()
@@ -176,15 +239,67 @@ def generate(prompt: str | None = None, prompts_file: str | None = None, logprob
 
 
 def _read_dialogs(dialogs_file):
-    return json.loads(Path(dialogs_file).read_text()) if dialogs_file else None
+    """The dialogs of --dialogs_file, checked to be a non-empty JSON list of message lists."""
+    if not dialogs_file:
+        return None
+    path = Path(dialogs_file)
+    if path.is_dir():
+        raise DialogError(f"--dialogs_file {path} is a directory, not a JSON file of dialogs")
+    try:
+        dialogs = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DialogError(f"{path} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DialogError(f"{path} is not valid JSON: {exc}") from None
+    shape = 'a JSON list of dialogs, each a list of {"role": ..., "content": ...} messages'
+    if not isinstance(dialogs, list):
+        raise DialogError(f"{path} holds a JSON {type(dialogs).__name__}, not {shape}")
+    if not dialogs:
+        raise DialogError(f"{path} holds no dialogs: it must be {shape}")
+    for i, dialog in enumerate(dialogs):
+        if not isinstance(dialog, list) or not all(isinstance(m, dict) for m in dialog):
+            raise DialogError(f"{path}: dialog {i} is not a list of messages; the file must be {shape}")
+    return dialogs
+
+
+class _StdinLines:
+    """Lines typed on rank 0, read so that Ctrl-C always interrupts the wait.
+
+    Python runs signal handlers in the main thread only; a Ctrl-C that the kernel hands to one of torch's threads
+    would leave a main thread blocked in input() waiting for ever. Waiting in short select() slices lets it see the
+    interrupt within a quarter of a second, whichever thread took the signal.
+    """
+
+    def __init__(self, fd: int = 0):
+        self.fd, self.pending = fd, b""
+
+    def read_line(self, prompt: str) -> bytes | None:
+        """The next line (without its end), or None at the end of input."""
+        print(prompt, end="", flush=True)
+        while b"\n" not in self.pending:
+            if not select.select([self.fd], [], [], 0.25)[0]:
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                line, self.pending = self.pending, b""
+                return line or None
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.removesuffix(b"\r")
+
+
+_STDIN = _StdinLines()
 
 
 def _read_user_turn() -> str | None:
-    try:
-        line = input("user> ")
-    except EOFError:
-        return None
-    return None if line.strip() in ("exit", "quit") else line
+    while (raw := _STDIN.read_line("user> ")) is not None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            print(f"llama-dist: that line is not valid UTF-8 text ({exc.reason}); type it again", file=sys.stderr)
+            continue
+        return None if line.strip() in ("exit", "quit") else line
+    return None
 
 
 @command
@@ -227,23 +342,6 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
         dialog.append({"role": "assistant", "content": "".join(answer)})
 
 
-def quantize(src: str, dst: str, mode: str = "int8", keep_output_precision: bool = False):
-    """Write a quantized copy of the float checkpoint SRC to DST: int8 weights with one bfloat16 scale per output
-    channel, the same shard count (so it runs on the same world sizes), params.json naming the scheme. Load it
-    like any checkpoint (--ckpt_dir DST): no --quantize needed. One process; it holds the int8 checkpoint in memory.
-
-    Args:
-        src: a float (bf16/fp16/fp32) Meta checkpoint directory
-        dst: the directory to write
-        mode: int8 (int4 is quantized at load time: its packed layout depends on the CPU)
-        keep_output_precision: keep the output projection as stored
-    """
-    started = time.perf_counter()
-    out = write_quantized(src, dst, make_scheme(mode, keep_output_precision=keep_output_precision))
-    size = sum(f.stat().st_size for f in out.glob("consolidated.*.pth"))
-    print(f"wrote {out} ({mode}, {size / 2**30:.2f} GiB) in {time.perf_counter() - started:.1f} s")
-
-
 # Where gloo's transport raises a peer's death or a receive timeout; it gives them no type of their own.
 _GLOO_TRANSPORT = "gloo/transport/"
 
@@ -256,28 +354,69 @@ def lost_contact(exc: BaseException) -> bool:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0, 2 for an error the user can fix (one line on rank 0), 1 when this rank lost contact
-    with another (a peer died, or a collective outlived the timeout: one line on every surviving rank)."""
+# convert and quantize run in one process and take none of the run options.
+COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize}
+
+
+def _this_rank() -> int | None:
+    """This process's rank, or None when it cannot be told (the launch variables themselves may be the error)."""
     try:
-        # convert and quantize run in one process and take none of the run options.
-        commands = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize}
-        fire.Fire(commands, command=argv, name="llama-dist")
+        return dist.get_rank() if dist.is_initialized() else read_launch_env().rank
+    except Exception:  # noqa: BLE001 - reporting an error must not raise another
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    try:
+        text = " ".join(str(exc).split("\n")).strip()
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails
+        text = ""
+    return text or type(exc).__name__
+
+
+def _report(message: str, every_rank: bool = False) -> None:
+    """`llama-dist: error: message` on stderr, on rank 0 (or every rank); never raises."""
+    if every_rank or _this_rank() in (0, None):
+        try:
+            print(f"llama-dist: {message}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - e.g. stderr closed: the exit status still tells
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0; 2 for an error the user can fix (one line on rank 0; a start-up error on the rank that saw
+    it); 1 when this rank lost contact with another (a peer died, or a collective outlived the timeout: one line
+    on every surviving rank); 130 after Ctrl-C (one line on rank 0)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    sigint_handler = None  # set once Ctrl-C was handled: restored on the way out
+    try:
+        check_flags(argv)
+        fire.Fire(COMMANDS, command=argv, name="llama-dist")
         return 0
-    except USER_ERRORS as exc:
-        if is_main_process():
-            print(f"llama-dist: error: {exc}", file=sys.stderr, flush=True)
+    except StartupError as exc:  # there is no group yet: each rank says what it saw
+        _report(f"error: {_one_line(exc)}", every_rank=True)
         return 2
+    except USER_ERRORS as exc:
+        _report(f"error: {_one_line(exc)}")
+        return 2
+    except KeyboardInterrupt:
+        sigint_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown
+        _report("interrupted")
+        return 130
     except RuntimeError as exc:
         if not lost_contact(exc):
             raise
-        rank = dist.get_rank() if dist.is_initialized() else read_launch_env().rank
+        rank = _this_rank()
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"llama-dist: error: rank {rank} lost contact with another rank ({first_line})", file=sys.stderr,
-              flush=True)
+        _report(f"error: rank {rank} lost contact with another rank ({first_line})", every_rank=True)
         return 1
     finally:
-        shutdown_distributed()
+        try:
+            shutdown_distributed()
+        except BaseException:  # noqa: BLE001 - the outcome is decided; a failing teardown must not replace it
+            pass
+        if sigint_handler is not None:
+            signal.signal(signal.SIGINT, sigint_handler)
 
 
 if __name__ == "__main__":

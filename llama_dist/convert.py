@@ -1,5 +1,6 @@
-"""Moving a checkpoint between Meta's layout and Hugging Face's (`python -m llama_dist convert --to hf|meta SRC
-DST`), and the same weights as an in-memory transformers model for comparisons (benchmarks, parity tests).
+"""Checkpoint to checkpoint: moving one between Meta's layout and Hugging Face's (`python -m llama_dist convert
+--to hf|meta SRC DST`), saving an int8 copy (`python -m llama_dist quantize SRC DST`), and the same weights as an
+in-memory transformers model for comparisons (benchmarks, parity tests).
 
 The name map and the rotary row order live in `llama_dist.formats.hf`; this module only joins a reader of one
 layout to the writer of the other. transformers is imported lazily: it is a test/benchmark dependency.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,9 +19,10 @@ import torch
 from llama_dist.config import ModelArgs
 from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.formats import CheckpointReader
-from llama_dist.formats.consolidated import params_json, write_consolidated
+from llama_dist.formats.consolidated import params_json, write_consolidated, write_quantized
 from llama_dist.formats.hf import hf_config, hf_name, rotary_rows_to_hf, write_hf
 from llama_dist.loading import open_checkpoint
+from llama_dist.quant import make_scheme
 from llama_dist.synthetic import weight_shapes
 
 # Files beside the weights that describe the tokenizer and generation, carried over as they are.
@@ -131,3 +134,20 @@ def transformers_model(weights: dict[str, torch.Tensor], args: ModelArgs, dtype=
     # Buffers (RoPE inverse frequencies) were created on the meta device, without values: rebuild them on CPU.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.to(dtype).eval()
+
+
+def quantize(src: str, dst: str, mode: str = "int8", keep_output_precision: bool = False) -> None:
+    """Write a quantized copy of the float checkpoint SRC to DST: int8 weights with one bfloat16 scale per output
+    channel, the same shard count (so it runs on the same world sizes), params.json naming the scheme. Load it
+    like any checkpoint (--ckpt_dir DST): no --quantize needed. One process; it holds the int8 checkpoint in memory.
+
+    Args:
+        src: a float (bf16/fp16/fp32) Meta checkpoint directory (convert a Hugging Face one with --to meta first)
+        dst: the directory to write
+        mode: int8 (int4 is quantized at load time: its packed layout depends on the CPU)
+        keep_output_precision: keep the output projection as stored
+    """
+    started = time.perf_counter()
+    out = write_quantized(src, dst, make_scheme(mode, keep_output_precision=keep_output_precision))
+    size = sum(f.stat().st_size for f in out.glob("consolidated.*.pth"))
+    print(f"wrote {out} ({mode}, {size / 2**30:.2f} GiB) in {time.perf_counter() - started:.1f} s")

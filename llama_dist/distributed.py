@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from llama_dist.errors import ConfigError
+from llama_dist.rendezvous import LaunchEnv, meet_at_rendezvous
 from llama_dist.shm_allreduce import SharedMemoryAllReduce, create_for_group
 
 # How long a rank waits in a collective (or the start-up rendezvous) for its peers before it fails. Generous
@@ -47,18 +48,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits in the job, as told by its launcher."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
@@ -100,31 +89,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# SLURM-derived rendezvous ports lie in [20000, 32768): user ports below Linux's ephemeral range (32768+).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12768
+# Spreads the steps of one job over the range (a prime, so coprime with the span: steps never share a port).
+_STEP_STRIDE = 6007
+
+
+def slurm_port(job_id: int, step_id: int = 0) -> int:
+    """The rendezvous port every task of SLURM step `job_id.step_id` derives alike, with no coordination.
+
+    Consecutive job ids get consecutive ports, so jobs collide only when their ids differ by a multiple of the
+    span (12768); concurrent steps of one job get different ports. A collision that still happens is detected at
+    start-up (the port is busy, or its store belongs to another job) and reported as such.
+    """
+    return SLURM_PORT_BASE + (job_id + step_id * _STEP_STRIDE) % SLURM_PORT_SPAN
+
+
+def _int_var(env: dict[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
+    """Launch variable `name` as an integer >= minimum (ConfigError naming it otherwise)."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        if default is None:
+            raise ConfigError(f"launch variable {name} is not set")
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"launch variable {name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"launch variable {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _port_var(env: dict[str, str], name: str, default: int) -> int:
+    port = _int_var(env, name, default, minimum=1)
+    if port > 65535:
+        raise ConfigError(f"launch variable {name} must be a TCP port (1-65535), got {port}")
+    return port
+
+
+def _checked_layout(rank: int, world_size: int, rank_var: str, world_var: str) -> None:
+    if world_size < 1:
+        raise ConfigError(f"launch variable {world_var} must be >= 1, got {world_size}")
+    if rank >= world_size:
+        raise ConfigError(f"launch variable {rank_var}={rank} is outside the world of {world_var}={world_size} ranks")
+
+
 def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
-    """Rank layout from torchrun's variables, else SLURM's (plain `srun`), else a one-rank job."""
+    """Rank layout from torchrun's variables, else SLURM's (plain `srun`), else a one-rank job.
+
+    Malformed or inconsistent variables (a non-integer, a rank outside the world, a world of 0, RANK without
+    WORLD_SIZE) raise ConfigError naming the variable.
+    """
     env = dict(os.environ if env is None else env)
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [name for name in ("RANK", "WORLD_SIZE") if name not in env]
+        if missing:
+            present = "WORLD_SIZE" if missing == ["RANK"] else "RANK"
+            raise ConfigError(
+                f"launch variable {present} is set but {missing[0]} is not: set both (torchrun does) or neither"
+            )
+        rank, world_size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE", minimum=1)
+        _checked_layout(rank, world_size, "RANK", "WORLD_SIZE")
         return LaunchEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
+            rank=rank,
+            world_size=world_size,
+            local_rank=_int_var(env, "LOCAL_RANK", 0),
+            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=_port_var(env, "MASTER_PORT", 29500),
             launcher="torchrun",
         )
     # SLURM_STEP_ID marks a task started by srun; the batch script itself also has SLURM_PROCID=0 and the
     # job's task count, and must not mistake itself for rank 0 of a group nobody else will join.
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        # Every task of the job derives the same port from the job id, so no coordination is needed; the
-        # range stays below Linux's ephemeral ports (32768+).
-        default_port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 10000
+        world_var = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+        rank, world_size = _int_var(env, "SLURM_PROCID"), _int_var(env, world_var, 1, minimum=1)
+        _checked_layout(rank, world_size, "SLURM_PROCID", world_var)
+        default_port = slurm_port(_int_var(env, "SLURM_JOB_ID", 0), _int_var(env, "SLURM_STEP_ID", 0))
         return LaunchEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", 1)),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            rank=rank,
+            world_size=world_size,
+            local_rank=_int_var(env, "SLURM_LOCALID", 0),
             master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
-            master_port=int(env.get("MASTER_PORT", default_port)),
+            master_port=_port_var(env, "MASTER_PORT", default_port),
             launcher="slurm",
         )
     return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
@@ -149,7 +197,7 @@ def local_world_size() -> int:
 
 def _local_world_size(launch: LaunchEnv) -> int:
     if launch.launcher == "torchrun":
-        return int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size))
+        return _int_var(dict(os.environ), "LOCAL_WORLD_SIZE", launch.world_size, minimum=1)
     if launch.launcher == "slurm":  # e.g. "2(x3)": 2 tasks on each of 3 nodes
         per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
         match = re.match(r"\d+", per_node)
@@ -222,9 +270,9 @@ def init_distributed(
             # A one-rank group needs no rendezvous: an in-memory store avoids picking a port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            init_method = f"tcp://{_format_host(launch.master_addr)}:{launch.master_port}"
+            store = meet_at_rendezvous(launch, seconds)
             dist.init_process_group(
-                backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, timeout=timeout
+                backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
             )
     if not fs_init.model_parallel_is_initialized():
         _start_model_parallel_groups(timeout)
@@ -252,10 +300,6 @@ def _start_model_parallel_groups(timeout: datetime.timedelta) -> None:
             fs_init.initialize_model_parallel(dist.get_world_size())
     finally:
         dist.new_group = new_group
-
-
-def _format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def shared_memory_allreduce() -> SharedMemoryAllReduce | None:
@@ -341,11 +385,16 @@ def on_main_then_share(fn, *args, group=None, **kwargs):
     if is_main_process():
         try:
             result = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - whatever rank 0 raises, every rank must raise
-            error = exc
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - whatever rank 0 raises, every rank must raise
+            error = exc  # Ctrl-C too: the others are waiting here for rank 0 (e.g. for the user's next turn)
     if dist.is_initialized() and dist.get_world_size() > 1:
         sent = None if error is None else _sendable(error, 0)
-        result, received = broadcast_object((result, sent), group=group)
+        try:
+            result, received = broadcast_object((result, sent), group=group)
+        except Exception:
+            if isinstance(error, KeyboardInterrupt):  # the others were interrupted too, and are gone
+                raise error from None
+            raise
         if error is None and received is not None:
             raise received
     if error is not None:

@@ -28,3 +28,8 @@ class RequestError(LlamaDistError, ValueError):
 
 class DialogError(LlamaDistError, ValueError):
     """A dialog the chat format cannot express (bad role, order, or content)."""
+
+
+class StartupError(ConfigError):
+    """The ranks could not meet: the rendezvous port is busy or held by another job, or rank 0's address did not
+    answer within the timeout. Raised on the rank that saw it (there is no group yet to share it over)."""

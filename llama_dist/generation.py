@@ -38,6 +38,10 @@ from llama_dist.sampling import sample_next
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
 
+# What rank 0 broadcasts in place of a token when the logits it sampled from were not finite.
+NO_TOKEN = -1
+
+
 @dataclass
 class StreamStep:
     """One decoding step: per sequence, the token it gained (None if none) and the text that token added."""
@@ -147,9 +151,10 @@ class Llama:
 
         def load():
             scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
+            # The checkpoint first: a wrong ckpt_dir must be reported as such, not as a tokenizer missing from it.
+            checkpoint = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
             tokenizer_file = find_tokenizer(ckpt_dir) if tokenizer_path is None else tokenizer_path
             tokenizer = load_tokenizer(tokenizer_file)
-            checkpoint = open_checkpoint(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
             # Meta's tokenizers must match the vocabulary exactly; a Hugging Face one must fit in it (a padded
             # embedding is fine): see TokenizerInterface.vocab_mismatch.
             mismatch = tokenizer.vocab_mismatch(checkpoint.args.vocab_size)
@@ -245,8 +250,12 @@ class Llama:
             out = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not req.logprobs, gather="rank0")
             next_tokens = torch.empty(bsz, dtype=torch.long, device=device)
             if is_main:
-                next_tokens = sample_next(out.logits[:, -1], req.temperature, req.top_p, self.generator)
+                last = out.logits[:, -1]
+                next_tokens = sample_next(last, req.temperature, req.top_p, self.generator)
+                # A row of non-finite logits sends NO_TOKEN instead, so every rank stops at this step alike.
+                next_tokens = torch.where(torch.isfinite(last).all(dim=-1), next_tokens, NO_TOKEN)
             broadcast_from_rank0(next_tokens)
+            broken = (next_tokens == NO_TOKEN).any()
             next_tokens = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_tokens)
             tokens[:, cur_pos] = next_tokens
             if is_main and req.logprobs:
@@ -255,6 +264,12 @@ class Llama:
                     out.logits.transpose(1, 2), targets, reduction="none"
                 )
             finished |= ~in_prompt[:, cur_pos] & torch.isin(next_tokens, stop_tokens)
+            broken, all_finished = torch.stack((broken, finished.all())).tolist()  # one device sync per step
+            if broken:
+                raise CheckpointError(
+                    f"the model produced non-finite logits (NaN or inf) at position {cur_pos}: its weights are "
+                    f"broken, or they overflow in {str(self.model.tok_embeddings.weight.dtype).removeprefix('torch.')}"
+                )
             state.last_pos = cur_pos
             now = time.perf_counter()
             if prev_pos == 0:
@@ -263,7 +278,7 @@ class Llama:
                 state.stats.decode_steps += 1
             yield cur_pos, next_tokens
             prev_pos = cur_pos
-            if bool(finished.all()):
+            if all_finished:
                 break
         state.stats.decode_s = time.perf_counter() - started - state.stats.prefill_s
 

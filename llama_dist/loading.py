@@ -23,6 +23,7 @@ from llama_dist.config import RUNTIME_FIELDS, ModelArgs
 from llama_dist.distributed import is_main_process, model_parallel_world_size, print0
 from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.formats import CheckpointReader, open_reader
+from llama_dist.memory import check_fits_in_memory
 from llama_dist.model import Transformer
 from llama_dist.parallel import ShardSpec, packs_int4, shard_specs, skip_weight_init
 from llama_dist.quant import SCALE_SUFFIX, Int4Weight, Int8Weight, QuantScheme, make_scheme
@@ -103,6 +104,7 @@ def load_model(
         raise ConfigError("pass config and runtime settings to open_checkpoint, not with an opened Checkpoint")
     reader, args = checkpoint.reader, checkpoint.args
     world = model_parallel_world_size()
+    check_runtime_limits(args)  # the caller's settings: an error there is not the config file's
     try:
         args.validate(world)
     except ConfigError as exc:
@@ -110,6 +112,7 @@ def load_model(
     reader.check_world_size(world)
     stored = reader.stored_quantization()
     scheme = _resolve_scheme(make_scheme(quantize), stored, reader.config_path)
+    check_fits_in_memory(args, world, torch.device(device), dtype, reader.config_path, scheme)
     model, quantized = _empty_model(args, device, dtype, scheme)
     progress = _Progress(reader, _slice_bytes(model, quantized, dtype))
     used = _fill(model, reader, progress)
@@ -131,6 +134,14 @@ def _slice_bytes(model: Transformer, quantized: "_Quantized", dtype: torch.dtype
             other = spec.full_shape[1 - spec.dim]
             total += rows_or_columns * other * dtype.itemsize
     return total
+
+
+def check_runtime_limits(args: ModelArgs) -> None:
+    """The runtime limits chosen for this run (not read from the checkpoint) are positive integers."""
+    for name in ("max_batch_size", "max_seq_len"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _resolve_scheme(requested: QuantScheme | None, stored: QuantScheme | None, where: Path) -> QuantScheme | None:

@@ -27,5 +27,12 @@ def sample_next(
     """Next token per row of `logits` (bsz, vocab): argmax when temperature == 0, else top-p sampling."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
+    # (probability 0) instead of overflowing every logit to inf (softmax NaN).
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    # (0 / a temperature that rounds to 0 in float32 would be NaN: the most likely tokens stay at 0.)
+    probs = torch.softmax(torch.where(shifted == 0, 0.0, shifted / temperature), dim=-1)
+    # Non-finite logits (bad weights) give NaN rows here; the caller refuses them, this only must not crash.
+    probs = torch.nan_to_num(probs, nan=0.0).masked_fill(~torch.isfinite(logits).all(-1, keepdim=True), 1.0)
     return sample_top_p(probs, top_p, generator)

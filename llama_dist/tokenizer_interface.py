@@ -6,6 +6,8 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Mapping
 
+from llama_dist.errors import TokenizerError
+
 __all__ = ["TokenizerInterface", "check_text"]
 
 
@@ -76,3 +78,13 @@ def check_text(text: object) -> None:
     # Checked here so a bad prompt fails with a readable message rather than inside a C extension.
     if not isinstance(text, str):
         raise TypeError(f"expected text of type str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Python hands undecodable input bytes over as lone surrogates (U+DC80..U+DCFF stand for 0x80..0xFF).
+        code = ord(text[exc.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
+        raise TokenizerError(
+            f"the text is not valid UTF-8: it holds {what} at character {exc.start} (is the terminal or file in "
+            f"another encoding?)"
+        ) from None

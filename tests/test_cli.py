@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama_dist import cli
 from llama_dist.formats.checklist import file_md5
+from llama_dist.errors import RequestError
 from llama_dist.generation import Llama
 from llama_dist.tokenizer import load_tokenizer
 
@@ -245,3 +247,274 @@ def test_lost_rank_is_one_error_line_per_surviving_rank(tmp_path, mode, reason):
     assert errors[0].startswith("llama-dist: error: rank 0 lost contact with another rank (")
     assert re.search(reason, errors[0]), errors[0]
     assert "Traceback" not in rank0
+
+
+# ---- mistakes: refused before any work, as one line ----------------------------------------------------------------
+
+
+def _one_error(rc, out, err, *parts, status=2):
+    assert rc == status, (rc, err)
+    assert len(err.splitlines()) == 1 and err.startswith("llama-dist: error: "), err
+    for part in parts:
+        assert str(part) in err, (part, err)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", PROMPT, "--temprature", "0"], "generate has no flag --temprature: did you mean --temperature?"),
+        (["generate", "--prompt", PROMPT, "--max-seq-lenght=64"], "has no flag --max_seq_lenght: did you mean --max_seq_len?"),
+        (["chat", "--dialog_file", "d.json"], "chat has no flag --dialog_file: did you mean --dialogs_file?"),
+        (["generate", "--prompt", PROMPT, "--zzz"], "generate has no flag --zzz (see llama-dist generate --help)"),
+    ],
+)
+def test_unknown_flag_is_refused_before_loading(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(cli, "init_distributed", lambda **kw: pytest.fail("started although a flag was unknown"))
+    rc, out, err = run_cli(capsys, *argv)
+    _one_error(rc, out, err, message)
+    assert out == ""
+
+
+def test_known_flags_in_every_spelling_still_run(capsys):
+    rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, "--max-gen-len=6", "--temperature=0", "--noecho")
+    assert rc == 0 and "five six" in out, err
+
+
+def test_every_prompt_of_a_file_is_checked_before_the_first_is_generated(tmp_path, capsys, monkeypatch):
+    lines = ["one two three", "a b c", "five six", "", "d e f g", "ten eleven", "one two " * 40, "a b"]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(Llama, "text_completion", lambda *a, **k: pytest.fail("generated before checking line 7"))
+    rc, out, err = run_cli(capsys, "generate", "--prompts_file", tmp_path / "prompts.txt", "--max_batch_size", 2,
+                           "--max_seq_len", 32, *GREEDY)
+    _one_error(rc, out, err, f"{tmp_path / 'prompts.txt'} line 7: the prompt has", "more than --max_seq_len=32")
+    assert "> " not in out
+
+
+@pytest.mark.parametrize("where", ["prompt", "prompts_file", "dialogs_file", "chat_line"])
+def test_text_that_is_not_utf8_is_one_line(tmp_path, capsys, monkeypatch, where):
+    broken = "caf\udce9 au lait"  # how Python hands over the byte 0xe9 from a Latin-1 terminal or argv
+    if where == "prompt":
+        rc, out, err = run_cli(capsys, "generate", "--prompt", broken, *GREEDY)
+        _one_error(rc, out, err, "not valid UTF-8", "0xe9")
+    elif where == "prompts_file":
+        (tmp_path / "p.txt").write_bytes(b"one two\ncaf\xe9 au lait\n")
+        rc, out, err = run_cli(capsys, "generate", "--prompts_file", tmp_path / "p.txt", *GREEDY)
+        _one_error(rc, out, err, "p.txt line 2 is not valid UTF-8")
+    elif where == "dialogs_file":
+        (tmp_path / "d.json").write_bytes(b'[[{"role": "user", "content": "caf\xe9"}]]')
+        rc, out, err = run_cli(capsys, "chat", "--dialogs_file", tmp_path / "d.json", *GREEDY)
+        _one_error(rc, out, err, "d.json is not valid UTF-8")
+    else:  # an interactive line: said, and asked again; the session goes on
+        reader, writer = os.pipe()
+        os.write(writer, b"caf\xe9 au lait\none two three\nexit\n")
+        os.close(writer)
+        monkeypatch.setattr(cli, "_STDIN", cli._StdinLines(reader))
+        try:
+            rc, out, err = run_cli(capsys, "chat", *GREEDY)
+        finally:
+            os.close(reader)
+        assert rc == 0, err
+        assert err.startswith("llama-dist: that line is not valid UTF-8 text (") and len(err.splitlines()) == 1, err
+        assert out.count("assistant> ") == 1
+
+
+def test_prompts_file_that_is_a_directory(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "generate", "--prompts_file", tmp_path, *GREEDY)
+    _one_error(rc, out, err, f"--prompts_file {tmp_path} is a directory")
+
+
+def _tiny_copy(tmp_path, **params):
+    ckpt = tmp_path / "tiny"
+    shutil.copytree(TINY, ckpt)
+    if params:
+        path = ckpt / "params.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **params}))
+    return ckpt
+
+
+def test_non_finite_logits_are_named(tmp_path, capsys):
+    ckpt = _tiny_copy(tmp_path)
+    weights = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
+    weights["norm.weight"][:] = float("nan")
+    torch.save(weights, ckpt / "consolidated.00.pth")
+    for sampling in (["--temperature", "0"], ["--temperature", "0.8"]):
+        rc, out, err = run_cli(capsys, "generate", "--ckpt_dir", ckpt, "--prompt", PROMPT, "--max_gen_len", 4, *sampling)
+        _one_error(rc, out, err, "the model produced non-finite logits (NaN or inf)")
+
+
+def test_extreme_temperatures_sample_without_crashing(capsys):
+    rc, greedy, err = run_cli(capsys, "generate", "--prompt", PROMPT, *GREEDY)
+    assert rc == 0, err
+    rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, "--temperature", "1e-300", "--max_gen_len", 6)
+    assert rc == 0, err
+    completion = out.splitlines()[out.splitlines().index(f"> {PROMPT}") + 1]
+    assert completion == greedy.splitlines()[greedy.splitlines().index(f"> {PROMPT}") + 1]  # so cold it is greedy
+    rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, "--temperature", "1e300", "--max_gen_len", 6)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize(
+    "flags, params, parts",
+    [
+        (["--max_seq_len", 10**9], {}, ["of KV cache for max_batch_size=4 x max_seq_len=1000000000", "GiB",
+                                         "lower max_seq_len or max_batch_size"]),
+        ([], {"dim": 2**20}, ["the weights alone", "params.json", "do not fit", "GiB"]),
+    ],
+    ids=["kv-cache-from-flags", "weights-from-params-json"],
+)
+def test_sizes_that_cannot_be_allocated_are_refused_before_allocating(tmp_path, capsys, flags, params, parts):
+    ckpt = _tiny_copy(tmp_path, **params)
+    rc, out, err = run_cli(capsys, "generate", "--ckpt_dir", ckpt, "--prompt", PROMPT, *flags, *GREEDY)
+    _one_error(rc, out, err, "this rank needs", "available", *parts)
+
+
+@pytest.mark.parametrize(
+    "argv, parts, absent",
+    [
+        (["generate", "--prompt", PROMPT, "--max_batch_size", 0], ["max_batch_size must be a positive integer, got 0"],
+         "params.json"),
+        (["generate", "--prompt", PROMPT, "--ckpt_dir", "{tmp}/nowhere", "--tokenizer_path", "{tmp}/nowhere.model"],
+         ["checkpoint not found", "nowhere"], "tokenizer"),
+        (["generate", "--prompt", PROMPT, "--ckpt_dir"], ["--ckpt_dir needs a value"], "Traceback"),
+        (["generate", "--prompt"], ["--prompt needs a value"], "Traceback"),
+        (["chat", "--dialogs_file", "{tmp}/object.json"], ["object.json holds a JSON dict, not a JSON list of dialogs"],
+         "unhashable"),
+        (["chat", "--dialogs_file", "{tmp}/empty.json"], ["empty.json holds no dialogs"], "Traceback"),
+        (["chat", "--dialogs_file", "{tmp}/flat.json"], ["flat.json: dialog 0 is not a list of messages"], "Traceback"),
+    ],
+    ids=["max-batch-size", "missing-ckpt-dir", "ckpt-dir-without-value", "prompt-without-value", "dialogs-object",
+         "dialogs-empty", "dialogs-flat"],
+)
+def test_messages_point_at_the_mistake(tmp_path, capsys, argv, parts, absent):
+    (tmp_path / "object.json").write_text(json.dumps({"role": "user", "content": "hi"}))
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "flat.json").write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    rc, out, err = run_cli(capsys, *[str(a).replace("{tmp}", str(tmp_path)) for a in argv], *GREEDY)
+    _one_error(rc, out, err, *parts)
+    assert absent not in err
+
+
+@pytest.mark.parametrize(
+    "env, parts",
+    [
+        ({"RANK": "zero", "WORLD_SIZE": "2"}, ["launch variable RANK must be an integer, got 'zero'"]),
+        ({"RANK": "0"}, ["launch variable RANK is set but WORLD_SIZE is not"]),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, ["launch variable WORLD_SIZE must be >= 1"]),
+    ],
+)
+def test_malformed_launch_variables_are_one_line(capsys, monkeypatch, env, parts):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, *GREEDY)
+    _one_error(rc, out, err, *parts)
+
+
+def test_busy_rendezvous_port_is_one_line(capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+        start = time.monotonic()
+        rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, "--timeout_s", 30, *GREEDY)
+    _one_error(rc, out, err, f"rank 0 cannot host the rendezvous at 127.0.0.1:{port}", "already in use")
+    assert time.monotonic() - start < 3
+
+
+def test_ctrl_c_in_process_is_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Llama, "text_completion", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, *GREEDY)
+    assert (rc, err) == (130, "llama-dist: interrupted\n")
+    assert signal.getsignal(signal.SIGINT) == handler  # the caller's Ctrl-C handling is given back
+
+
+def test_error_handler_never_raises_a_second_exception(capsys, monkeypatch):
+    class Unprintable(RequestError):
+        def __str__(self):
+            raise RuntimeError("cannot print me")
+
+    def broken(*args, **kwargs):
+        raise Unprintable()
+
+    monkeypatch.setattr(Llama, "text_completion", broken)
+    real_shutdown = cli.shutdown_distributed
+
+    def failing_shutdown():
+        real_shutdown()
+        raise RuntimeError("teardown failed")
+
+    monkeypatch.setattr(cli, "shutdown_distributed", failing_shutdown)
+    rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, *GREEDY)
+    assert (rc, err) == (2, "llama-dist: error: Unprintable\n")
+
+
+INTERRUPTIBLE_JOB = """
+import os, sys
+rank = os.environ["RANK"]
+open(f"{sys.argv[1]}/rank{rank}.pid", "w").write(str(os.getpid()))
+os.dup2(os.open(f"{sys.argv[1]}/rank{rank}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+import llama_dist.cli
+sys.exit(llama_dist.cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("target", ["agent", "rank0"])
+def test_ctrl_c_on_the_agent_or_rank_0_ends_in_one_line_and_status_130(tmp_path, target):
+    """An interactive 2-rank chat under `python -m llama_dist.torchrun`, waiting for the user; Ctrl-C reaches the
+    agent (a terminal's Ctrl-C: the ranks run in sessions of their own) or rank 0 alone."""
+    (tmp_path / "job.py").write_text(INTERRUPTIBLE_JOB)
+    launcher = [sys.executable, "-m", "llama_dist.torchrun", "--standalone", "--nproc_per_node", "2"]
+    with open(tmp_path / "agent.err", "w") as agent_err:
+        proc = subprocess.Popen([*launcher, str(tmp_path / "job.py"), str(tmp_path), "chat"], cwd=REPO, env=_env(),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=agent_err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        seen = b""
+        while b"user> " not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "agent.err").read_text()[-3000:]
+            seen += os.read(proc.stdout.fileno(), 4096)
+        start = time.monotonic()
+        os.kill(proc.pid if target == "agent" else int((tmp_path / "rank0.pid").read_text()), signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        seconds = time.monotonic() - start
+    finally:
+        _kill(proc)
+    stderr = {name: (tmp_path / f"{name}.err").read_text() for name in ("agent", "rank0", "rank1")}
+    print(f"[{target}] status {rc} after {seconds:.1f} s; stderr: {stderr}")
+    assert rc == 130 and seconds < 30, stderr
+    assert "Traceback" not in "".join(stderr.values()), stderr
+    assert stderr["agent"].strip().splitlines()[-1].startswith("llama-dist: "), stderr["agent"]
+    assert len([line for line in stderr["agent"].splitlines() if not line.startswith(("W", "I"))]) == 1, stderr
+    if target == "agent":
+        assert stderr["rank0"] == "llama-dist: interrupted\n" and stderr["rank1"] == "", stderr
+    else:
+        assert stderr["rank0"] == "llama-dist: interrupted\n", stderr
+
+
+def test_unreachable_rendezvous_is_one_line_within_the_timeout(capfd, monkeypatch):
+    """Rank 1 of a job whose rank 0 never started: one line (no C++ retry warnings on fd 2), status 2, ~the timeout."""
+    from llama_dist.distributed import free_port
+
+    port = free_port()
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    start = time.monotonic()
+    rc = cli.main(["generate", "--prompt", PROMPT, "--timeout_s", "2", *GREEDY])
+    seconds = time.monotonic() - start
+    out, err = capfd.readouterr()
+    _one_error(rc, out, err, f"rank 1 could not join the rendezvous at 127.0.0.1:{port} within the 2 s timeout",
+               "nothing listens there")
+    assert seconds < 5, seconds

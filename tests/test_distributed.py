@@ -1,7 +1,11 @@
 """Process-group bootstrap: launcher environments, backend choice, rank-0 printing and failing fast."""
 
 import contextlib
+import datetime
 import io
+import os
+import socket
+import threading
 import time
 
 import pytest
@@ -14,13 +18,16 @@ from llama_dist.distributed import (
     _pick_backend_and_device,
     default_timeout_s,
     expand_slurm_nodelist,
+    free_port,
     init_distributed,
     model_parallel_world_size,
     print0,
+    SLURM_PORT_SPAN,
     read_launch_env,
     shutdown_distributed,
+    slurm_port,
 )
-from llama_dist.errors import ConfigError
+from llama_dist.errors import ConfigError, StartupError
 from llama_dist.generation import Llama
 from llama_dist.local_launch import RankFailure, run_local
 
@@ -47,8 +54,8 @@ def test_torchrun_env_defaults():
 
 
 def test_slurm_env():
-    # The first host of the allocation is the master; the port is derived from the job id.
-    assert read_launch_env(SLURM) == LaunchEnv(5, 6, 1, "node03", 23456, "slurm")
+    # The first host of the allocation is the master; the port is derived from the job and step ids.
+    assert read_launch_env(SLURM) == LaunchEnv(5, 6, 1, "node03", 20000 + 123456 % 12768, "slurm")
 
 
 def test_slurm_port_is_shared_by_a_job_and_differs_between_jobs():
@@ -61,8 +68,54 @@ def test_slurm_port_is_shared_by_a_job_and_differs_between_jobs():
     assert len({port(job, 0) for job in ("7", "8", "99999")}) == 3
 
 
+def test_slurm_ports_of_concurrent_jobs_and_steps_differ():
+    def port(job, step=0):
+        env = {**SLURM, "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step), "MASTER_ADDR": "node03"}
+        return read_launch_env(env).master_port
+
+    # Job ids 10000 apart shared one port by construction before; steps of one job shared it too.
+    assert port(123456) != port(133456)
+    assert port(123456, 0) != port(123456, 1)
+    # Jobs submitted around the same time (ids within the span of the port range) never share a port, and
+    # concurrent steps of one job (`srun ... &` twice) get different ports.
+    jobs = range(500000, 500000 + SLURM_PORT_SPAN)
+    assert len({slurm_port(job) for job in jobs}) == len(jobs)
+    assert len({slurm_port(123456, step) for step in range(64)}) == 64
+    assert all(20000 <= slurm_port(job, step) < 32768 for job in (0, 1, 99999, 4294967295) for step in (0, 1, 7))
+
+
+@pytest.mark.parametrize(
+    "env, parts",
+    [
+        ({"RANK": "one", "WORLD_SIZE": "2"}, ["RANK must be an integer", "'one'"]),
+        ({"RANK": "0", "WORLD_SIZE": "2.5"}, ["WORLD_SIZE must be an integer", "'2.5'"]),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, ["RANK=2 is outside the world of WORLD_SIZE=2"]),
+        ({"RANK": "-1", "WORLD_SIZE": "2"}, ["RANK must be >= 0", "-1"]),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, ["WORLD_SIZE must be >= 1", "0"]),
+        ({"RANK": "1"}, ["RANK is set but WORLD_SIZE is not"]),
+        ({"WORLD_SIZE": "2"}, ["WORLD_SIZE is set but RANK is not"]),
+        ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "http"}, ["MASTER_PORT must be an integer"]),
+        ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "70000"}, ["MASTER_PORT must be a TCP port", "70000"]),
+        ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "x"}, ["LOCAL_RANK must be an integer"]),
+        ({**SLURM, "SLURM_PROCID": "five"}, ["SLURM_PROCID must be an integer", "'five'"]),
+        ({**SLURM, "SLURM_PROCID": "6"}, ["SLURM_PROCID=6 is outside the world of SLURM_NTASKS=6"]),
+        ({**SLURM, "SLURM_NTASKS": "0"}, ["SLURM_NTASKS must be >= 1"]),
+        ({**SLURM, "SLURM_STEP_NUM_TASKS": "2"}, ["SLURM_PROCID=5 is outside the world of SLURM_STEP_NUM_TASKS=2"]),
+        ({**SLURM, "SLURM_JOB_ID": "12a"}, ["SLURM_JOB_ID must be an integer"]),
+        ({**SLURM, "SLURM_LOCALID": ""}, []),  # empty: the default, as SLURM leaves some variables
+    ],
+)
+def test_malformed_launch_variables_are_one_named_config_error(env, parts):
+    if not parts:
+        assert read_launch_env(env).local_rank == 0
+        return
+    with pytest.raises(ConfigError, match="launch variable") as info:
+        read_launch_env(env)
+    assert all(part in str(info.value) for part in parts), str(info.value)
+
+
 def test_slurm_step_variables_and_explicit_master():
-    env = {**SLURM, "SLURM_STEP_NODELIST": "gpu[7-9],login1", "SLURM_STEP_NUM_TASKS": "4"}
+    env = {**SLURM, "SLURM_STEP_NODELIST": "gpu[7-9],login1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"}
     launch = read_launch_env(env)
     assert (launch.master_addr, launch.world_size) == ("gpu7", 4)  # the step's nodes and tasks, not the job's
     env.update(MASTER_ADDR="head.example", MASTER_PORT="40000")
@@ -77,7 +130,6 @@ def test_sbatch_script_outside_srun_is_a_single_rank():
 
 def test_no_launcher_is_a_single_rank():
     assert read_launch_env({}) == LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
-    assert read_launch_env({"RANK": "1"}).launcher == "single"  # RANK alone is not a torchrun job
     assert read_launch_env({"SLURM_PROCID": "1"}).launcher == "single"
 
 
@@ -211,3 +263,112 @@ def test_llama_build_takes_a_started_group_or_starts_one_never_both(tmp_path):
                 Llama.build(tmp_path, context=ctx, **start_args)
     finally:
         shutdown_distributed()
+
+
+# ---- start-up: every wait bounded by the timeout, a busy or foreign port named as such -----------------------------
+
+
+class SilentServer:
+    """A port held by another program: it accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.connections.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        for conn in self.connections:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_server():
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def _launch_as(monkeypatch, rank: int, world_size: int, port: int, **extra: str) -> None:
+    for name in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    env = dict(RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def _failed_start(timeout_s: float) -> tuple[str, float]:
+    """(message, seconds) of an init_distributed that must fail with StartupError."""
+    start = time.monotonic()
+    with pytest.raises(StartupError) as info:
+        init_distributed(timeout_s=timeout_s, set_threads=False)
+    assert not dist.is_initialized()
+    return str(info.value), time.monotonic() - start
+
+
+def test_port_held_by_a_silent_program_ends_within_the_timeout(monkeypatch, silent_server):
+    _launch_as(monkeypatch, 1, 2, silent_server.port)
+    message, seconds = _failed_start(2)
+    assert "does not answer as a rendezvous store" in message and f":{silent_server.port}" in message, message
+    assert seconds < 5, seconds  # torch's store alone waits on it without limit
+
+
+def test_nothing_listening_ends_at_the_timeout_with_one_message(monkeypatch):
+    port = free_port()
+    _launch_as(monkeypatch, 1, 2, port)
+    message, seconds = _failed_start(2)
+    assert "rank 1 could not join the rendezvous" in message and "nothing listens there" in message, message
+    assert seconds < 5, seconds
+    assert "\n" not in message
+
+
+def test_busy_port_on_rank_0_is_named_at_once(monkeypatch, silent_server):
+    _launch_as(monkeypatch, 0, 2, silent_server.port)
+    message, seconds = _failed_start(30)
+    assert "rank 0 cannot host the rendezvous" in message and "already in use" in message, message
+    assert "set MASTER_PORT to a free port" in message
+    assert seconds < 2, seconds
+
+
+def test_store_of_another_job_is_named(monkeypatch):
+    port = free_port()
+    other = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+    other.set("llama_dist/job", "torchrun run other-job")
+    _launch_as(monkeypatch, 1, 2, port, TORCHELASTIC_RUN_ID="this-job")
+    message, seconds = _failed_start(10)
+    assert "belongs to another job (torchrun run other-job), not to this one (torchrun run this-job)" in message
+    assert seconds < 3, seconds
+
+
+def test_missing_ranks_end_rank_0_within_the_timeout(monkeypatch):
+    _launch_as(monkeypatch, 0, 2, free_port())
+    message, seconds = _failed_start(2)
+    assert "only 1 of 2 ranks reached the rendezvous within the 2 s timeout" in message, message
+    assert seconds < 5, seconds
+
+
+def start_on_held_port_worker(port: int) -> tuple[str, str, float]:
+    os.environ["MASTER_PORT"] = str(port)
+    start = time.monotonic()
+    try:
+        init_distributed(timeout_s=3)
+        return ("started", "", time.monotonic() - start)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return (type(exc).__name__, str(exc), time.monotonic() - start)
+
+
+def test_two_ranks_on_a_held_port_each_say_why_within_the_timeout(silent_server):
+    rank0, rank1 = run_local(start_on_held_port_worker, 2, silent_server.port, timeout_s=60)
+    assert rank0[:1] == ("StartupError",) and "already in use" in rank0[1] and rank0[2] < 2, rank0
+    assert rank1[:1] == ("StartupError",) and "does not answer as a rendezvous store" in rank1[1], rank1
+    assert rank1[2] < 6, rank1

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 
 import pytest
@@ -24,7 +25,7 @@ from llama_dist.formats.consolidated import (
 )
 from llama_dist.parallel import ShardSpec
 from llama_dist.synthetic import random_weights
-from multirank import RunsShellCommand, params_of, raises_naming, tiny_args, write_checkpoint
+from multirank import RunsShellCommand, params_of, raises_naming, shorten_storage_record, tiny_args, write_checkpoint
 
 
 # ---- missing or malformed files ------------------------------------------------------------------------
@@ -89,9 +90,51 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
         ConsolidatedReader(tmp_path).stored_args()
     assert not marker.exists()
 
+    # The refusal never repeats torch's advice to load the file with weights_only=False.
+    with pytest.raises(CheckpointError) as info:
+        ConsolidatedReader(tmp_path).read("norm.weight", (64,), None)
+    assert "weights_only" not in str(info.value) and "posix.system" in str(info.value), str(info.value)
+
     # The payload is live: an unrestricted torch.load would have run it (it only touches a file here).
     torch.load(shard, weights_only=False)
     assert marker.exists()
+
+
+def test_storage_record_shorter_than_its_tensor_is_refused(tmp_path):
+    """Without the check a memory-mapped load hands out the tensor with its neighbour's bytes in its second half."""
+    torch.save({"first": torch.arange(256.0), "second": torch.full((256,), 7.0)}, tmp_path / "consolidated.00.pth")
+    shorten_storage_record(tmp_path / "consolidated.00.pth", "0")
+    with raises_naming(CheckpointError, "consolidated.00.pth", "'first'", "declares 1024 bytes", "512 bytes"):
+        ConsolidatedReader(tmp_path).read("second", (256,), None)  # any tensor: the whole shard is refused
+
+
+def test_tensor_reaching_beyond_its_storage_is_refused(tmp_path):
+    # A tensor whose header claims more elements than its (intact) storage holds.
+    torch.save({"w": torch.arange(64.0)}, tmp_path / "consolidated.00.pth")
+    tensors = torch.load(tmp_path / "consolidated.00.pth", map_location="meta", weights_only=True)
+    from llama_dist.formats import consolidated
+
+    # Rebuilding such a tensor grows its storage past its record (as loading its header does): refused either way.
+    wide = torch.empty(0, device="meta").set_(tensors["w"].untyped_storage(), 0, (128,), (1,))
+    with raises_naming(CheckpointError, "'w'", "a record of 256 bytes"):
+        consolidated._check_storage_records(tmp_path / "consolidated.00.pth", {"w": wide})
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_a_shard_repeating_another_is_refused(tmp_path, num_shards):
+    """`.NN` copied from the shard before it: one too many (S+1 shards), or in place of a real one (S shards)."""
+    write_checkpoint(tmp_path, tiny_args(), num_shards=max(2, num_shards))
+    last = tmp_path / f"consolidated.{max(2, num_shards) - 1:02d}.pth"
+    if num_shards == 1:  # 2 good shards + a third repeating the second
+        shutil.copy(last, tmp_path / "consolidated.02.pth")
+        parts = ["3 shard(s)", "a shard too many"]
+    else:  # the second shard overwritten by the first
+        shutil.copy(tmp_path / "consolidated.00.pth", last)
+        parts = ["consolidated.01.pth repeats consolidated.00.pth"]
+    reader = ConsolidatedReader(tmp_path)
+    for name, shape in [("output.weight", (128, 64)), ("layers.0.attention.wk.weight", (64, 64))]:
+        with raises_naming(CheckpointError, name, *parts):
+            reader.read(name, shape, ShardSpec(0, 0, 32, shape))  # even a slice from the first shard alone
 
 
 def test_check_world_size():

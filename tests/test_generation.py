@@ -17,7 +17,7 @@ from llama_dist.errors import CheckpointError, ConfigError, DialogError, Request
 from llama_dist.formats.checklist import file_md5, read_checklist
 from llama_dist.generation import Llama
 from llama_dist.local_launch import run_local
-from multirank import SPM_VOCAB, RunsShellCommand, tiny_args, write_checkpoint
+from multirank import SPM_VOCAB, RunsShellCommand, shorten_storage_record, tiny_args, write_checkpoint
 
 VOCAB = SPM_VOCAB
 MAX_SEQ_LEN, MAX_BATCH = 48, 3
@@ -79,6 +79,18 @@ def ckpts(tmp_path_factory, spm_model_path) -> dict:
     payload["exploit"] = RunsShellCommand(f"touch {shlex.quote(str(paths['marker']))}")
     torch.save(payload, evil / "consolidated.00.pth")
 
+    # Hostile or corrupt files that torch.load(mmap=True) accepts: a storage record shorter than its tensor (which
+    # would read its neighbour's bytes), and a shard copied over another (right shapes, wrong weights).
+    shorten_storage_record(copy_of(good, root / "short_record") / "consolidated.00.pth", "0")
+    repeated = copy_of(two, root / "repeated_shard")
+    shutil.copy(repeated / "consolidated.00.pth", repeated / "consolidated.01.pth")
+    # Weights that make every logit NaN: generation must say so instead of decoding garbage.
+    nan = copy_of(good, root / "nan_weights")
+    weights = torch.load(nan / "consolidated.00.pth", weights_only=True)
+    weights["norm.weight"][:] = float("nan")
+    torch.save(weights, nan / "consolidated.00.pth")
+    paths["nan_weights"] = nan
+
     for shards in (2, 4):  # neither divides nor is a multiple of 3 ranks
         write_checkpoint(root / f"heads6_{shards}_shards", HEADS6, num_shards=shards)
         shutil.copy(spm_model_path, root / f"heads6_{shards}_shards" / "tokenizer.model")
@@ -126,6 +138,11 @@ def generation_worker(ckpts: dict) -> dict:
     # max_gen_len=None means max_seq_len - 1: more than any prompt leaves room for, so always truncated.
     out["truncated_text"] = llm.text_completion(["hello " * 10], temperature=0, logprobs=True)
     out["truncated_text_prompt"] = len(llm.tokenizer.encode("hello " * 10, bos=True, eos=False))
+    # A temperature so small that dividing by it overflows: still greedy, not a crash.
+    out["coldest"] = llm.generate(PROMPTS, 8, temperature=1e-300)[0]
+    broken = _build(ckpts["nan_weights"])
+    out["non_finite"] = [_outcome(broken.generate, PROMPTS, 4, temperature=t) for t in (0, 0.8)]
+    out["non_finite_stream"] = _outcome(_consumed(broken.generate_stream), prompt_tokens=PROMPTS, max_gen_len=4)
     return out
 
 
@@ -161,6 +178,19 @@ def test_logprobs_are_log_softmax_of_a_plain_forward(results, world_size):
     assert out["echo_logprobs"][0][0] == 0.0  # nothing predicts the first token
     for tokens, logprobs in zip(out["batch"], out["batch_logprobs"]):
         assert len(tokens) == len(logprobs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_non_finite_logits_are_one_named_error_on_every_rank(results, world_size):
+    for out in results[world_size]:
+        for outcome in out["non_finite"] + [out["non_finite_stream"]]:
+            _assert_error(outcome, CheckpointError, ["the model produced non-finite logits (NaN or inf)"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_vanishing_temperature_is_greedy(results, world_size):
+    for out in results[world_size]:
+        assert out["coldest"] == out["batch"]  # the greedy tokens of the same prompts
 
 
 def test_echo_returns_prompt_then_generation(results):
@@ -223,6 +253,10 @@ BUILD_CASES = {
                      ["cannot verify checksums", "no_checklist/checklist.chk not found"]),
     "missing_on_rank_1_only": ("good", {"rank1_ckpt": "no_such_dir"}, FileNotFoundError,
                                ["checkpoint not found", "no_such_dir"]),
+    "short_storage_record": ("short_record", {}, CheckpointError,
+                             ["short_record/consolidated.00.pth", "declares", "bytes of storage but the file has"]),
+    "repeated_shard": ("repeated_shard", {}, CheckpointError,
+                       ["consolidated.01.pth repeats consolidated.00.pth", "tok_embeddings.weight"]),
     # Without verification a flipped byte inside a tensor loads unnoticed: what verify_checksums is for.
     "flipped_unverified": ("flipped_shard", {}, None, []),
     "good_verified": ("good", {"verify_checksums": True}, None, []),

@@ -11,6 +11,8 @@ import json
 import pickle
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -78,13 +80,75 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 
 def _open_shard(path: Path) -> dict[str, torch.Tensor]:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or corrupt: it is not a torch.save archive")
     try:
-        # mmap: tensors stay on disk until sliced; weights_only: a checkpoint can never run code.
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        # weights_only: a checkpoint can never run code.
+        _check_storage_records(path, torch.load(path, map_location="meta", weights_only=True))
+        # mmap: tensors stay on disk until sliced.
+        tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} is not a plain tensor checkpoint (refused to unpickle): {exc}") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a plain tensor checkpoint (refused to unpickle): {_without_advice(exc)}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, struct.error) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"{path} does not hold a dict of named tensors")
+    return tensors
+
+
+def _without_advice(exc: Exception) -> str:
+    """What torch's weights-only refusal found (e.g. "unsupported GLOBAL posix.system"), without its advice to load
+    with weights_only=False: never do that with a file you do not trust."""
+    kept = []
+    for paragraph in re.split(r"\n\s*\n", str(exc)):
+        paragraph = " ".join(paragraph.split()).removeprefix("WeightsUnpickler error: ")
+        paragraph = re.split(r"\s*Please use `?torch\.serialization", paragraph)[0]
+        if paragraph and not re.search(r"weights_only|safe_globals|trusted source|Weights only load failed", paragraph):
+            kept.append(paragraph)
+    return " ".join(kept) or "it holds objects other than tensors"
+
+
+def _record_sizes(path: Path) -> dict[int, int]:
+    """Where each stored (uncompressed) record's bytes start in the file, and how many there are."""
+    sizes = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            raw.seek(info.header_offset)
+            header = raw.read(30)  # the local file header: its name and extra-field lengths end it
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            start = info.header_offset + 30 + name_length + extra_length
+            sizes[start] = info.file_size if info.compress_type == zipfile.ZIP_STORED else -1
+    return sizes
+
+
+def _check_storage_records(path: Path, tensors) -> None:
+    """Refuse a shard whose tensors claim bytes their records do not hold.
+
+    A memory-mapped load trusts each storage's declared size: a record shorter than it would make a tensor read
+    its neighbour's bytes (or past the end of the file). Loading on the meta device reads only the header and
+    tells where each storage starts; every storage must be exactly its record, and every tensor inside its storage.
+    """
+    if not isinstance(tensors, dict):
+        return  # refused by the caller
+    records = _record_sizes(path)
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        storage = tensor.untyped_storage()
+        start = getattr(storage, "_checkpoint_offset", None)
+        declared, stored = storage.nbytes(), records.get(start)
+        if stored is None or stored != declared:
+            held = "no stored record" if stored in (None, -1) else f"a record of {stored} bytes"
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares {declared} bytes of storage but the file has {held} for it "
+                f"(the shard is corrupt or was tampered with)"
+            )
+        if tensor.numel():
+            last = tensor.storage_offset() + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+            if tensor.storage_offset() < 0 or (last + 1) * tensor.element_size() > declared:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} of shape {tuple(tensor.shape)} reaches beyond its {declared}-byte storage"
+                )
 
 
 def check_world_size(num_shards: int, world_size: int, where) -> None:
@@ -107,6 +171,7 @@ class ConsolidatedReader:
         self.paths = checkpoint_files(self.location)
         self.config_path = self.paths[0].parent / "params.json"
         self._open: dict[int, dict[str, torch.Tensor]] = {}
+        self._checked_distinct: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -187,8 +252,19 @@ class ConsolidatedReader:
                 f"dim {split_dim} that params.json implies (is a shard missing, or does params.json not match these "
                 f"weights?)"
             )
+        distinct = full // size
+        # Only KV heads are legitimately stored more than once (each on consecutive shards, when there are more
+        # shards than heads); any other weight must be covered exactly once.
+        if len(pieces) != distinct and not (_is_kv(name) and len(pieces) % distinct == 0):
+            raise CheckpointError(
+                f"{where}: {len(pieces)} shard(s) of {name!r} hold {len(pieces) * size} rows along dim {split_dim}, "
+                f"more than the {full} that params.json implies: a shard too many (does one repeat another?)"
+            )
         # Piece i covers [start_i, start_i + size); with replicated KV heads several pieces cover the same rows.
-        starts = [(i * (full // size)) // len(pieces) * size for i in range(len(pieces))]
+        starts = [(i * distinct) // len(pieces) * size for i in range(len(pieces))]
+        if name not in self._checked_distinct:
+            _check_pieces_distinct(name, pieces, starts, split_dim, self.paths)
+            self._checked_distinct.add(name)
 
         lo, hi = (want.start, want.stop) if want is not None and want.dim == split_dim else (0, full)
         parts, pos = [], lo
@@ -202,12 +278,47 @@ class ConsolidatedReader:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=split_dim)
 
 
+def _is_kv(name: str) -> bool:
+    """wk / wv, or their int8 scales: the tensors Meta's shards may repeat (a KV head on several shards)."""
+    return name.endswith(tuple(f"attention.{w}.weight{s}" for w in ("wk", "wv") for s in ("", SCALE_SUFFIX)))
+
+
+# How much of each piece is compared with the others: a few pages, so checking costs little I/O.
+_FINGERPRINT_BYTES = 16384
+
+
+def _fingerprint(piece: torch.Tensor, split_dim: int) -> bytes:
+    """The first rows of `piece` (along dim 0, the contiguous way), about _FINGERPRINT_BYTES of them."""
+    if piece.dim() == 0 or piece.numel() == 0:
+        return b""
+    row_bytes = max(1, piece[0].numel() * piece.element_size())
+    rows = min(piece.shape[0], max(1, _FINGERPRINT_BYTES // row_bytes))
+    head = piece.narrow(0, 0, rows).contiguous().reshape(-1)
+    return head.view(torch.uint8).numpy().tobytes()
+
+
+def _check_pieces_distinct(name, pieces, starts, split_dim, paths) -> None:
+    """Refuse shards where two pieces meant for different rows of `name` are the same bytes: one shard file
+    repeating another (right shapes, wrong weights). Pieces of one replicated KV head may be equal."""
+    seen: dict[bytes, int] = {}
+    for i, piece in enumerate(pieces):
+        if i and starts[i] == starts[i - 1]:
+            continue  # another copy of the previous piece's KV head
+        key = _fingerprint(piece, split_dim)
+        if key in seen:
+            raise CheckpointError(
+                f"{paths[i]} repeats {paths[seen[key]].name}: both hold the same piece of {name!r}, which each shard "
+                f"must hold a different part of (a shard copied over another?)"
+            )
+        seen[key] = i
+
+
 def _split_dim_in_shards(name, shapes, full_shape, where) -> int | None:
     """Which dimension the shards split `name` along (None: every shard holds all of it)."""
     if all(tuple(s) == tuple(full_shape) for s in shapes):
         # Several whole copies of a weight Meta splits means params.json undersized it; only KV heads are
         # legitimately copied into every shard (one KV head, several shards).
-        is_kv = name.endswith(tuple(f"attention.{w}.weight{s}" for w in ("wk", "wv") for s in ("", SCALE_SUFFIX)))
+        is_kv = _is_kv(name)
         if len(shapes) > 1 and shard_split_dim(name) is not None and not is_kv:
             raise CheckpointError(
                 f"{where}: every shard holds a whole {tuple(full_shape)} {name!r}, but Meta's shards split it: "
