@@ -1,10 +1,12 @@
-"""Decode benchmark: `python -m llama_dist.bench run|make-checkpoint|quality ...` (under torchrun for N ranks).
+"""Decode benchmark: `python -m llama_dist.bench run|make-checkpoint|quality|kernels ...` (under torchrun for N
+ranks).
 
 `run` prints one table row per batch size: load time, time to first token, prefill and decode tokens/s,
 weight bytes streamed per decode step per rank, achieved bandwidth against the machine's copy bandwidth
 (measured in the same run, on every rank at once), and peak resident memory per rank. With
 --compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio.
-`quality` compares each weight quantization with the float model on held-out text (top-1 agreement, perplexity).
+`quality` compares each weight quantization with the float model on held-out text (top-1 agreement, perplexity);
+`kernels` times the matmul kernels of one rank's weight.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from llama_dist.config import ModelArgs, resolve_dtype
 from llama_dist.distributed import init_distributed, print0
 from llama_dist.errors import ConfigError
 from llama_dist.formats import find_tokenizer
-from llama_dist.formats.consolidated import shard_paths, write_consolidated
+from llama_dist.formats.consolidated import write_consolidated
 from llama_dist.generation import Llama
 from llama_dist.loading import load_model, open_checkpoint
 from llama_dist.parallel import local_linear
 from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE, Int4Weight, Int8Weight, QuantScheme, make_scheme
-from llama_dist.synthetic import random_weights
+from llama_dist.synthetic import random_weights, weight_shapes
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
 # The reference workload of the performance issue: shaped like Llama-3.2-1B (untied output), random weights.
@@ -63,6 +65,11 @@ def make_checkpoint(out: str = "bench_out/llama32_1b_shape", dtype: str = "bfloa
     write_consolidated(weights, params, out)
     total = sum(w.numel() for w in weights.values())
     print(f"wrote {out}: {total / 1e9:.2f}B parameters, {sum(w.nbytes for w in weights.values()) / 2**30:.2f} GiB")
+
+
+def _listed(value, convert=int) -> list:
+    """A comma-separated flag as a list: fire turns "1,8,32" into a tuple and "1" into an int."""
+    return [convert(v) for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
 
 
 def _scheme_name(scheme: QuantScheme | None) -> str:
@@ -107,7 +114,10 @@ def _streamed_bytes_per_step(model) -> int:
     """Weight bytes one decode step reads on this rank: every matrix except the embedding table (one row); for a
     quantized weight, its int8 / packed int4 values and its scales (and zeros)."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())  # quantized weights hold buffers
-    return sum(t.nbytes for name, t in tensors if not name.startswith("tok_embeddings"))
+    streamed = sum(t.nbytes for name, t in tensors if not name.startswith("tok_embeddings"))
+    # A tied output is the embedding (named once, as tok_embeddings), yet read whole by the output projection.
+    tied = model.output.weight is model.tok_embeddings.weight
+    return streamed + (model.output.weight.nbytes if tied else 0)
 
 
 def _gather_floats(value: float) -> list[float]:
@@ -118,11 +128,12 @@ def _gather_floats(value: float) -> list[float]:
     return [t.item() for t in out]
 
 
-def _hf_model(ckpt_dir, args: ModelArgs, dtype):
-    from llama_dist.convert import transformers_model
+def _hf_model(checkpoint, dtype):
+    """The checkpoint's weights (any format, any shard count) in transformers' LlamaForCausalLM."""
+    from llama_dist.convert import FullTensors, transformers_model
 
-    weights = torch.load(shard_paths(ckpt_dir)[0], map_location="cpu", mmap=True, weights_only=True)
-    return transformers_model(weights, args, dtype=dtype)
+    weights = FullTensors(checkpoint.reader, weight_shapes(checkpoint.args))
+    return transformers_model(weights, checkpoint.args, dtype=dtype)
 
 
 def _hf_rates(model, prompt: torch.Tensor, gen_len: int, repeats: int) -> tuple[float, float]:
@@ -159,8 +170,7 @@ def run(
     quantize / int4_group_size / keep_output_precision: as for every llama-dist command (weight-only int8 / int4,
     quantized by each rank at load; the load time includes it)."""
     scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
-    # fire turns "1,8,32" into a tuple and "1" into an int.
-    sizes = [int(b) for b in (str(batch_sizes).split(",") if isinstance(batch_sizes, (str, int)) else batch_sizes)]
+    sizes = _listed(batch_sizes)
     ctx = init_distributed()
     torch_dtype = resolve_dtype(dtype, ctx.device)
     # Bandwidth first: its 1 GiB buffers are freed before the model's peak memory is tracked.
@@ -207,7 +217,7 @@ def run(
         del llm, model
         print0("\n| transformers | batch | TTFT s | prefill tok/s | decode tok/s | ours / HF decode |")
         print0("|---|---|---|---|---|---|")
-        hf = _hf_model(ckpt_dir, checkpoint.args, torch_dtype)
+        hf = _hf_model(checkpoint, torch_dtype)
         for batch, (prompts, our_rate) in ours.items():
             hf_first, hf_rate = _hf_rates(hf, torch.tensor(prompts), gen_len, repeats)
             print0(f"| HF generate | {batch} | {hf_first:.3f} | {batch * prompt_len / hf_first:.0f} | {hf_rate:.1f} | "
@@ -252,7 +262,7 @@ def quality(
     """Teacher-forced quality of each quantization against the float model on held-out text: top-1 agreement
     (the quantized model's most likely next token equals the float model's) and perplexity, over `tokens`
     predicted positions."""
-    sizes = [int(g) for g in (str(group_sizes).split(",") if isinstance(group_sizes, (str, int)) else group_sizes)]
+    sizes = _listed(group_sizes)
     ctx = init_distributed()
     torch_dtype = resolve_dtype(dtype, ctx.device)
     tokenizer = load_tokenizer(find_tokenizer(ckpt_dir))
@@ -307,15 +317,12 @@ def kernels(
     dequantize-then-multiply fallbacks (slow)."""
     import copy
 
-    def parse(value, convert):
-        return [convert(v) for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
-
     print(f"{torch.get_num_threads()} threads")
     print("| weight | activations | rows | kernel | us/call | GB/s |\n|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
-    for dtype_name in parse(dtypes, str):
+    for dtype_name in _listed(dtypes, str):
         dtype = resolve_dtype(dtype_name, torch.device("cpu"))
-        for shape in parse(shapes, str):
+        for shape in _listed(shapes, str):
             out_features, in_features = map(int, shape.split("x"))
             weight = torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
             candidates = [
@@ -336,7 +343,7 @@ def kernels(
                 one = make()
                 nbytes = one.nbytes if isinstance(one, torch.Tensor) else sum(b.nbytes for b in one.buffers())
                 copies = [one] + [copy.deepcopy(one) for _ in range(max(1, stream_mib * 2**20 // nbytes) - 1)]
-                for count in parse(rows, int):
+                for count in _listed(rows):
                     x = torch.randn(count, in_features, generator=gen).to(dtype)
                     if kernel is local_linear:
                         seconds = _seconds_per_call(lambda w, v: local_linear(v, w), copies, x, repeats)

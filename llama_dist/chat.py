@@ -6,10 +6,10 @@ The returned ids end where the assistant's reply should begin, so they can go st
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TypedDict
 
-from llama_dist.chat_template import render_chat_template
+from llama_dist.chat_template import dialog_messages, render_chat_template
 from llama_dist.errors import DialogError
 from llama_dist.tokenizer import TokenizerInterface
 
@@ -35,14 +35,8 @@ LLAMA3_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "i
 
 def _checked_messages(dialog: Dialog, allowed_roles) -> list[tuple[str, str]]:
     """(role, content) pairs, after checking shape and types; errors name the message index."""
-    if isinstance(dialog, (str, bytes, Mapping)) or not isinstance(dialog, Sequence):
-        raise DialogError(f"dialog must be a list of messages, got {type(dialog).__name__}")
-    if len(dialog) == 0:
-        raise DialogError("dialog is empty: it needs at least one user message")
     pairs = []
-    for i, msg in enumerate(dialog):
-        if not isinstance(msg, Mapping):
-            raise DialogError(f"message {i} must be a dict with 'role' and 'content', got {type(msg).__name__}")
+    for i, msg in enumerate(dialog_messages(dialog)):
         role, content = msg.get("role"), msg.get("content")
         if role not in allowed_roles:
             raise DialogError(f"message {i} has role {role!r}; allowed roles are {sorted(allowed_roles)}")

@@ -90,16 +90,22 @@ def _plain(value):
     return f"<{type(value).__name__}>"
 
 
-def checked_template_messages(dialog) -> list[dict]:
-    """The dialog as plain message dicts; roles and content are the template's to judge, shape is ours."""
+def dialog_messages(dialog) -> list[Mapping]:
+    """The messages of a dialog, after checking its shape: a non-empty list of mappings (errors name the index)."""
     if isinstance(dialog, (str, bytes, Mapping)) or not isinstance(dialog, Sequence):
         raise DialogError(f"dialog must be a list of messages, got {type(dialog).__name__}")
     if len(dialog) == 0:
         raise DialogError("dialog is empty: it needs at least one user message")
-    messages = []
     for i, msg in enumerate(dialog):
         if not isinstance(msg, Mapping):
             raise DialogError(f"message {i} must be a dict with 'role' and 'content', got {type(msg).__name__}")
+    return list(dialog)
+
+
+def checked_template_messages(dialog) -> list[dict]:
+    """The dialog as plain message dicts; roles and content are the template's to judge, shape is ours."""
+    messages = []
+    for i, msg in enumerate(dialog_messages(dialog)):
         if not isinstance(msg.get("role"), str):
             raise DialogError(f"message {i} has role {msg.get('role')!r}; a role must be a string")
         # Keys whose value is None are dropped, as transformers does: templates test `'key' in message`, and an

@@ -30,12 +30,22 @@ from llama_dist.distributed import (
     long_wait_group,
     on_main_then_share,
     print0,
-    read_launch_env,
     shutdown_distributed,
 )
-from llama_dist.errors import ConfigError, DialogError, LlamaDistError, RequestError, StartupError
+from llama_dist.errors import (
+    ConfigError,
+    DialogError,
+    LlamaDistError,
+    PromptTooLongError,
+    RequestError,
+    StartupError,
+    TokenizerError,
+)
 from llama_dist.generation import Llama
+from llama_dist.launch_env import read_launch_env
 from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE
+from llama_dist.sampling import check_sampling
+from llama_dist.tokenizer_interface import check_text
 
 # Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
 # the project's own, only the file-system errors of paths the user gave.
@@ -62,6 +72,26 @@ class RunOptions:
     quantize: str | None = None
     int4_group_size: int = DEFAULT_INT4_GROUP_SIZE
     keep_output_precision: bool = False
+
+    def __post_init__(self):
+        """Refuse a flag of the wrong kind before anything starts (fire passes `--seed abc` as the text "abc" and
+        `--verify_checksums false` as the truthy text "false"); values are checked where they are used."""
+        for spec in dataclasses.fields(self):
+            value, kind = getattr(self, spec.name), str(spec.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                continue
+            if not ok:
+                expected = {"b": "True or False (or --flag / --noflag)", "i": "an integer", "f": "a number"}[kind[0]]
+                raise ConfigError(f"--{spec.name} must be {expected}, got {value!r}")
+        check_sampling(self.temperature, self.top_p, self.max_gen_len)
 
     def sampling(self) -> dict:
         return dict(temperature=self.temperature, top_p=self.top_p, max_gen_len=self.max_gen_len)
@@ -168,27 +198,33 @@ def _read_prompts(prompt, prompts_file) -> list[tuple[str, str]]:
         raise RequestError("give exactly one of --prompt TEXT or --prompts_file FILE")
     if prompt is not None:
         try:
-            str(prompt).encode("utf-8")
-        except UnicodeEncodeError as exc:  # undecodable argv bytes arrive as surrogates (0xDC80 + byte)
-            raise RequestError(
-                f"--prompt is not valid UTF-8 text: it holds the byte 0x{ord(str(prompt)[exc.start]) & 0xFF:02x} at "
-                f"character {exc.start} (is the terminal in another encoding?)"
-            ) from None
+            check_text(str(prompt))
+        except TokenizerError as exc:  # undecodable argv bytes arrive as surrogates
+            raise RequestError(f"--prompt: {exc}") from None
         return [("--prompt", str(prompt))]
-    path = Path(prompts_file)
-    if path.is_dir():
-        raise RequestError(f"--prompts_file {path} is a directory, not a file of prompts")
+    path = _file_of("--prompts_file", prompts_file, "a file of prompts", RequestError)
     prompts = []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"{path} line {number} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = _utf8(raw, f"{path} line {number}", RequestError)
         if line.strip():
             prompts.append((f"{path} line {number}", line))
     if not prompts:
         raise RequestError(f"{path} has no non-empty lines")
     return prompts
+
+
+def _file_of(flag: str, value, what: str, error: type[LlamaDistError]) -> Path:
+    path = Path(value)
+    if path.is_dir():
+        raise error(f"{flag} {path} is a directory, not {what}")
+    return path
+
+
+def _utf8(raw: bytes, where: str, error: type[LlamaDistError]) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{where} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _check_prompt_lengths(llm: Llama, prompts: list[tuple[str, str]]) -> None:
@@ -242,13 +278,9 @@ def _read_dialogs(dialogs_file):
     """The dialogs of --dialogs_file, checked to be a non-empty JSON list of message lists."""
     if not dialogs_file:
         return None
-    path = Path(dialogs_file)
-    if path.is_dir():
-        raise DialogError(f"--dialogs_file {path} is a directory, not a JSON file of dialogs")
+    path = _file_of("--dialogs_file", dialogs_file, "a JSON file of dialogs", DialogError)
     try:
-        dialogs = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DialogError(f"{path} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        dialogs = json.loads(_utf8(path.read_bytes(), str(path), DialogError))
     except json.JSONDecodeError as exc:
         raise DialogError(f"{path} is not valid JSON: {exc}") from None
     shape = 'a JSON list of dialogs, each a list of {"role": ..., "content": ...} messages'
@@ -334,7 +366,7 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
                 answer.append(piece)
                 if is_main_process():
                     print(piece, end="", flush=True)
-        except RequestError as exc:  # the conversation outgrew max_seq_len: start afresh, keep the system prompt
+        except PromptTooLongError as exc:  # the conversation outgrew max_seq_len: start afresh, keep the system prompt
             print0(f"\n[{exc}; starting a new conversation]")
             dialog = dialog[:1] if system else []
             continue
@@ -366,9 +398,11 @@ def _this_rank() -> int | None:
         return None
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, first: bool = False) -> str:
+    """The exception's message on one line (only its first line if `first`: a C++ error's trace follows it)."""
     try:
-        text = " ".join(str(exc).split("\n")).strip()
+        lines = str(exc).strip().splitlines()
+        text = (lines[0] if first else " ".join(lines)).strip() if lines else ""
     except Exception:  # noqa: BLE001 - an exception whose __str__ fails
         text = ""
     return text or type(exc).__name__
@@ -406,9 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         if not lost_contact(exc):
             raise
-        rank = _this_rank()
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        _report(f"error: rank {rank} lost contact with another rank ({first_line})", every_rank=True)
+        _report(f"error: rank {_this_rank()} lost contact with another rank ({_one_line(exc, first=True)})",
+                every_rank=True)
         return 1
     finally:
         try:

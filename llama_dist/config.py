@@ -19,6 +19,13 @@ DEFAULT_MAX_BATCH_SIZE = 4  # sequences decoded together
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _check_positive(args: ModelArgs, names: list[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -105,14 +112,16 @@ class ModelArgs:
             k: v for k, v in params.items() if k in fields and (v is not None or fields[k].default is None)
         })
 
+    def check_runtime_limits(self) -> None:
+        """The limits chosen for a run (max_batch_size, max_seq_len) are positive integers."""
+        _check_positive(self, ["max_batch_size", "max_seq_len"])
+
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError when these shapes cannot run on `world_size` tensor-parallel ranks."""
-        positive = ["dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"]
+        self.check_runtime_limits()
+        positive = ["dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"]
         positive += [name for name in ("explicit_head_dim", "explicit_ffn_dim") if getattr(self, name) is not None]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive(self, positive)
         if self.vocab_size < 1:
             raise ConfigError(f"vocab_size must be positive (got {self.vocab_size}); read it from the checkpoint")
         if not isinstance(self.tie_word_embeddings, bool):
@@ -195,3 +204,4 @@ transformer_configs: dict[str, dict] = {
         "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 10000.0, "use_scaled_rope": False,
     },
 }
+

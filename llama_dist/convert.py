@@ -9,6 +9,7 @@ layout to the writer of the other. transformers is imported lazily: it is a test
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Mapping
@@ -18,11 +19,11 @@ import torch
 
 from llama_dist.config import ModelArgs
 from llama_dist.errors import CheckpointError, ConfigError
-from llama_dist.formats import CheckpointReader
-from llama_dist.formats.consolidated import params_json, write_consolidated, write_quantized
-from llama_dist.formats.hf import hf_config, hf_name, rotary_rows_to_hf, write_hf
+from llama_dist.formats import CheckpointReader, find_tokenizer
+from llama_dist.formats.consolidated import ConsolidatedReader, params_json, write_consolidated
+from llama_dist.formats.hf import hf_config, hf_tensors, write_hf
 from llama_dist.loading import open_checkpoint
-from llama_dist.quant import make_scheme
+from llama_dist.quant import PARAMS_FIELD, SCALE_SUFFIX, QuantScheme, make_scheme, quantize_int8
 from llama_dist.synthetic import weight_shapes
 
 # Files beside the weights that describe the tokenizer and generation, carried over as they are.
@@ -67,6 +68,8 @@ def convert(src: str, dst: str, to: str | None = None, shards: int = 1, max_shar
         raise CheckpointError(f"{dst_path} exists and is not an empty directory: convert writes a new checkpoint")
     checkpoint = open_checkpoint(src)
     reader, args = checkpoint.reader, checkpoint.args
+    if reader.stored_quantization() is not None:
+        raise CheckpointError(f"{reader.location} holds quantized weights: convert the float checkpoint it was made from")
     args.validate()
     shapes = weight_shapes(args)
     reader.check_all_used(set(shapes) | {"output.weight"})
@@ -107,11 +110,7 @@ def _write_meta(weights: FullTensors, args: ModelArgs, dst: Path, shards: int) -
 
 def hf_state_dict(weights: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Full weights with Meta's names -> LlamaForCausalLM's names and rotary row order."""
-    return {
-        hf_name(name): rotary_rows_to_hf(tensor, args.head_dim) if name.endswith(("wq.weight", "wk.weight")) else tensor
-        for name, tensor in weights.items()
-        if not (args.tie_word_embeddings and name == "output.weight")
-    }
+    return dict(hf_tensors(weights, args, tied=args.tie_word_embeddings))
 
 
 def transformers_model(weights: dict[str, torch.Tensor], args: ModelArgs, dtype=torch.float32, **config_overrides):
@@ -151,3 +150,41 @@ def quantize(src: str, dst: str, mode: str = "int8", keep_output_precision: bool
     out = write_quantized(src, dst, make_scheme(mode, keep_output_precision=keep_output_precision))
     size = sum(f.stat().st_size for f in out.glob("consolidated.*.pth"))
     print(f"wrote {out} ({mode}, {size / 2**30:.2f} GiB) in {time.perf_counter() - started:.1f} s")
+
+
+def write_quantized(src: str | Path, dst: str | Path, scheme: QuantScheme) -> Path:
+    """Quantize the float checkpoint at `src` into `dst`: int8 matmul weights with their per-row scales in
+    `<name>_scale` (bfloat16), everything else as stored, as many shards as `src` (so it runs on the same world
+    sizes), params.json with a `weight_quantization` field naming the scheme, and the source's tokenizer if it has one.
+
+    Runs in one process, one tensor at a time, holding the quantized checkpoint in memory until it is written.
+    """
+    if scheme.mode != "int8":
+        raise ConfigError(
+            f"only int8 checkpoints can be saved; {scheme.mode} is quantized at load time (--quantize {scheme.mode}), "
+            "since its packed layout depends on the CPU"
+        )
+    reader = ConsolidatedReader(src)
+    if reader.stored_quantization() is not None:
+        raise CheckpointError(f"{src} is already quantized ({reader.config_path} has {PARAMS_FIELD})")
+    args = reader.stored_args()
+    if args is None:
+        raise FileNotFoundError(f"params.json not found: {reader.config_path}")
+    weights = {}
+    for name, shape in weight_shapes(args).items():
+        full = reader.read(name, shape, None)
+        if scheme.covers(name):
+            weights[name], scale = quantize_int8(full)
+            weights[name + SCALE_SUFFIX] = scale.to(torch.bfloat16)  # exact: scales are rounded to bf16 precision
+        else:
+            weights[name] = full.clone()
+        reader.release(name)
+    params = json.loads(reader.config_path.read_text())
+    params[PARAMS_FIELD] = scheme.to_params()
+    out = write_consolidated(weights, params, dst, len(reader), reader.embedding_split_dim(args.dim))
+    try:
+        tokenizer = find_tokenizer(src)
+    except FileNotFoundError:
+        return out  # weights without a tokenizer: loading will ask for --tokenizer_path, as for the source
+    shutil.copyfile(tokenizer, out / tokenizer.name)
+    return out

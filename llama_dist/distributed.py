@@ -14,9 +14,6 @@ import io
 import math
 import os
 import pickle
-import re
-import socket
-import subprocess
 from dataclasses import dataclass
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -24,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from llama_dist.errors import ConfigError
-from llama_dist.rendezvous import LaunchEnv, meet_at_rendezvous
+from llama_dist.launch_env import local_world_size, read_launch_env
+from llama_dist.rendezvous import meet_at_rendezvous
 from llama_dist.shm_allreduce import SharedMemoryAllReduce, create_for_group
 
 # How long a rank waits in a collective (or the start-up rendezvous) for its peers before it fails. Generous
@@ -50,134 +48,6 @@ class DistContext:
         return self.rank == 0
 
 
-def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """Expand SLURM's compressed host list ("gpu[01-03,07],login1") into host names.
-
-    `scontrol show hostnames` is authoritative but is not present on every compute image, so this parser
-    handles the forms SLURM emits: comma-separated hosts, each with optional bracketed ranges.
-    """
-    hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            width = len(lo)
-            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
-    return hosts
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return expand_slurm_nodelist(nodelist)[0]
-
-
-def free_port() -> int:
-    """A TCP port no process listens on, on any interface (so also on 127.0.0.1)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-# SLURM-derived rendezvous ports lie in [20000, 32768): user ports below Linux's ephemeral range (32768+).
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12768
-# Spreads the steps of one job over the range (a prime, so coprime with the span: steps never share a port).
-_STEP_STRIDE = 6007
-
-
-def slurm_port(job_id: int, step_id: int = 0) -> int:
-    """The rendezvous port every task of SLURM step `job_id.step_id` derives alike, with no coordination.
-
-    Consecutive job ids get consecutive ports, so jobs collide only when their ids differ by a multiple of the
-    span (12768); concurrent steps of one job get different ports. A collision that still happens is detected at
-    start-up (the port is busy, or its store belongs to another job) and reported as such.
-    """
-    return SLURM_PORT_BASE + (job_id + step_id * _STEP_STRIDE) % SLURM_PORT_SPAN
-
-
-def _int_var(env: dict[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
-    """Launch variable `name` as an integer >= minimum (ConfigError naming it otherwise)."""
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        if default is None:
-            raise ConfigError(f"launch variable {name} is not set")
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"launch variable {name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"launch variable {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _port_var(env: dict[str, str], name: str, default: int) -> int:
-    port = _int_var(env, name, default, minimum=1)
-    if port > 65535:
-        raise ConfigError(f"launch variable {name} must be a TCP port (1-65535), got {port}")
-    return port
-
-
-def _checked_layout(rank: int, world_size: int, rank_var: str, world_var: str) -> None:
-    if world_size < 1:
-        raise ConfigError(f"launch variable {world_var} must be >= 1, got {world_size}")
-    if rank >= world_size:
-        raise ConfigError(f"launch variable {rank_var}={rank} is outside the world of {world_var}={world_size} ranks")
-
-
-def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
-    """Rank layout from torchrun's variables, else SLURM's (plain `srun`), else a one-rank job.
-
-    Malformed or inconsistent variables (a non-integer, a rank outside the world, a world of 0, RANK without
-    WORLD_SIZE) raise ConfigError naming the variable.
-    """
-    env = dict(os.environ if env is None else env)
-    if "RANK" in env or "WORLD_SIZE" in env:
-        missing = [name for name in ("RANK", "WORLD_SIZE") if name not in env]
-        if missing:
-            present = "WORLD_SIZE" if missing == ["RANK"] else "RANK"
-            raise ConfigError(
-                f"launch variable {present} is set but {missing[0]} is not: set both (torchrun does) or neither"
-            )
-        rank, world_size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE", minimum=1)
-        _checked_layout(rank, world_size, "RANK", "WORLD_SIZE")
-        return LaunchEnv(
-            rank=rank,
-            world_size=world_size,
-            local_rank=_int_var(env, "LOCAL_RANK", 0),
-            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
-            master_port=_port_var(env, "MASTER_PORT", 29500),
-            launcher="torchrun",
-        )
-    # SLURM_STEP_ID marks a task started by srun; the batch script itself also has SLURM_PROCID=0 and the
-    # job's task count, and must not mistake itself for rank 0 of a group nobody else will join.
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        world_var = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
-        rank, world_size = _int_var(env, "SLURM_PROCID"), _int_var(env, world_var, 1, minimum=1)
-        _checked_layout(rank, world_size, "SLURM_PROCID", world_var)
-        default_port = slurm_port(_int_var(env, "SLURM_JOB_ID", 0), _int_var(env, "SLURM_STEP_ID", 0))
-        return LaunchEnv(
-            rank=rank,
-            world_size=world_size,
-            local_rank=_int_var(env, "SLURM_LOCALID", 0),
-            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
-            master_port=_port_var(env, "MASTER_PORT", default_port),
-            launcher="slurm",
-        )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
-
-
 def _pick_backend_and_device(local_rank: int, backend: str | None, device: str | torch.device | None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,21 +58,6 @@ def _pick_backend_and_device(local_rank: int, backend: str | None, device: str |
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     return backend, device
-
-
-def local_world_size() -> int:
-    """How many ranks of this job run on this node (1 for a one-process run)."""
-    return _local_world_size(read_launch_env())
-
-
-def _local_world_size(launch: LaunchEnv) -> int:
-    if launch.launcher == "torchrun":
-        return _int_var(dict(os.environ), "LOCAL_WORLD_SIZE", launch.world_size, minimum=1)
-    if launch.launcher == "slurm":  # e.g. "2(x3)": 2 tasks on each of 3 nodes
-        per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "1")
-        match = re.match(r"\d+", per_node)
-        return int(match.group()) if match else 1
-    return 1
 
 
 def default_timeout_s() -> float:
@@ -264,7 +119,7 @@ def init_distributed(
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         if device.type == "cpu" and set_threads:
             # Ranks sharing a host share its cores; oversubscribed OpenMP pools slow every rank down.
-            per_rank = max(1, (os.cpu_count() or 1) // _local_world_size(launch))
+            per_rank = max(1, (os.cpu_count() or 1) // local_world_size(launch))
             torch.set_num_threads(per_rank)
         if launch.launcher == "single":
             # A one-rank group needs no rendezvous: an in-memory store avoids picking a port.

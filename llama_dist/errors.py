@@ -26,6 +26,10 @@ class RequestError(LlamaDistError, ValueError):
     """A generation request that cannot be served (bad prompts or sampling settings)."""
 
 
+class PromptTooLongError(RequestError):
+    """A prompt (or a chat's whole dialog so far) longer than max_seq_len."""
+
+
 class DialogError(LlamaDistError, ValueError):
     """A dialog the chat format cannot express (bad role, order, or content)."""
 

@@ -7,7 +7,6 @@ same step, whatever its own random state.
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -23,18 +22,18 @@ from llama_dist.distributed import (
     DistContext,
     checked_on_all_ranks,
     init_distributed,
-    local_world_size,
     on_main_then_share,
     print0,
 )
-from llama_dist.errors import CheckpointError, ConfigError, RequestError
+from llama_dist.errors import CheckpointError, ConfigError, PromptTooLongError, RequestError
 from llama_dist.formats import find_tokenizer
 from llama_dist.formats.checklist import verify_checklist
+from llama_dist.launch_env import local_world_size
 from llama_dist.loading import load_model, open_checkpoint
 from llama_dist.model import Transformer
 from llama_dist.parallel import broadcast_from_rank0
 from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE, QuantizedWeight, QuantScheme, make_scheme
-from llama_dist.sampling import sample_next
+from llama_dist.sampling import check_sampling, sample_next
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
 
@@ -44,7 +43,8 @@ NO_TOKEN = -1
 
 @dataclass
 class StreamStep:
-    """One decoding step: per sequence, the token it gained (None if none) and the text that token added."""
+    """One decoding step: per sequence, the token it gained (None if none) and the text that token added. A last
+    step with no tokens may follow, carrying text held back for a partial character the generation ended in."""
 
     tokens: list[int | None]
     texts: list[str]
@@ -186,19 +186,16 @@ class Llama:
             if not isinstance(prompt, (list, tuple)) or not prompt:
                 raise RequestError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r:.80}")
             if len(prompt) > args.max_seq_len:
-                raise RequestError(f"prompt {i} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}")
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}"
+                )
             for t in prompt:
                 if not isinstance(t, numbers.Integral) or isinstance(t, bool):
                     raise RequestError(f"prompt {i} holds {t!r} ({type(t).__name__}), which is not an integer token id")
                 if not 0 <= t < args.vocab_size:
                     raise RequestError(f"prompt {i} holds token id {t} outside the vocabulary [0, {args.vocab_size})")
             prompts.append([int(t) for t in prompt])
-        if not isinstance(max_gen_len, numbers.Integral) or isinstance(max_gen_len, bool) or max_gen_len < 1:
-            raise RequestError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-        if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
-            raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
+        check_sampling(temperature, top_p, max_gen_len)
         return _Request(prompts, int(max_gen_len), float(temperature), float(top_p), bool(logprobs),
                         list(self.tokenizer.stop_tokens))
 
@@ -274,13 +271,13 @@ class Llama:
             now = time.perf_counter()
             if prev_pos == 0:
                 state.stats.prefill_s = now - started
-            else:
+            else:  # kept up to date each step: a consumer may stop iterating early (generate_stream does)
                 state.stats.decode_steps += 1
+                state.stats.decode_s = now - started - state.stats.prefill_s
             yield cur_pos, next_tokens
             prev_pos = cur_pos
             if all_finished:
                 break
-        state.stats.decode_s = time.perf_counter() - started - state.stats.prefill_s
 
     def _finish(self, req: _Request, state: _DecodeState, echo: bool):
         """Per sequence: (echoed prompt +) generated tokens up to the first stop token or max_gen_len."""
@@ -357,6 +354,10 @@ class Llama:
             yield step
             if all(done):
                 break
+        # Text held back for a partial character that never completed (the generation ended inside it).
+        rest = [self.tokenizer.decode(ids)[len(seen):] if ids else "" for ids, seen in zip(generated, shown)]
+        if any(rest):
+            yield StreamStep([None] * len(req.prompts), rest)
         self._finish(req, state, echo=False)
 
     def text_completion(

@@ -23,6 +23,7 @@ from llama_dist.config import RUNTIME_FIELDS, ModelArgs
 from llama_dist.distributed import is_main_process, model_parallel_world_size, print0
 from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.formats import CheckpointReader, open_reader
+from llama_dist.formats.pages import give_back_freed_heap
 from llama_dist.memory import check_fits_in_memory
 from llama_dist.model import Transformer
 from llama_dist.parallel import ShardSpec, packs_int4, shard_specs, skip_weight_init
@@ -104,10 +105,12 @@ def load_model(
         raise ConfigError("pass config and runtime settings to open_checkpoint, not with an opened Checkpoint")
     reader, args = checkpoint.reader, checkpoint.args
     world = model_parallel_world_size()
-    check_runtime_limits(args)  # the caller's settings: an error there is not the config file's
+    args.check_runtime_limits()  # the caller's settings: an error there is not the config file's
     try:
         args.validate(world)
     except ConfigError as exc:
+        if not reader.config_path.is_file():  # a config the caller gave, with no file to blame
+            raise
         raise ConfigError(f"{reader.config_path}: {exc}") from None
     reader.check_world_size(world)
     stored = reader.stored_quantization()
@@ -134,14 +137,6 @@ def _slice_bytes(model: Transformer, quantized: "_Quantized", dtype: torch.dtype
             other = spec.full_shape[1 - spec.dim]
             total += rows_or_columns * other * dtype.itemsize
     return total
-
-
-def check_runtime_limits(args: ModelArgs) -> None:
-    """The runtime limits chosen for this run (not read from the checkpoint) are positive integers."""
-    for name in ("max_batch_size", "max_seq_len"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _resolve_scheme(requested: QuantScheme | None, stored: QuantScheme | None, where: Path) -> QuantScheme | None:
@@ -251,6 +246,11 @@ def _fill_quantized(
                 scales.append(_checked_read(reader, name + SCALE_SUFFIX, scale_spec, spec.full_shape[:1], local[:1]))
                 used.add(name + SCALE_SUFFIX)
         stacked = torch.cat(rows).to(device) if len(rows) > 1 else rows[0].to(device)
+
+        def block_done(names=names):  # a weight read in place from mapped pages: give back each block's
+            for name in names:
+                reader.release(name)
+
         if prequantized:  # copied: the weight must own its memory, not the reader's mapped pages
             weight = Int8Weight(stacked.clone(), torch.cat(scales).to(device), dtype)
         elif scheme.mode == "int8":
@@ -259,14 +259,16 @@ def _fill_quantized(
             spec = linears[0].shard
             whole_rows = spec.dim == 0 or spec.stop - spec.start == spec.full_shape[1]
             absmax = None if whole_rows else _full_row_absmax(reader, names[0], spec.full_shape).to(device)
-            weight = Int8Weight.quantize(stacked, dtype, absmax)
+            weight = Int8Weight.quantize(stacked, dtype, absmax, block_done)
         else:
             packed = packs_int4(stacked.device, stacked.shape[0])
-            weight = Int4Weight.quantize(stacked, scheme.group_size, dtype, packed)
+            weight = Int4Weight.quantize(stacked, scheme.group_size, dtype, packed, block_done)
         setattr(owner, attribute, weight)
         for name in names:  # after quantizing: `stacked` may be a view of the reader's pages
             reader.release(name)
             reader.release(name + SCALE_SUFFIX)
+        del stacked, rows
+        give_back_freed_heap()
     return used
 
 

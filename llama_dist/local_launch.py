@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from llama_dist.distributed import free_port
+from llama_dist.launch_env import free_port
 
 
 class RankFailure(RuntimeError):
@@ -24,6 +24,8 @@ class RankFailure(RuntimeError):
 
 
 def _rank_main(fn, rank, world_size, port, env, args, kwargs, results):
+    for name in [n for n in os.environ if n.startswith("TORCHELASTIC_")]:
+        del os.environ[name]  # started from a torchrun worker: these ranks meet on their own store, not the agent's
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),

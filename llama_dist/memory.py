@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from llama_dist.config import ModelArgs
-from llama_dist.distributed import local_world_size
 from llama_dist.errors import ConfigError
+from llama_dist.launch_env import local_world_size
 from llama_dist.quant import QuantScheme
 
 GIB = 1024**3
@@ -18,7 +18,7 @@ def _matmul_bytes_per_weight(scheme: QuantScheme | None, dtype: torch.dtype) -> 
         return dtype.itemsize
     if scheme.mode == "int8":
         return 1.0  # + one scale per row: negligible
-    return 0.5 + 4 / scheme.group_size  # packed 4-bit values + a 2-byte scale and zero per group
+    return 0.5 + 2 * dtype.itemsize / scheme.group_size  # packed 4-bit values + a scale and zero (model dtype) per group
 
 
 def memory_needed(

@@ -204,8 +204,8 @@ class Transformer(nn.Module):
     """This rank's slice of a Llama model.
 
     `Transformer(args)` allocates the slice with uninitialised weights; `args` must be valid for the
-    model-parallel world size (`args.validate`). Load weights, then `fuse()` and `post_init()` before the first
-    forward: `llama_dist.loading.load_model` does all of it.
+    model-parallel world size (`args.validate`). `fuse()` and `post_init()` come before the weights are filled
+    (they land in the fused stacks) and the first forward: `llama_dist.loading.load_model` does all of it.
     """
 
     def __init__(self, args: ModelArgs):
@@ -225,7 +225,8 @@ class Transformer(nn.Module):
         The vocab-parallel embedding and the column-parallel output split the vocabulary identically (rank r
         holds rows [r * V/N, (r + 1) * V/N) of both), so each rank's slice of one is its slice of the other.
         """
-        if self.args.tie_word_embeddings and self.output.weight is not None:  # None: quantized apart (loading.py)
+        # Only a float output is the embedding: a quantized one (or None, before loading quantizes it) stays apart.
+        if self.args.tie_word_embeddings and isinstance(self.output.weight, nn.Parameter):
             self.output.weight = self.tok_embeddings.weight
 
     def fuse(self) -> None:

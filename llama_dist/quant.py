@@ -24,6 +24,7 @@ kernels runs (the measurements that chose them are in docs/performance.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,11 +102,14 @@ def round_to_bf16(t: torch.Tensor) -> torch.Tensor:
 _ROW_BLOCK = 2048
 
 
-def quantize_int8(weight: torch.Tensor, row_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    weight: torch.Tensor, row_absmax: torch.Tensor | None = None, block_done: Callable[[], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float32 scale per row) with weight ~= values * scale[:, None].
 
     row_absmax: the largest |w| of each full row, for a slice of the columns (a row-parallel rank's): its scales
-    are then the full weight's. Default: this weight's own.
+    are then the full weight's. Default: this weight's own. block_done: called after each block of rows (the
+    loader gives back the block's pages of a memory-mapped weight).
     """
     values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
@@ -116,13 +120,17 @@ def quantize_int8(weight: torch.Tensor, row_absmax: torch.Tensor | None = None) 
         scale = round_to_bf16((absmax / 127).clamp_min(1e-10))
         values[start:stop] = torch.round(w / scale[:, None]).clamp_(-127, 127)
         scales[start:stop] = scale
+        if block_done is not None:
+            block_done()
     return values, scales
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, block_done: Callable[[], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 values in [0, 15] of shape (rows, padded columns), float32 scales and zeros of shape (rows, groups)).
 
-    The columns are zero-padded to a whole number of groups.
+    The columns are zero-padded to a whole number of groups. block_done: as for quantize_int8.
     """
     rows, cols = weight.shape
     padded = math.ceil(cols / group_size) * group_size
@@ -139,6 +147,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15)
         values[start:stop] = q.reshape(block.shape[0], padded)
         scales[start:stop], zeros[start:stop] = scale, zero
+        if block_done is not None:
+            block_done()
     return values, scales, zeros
 
 
@@ -168,8 +178,9 @@ class Int8Weight(QuantizedWeight):
         self.register_buffer("scale", scale.to(dtype).contiguous())
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype, row_absmax: torch.Tensor | None = None) -> Int8Weight:
-        return cls(*quantize_int8(weight, row_absmax), dtype)
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype, row_absmax: torch.Tensor | None = None,
+                 block_done: Callable[[], None] | None = None) -> Int8Weight:
+        return cls(*quantize_int8(weight, row_absmax, block_done), dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
@@ -209,8 +220,9 @@ class Int4Weight(QuantizedWeight):
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous())
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype, packed: bool) -> Int4Weight:
-        return cls(*quantize_int4(weight, group_size), group_size, weight.shape[1], dtype, packed)
+    def quantize(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype, packed: bool,
+                 block_done: Callable[[], None] | None = None) -> Int4Weight:
+        return cls(*quantize_int4(weight, group_size, block_done), group_size, weight.shape[1], dtype, packed)
 
     def unpacked_values(self) -> torch.Tensor:
         if not self.packed:

@@ -14,24 +14,11 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from llama_dist.errors import StartupError
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits in the job and where its ranks meet, as told by its launcher
-    (`llama_dist.distributed.read_launch_env`)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
+from llama_dist.launch_env import LaunchEnv
 
 
 def format_host(host: str) -> str:

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+from llama_dist.errors import RequestError
+
+
+def check_sampling(temperature, top_p, max_gen_len=None) -> None:
+    """Refuse settings sampling cannot use (RequestError naming the setting); max_gen_len None means "until the
+    cache ends"."""
+    if max_gen_len is not None and (
+        not isinstance(max_gen_len, numbers.Integral) or isinstance(max_gen_len, bool) or max_gen_len < 1
+    ):
+        raise RequestError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+    if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise RequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise RequestError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -16,7 +35,8 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
     kept = sorted_probs.masked_fill(mass_before > top_p, 0.0)
     # Exponential race: token i wins (has the largest p_i / E_i, E_i ~ Exp(1)) with probability p_i / sum(p), so
     # the kept mass needs no renormalising, and unlike torch.multinomial nothing waits on the host (on GPUs).
-    race = torch.empty_like(kept).exponential_(generator=generator)
+    # A draw of exactly 0 (possible on CPU) would make a dropped token's 0 / 0 NaN, which argmax picks.
+    race = torch.empty_like(kept).exponential_(generator=generator).clamp_min_(torch.finfo(kept.dtype).tiny)
     choice = (kept / race).argmax(dim=-1, keepdim=True)
     return torch.gather(order, -1, choice).squeeze(-1)
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_dist.distributed import free_port
+from llama_dist.launch_env import free_port
 from llama_dist.shm_allreduce import process_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -275,6 +275,24 @@ def test_unknown_flag_is_refused_before_loading(capsys, monkeypatch, argv, messa
     assert out == ""
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", PROMPT, "--seed", "abc"], "--seed must be an integer, got 'abc'"),
+        (["generate", "--prompt", PROMPT, "--verify_checksums", "false"], "--verify_checksums must be True or False"),
+        (["generate", "--prompt", PROMPT, "--max_seq_len", "1.5"], "--max_seq_len must be an integer"),
+        (["generate", "--prompt", PROMPT, "--temperature", "hot"], "--temperature must be a number"),
+        (["generate", "--prompt", PROMPT, "--max_gen_len", "0"], "max_gen_len must be an integer >= 1"),
+        # Before: chat took any RequestError for "the conversation outgrew max_seq_len" and asked again, forever.
+        (["chat", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    ],
+)
+def test_flag_of_the_wrong_kind_is_refused_before_starting(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(cli, "init_distributed", lambda **kw: pytest.fail("started although a flag was bad"))
+    rc, out, err = run_cli(capsys, *argv)
+    _one_error(rc, out, err, message)
+
+
 def test_known_flags_in_every_spelling_still_run(capsys):
     rc, out, err = run_cli(capsys, "generate", "--prompt", PROMPT, "--max-gen-len=6", "--temperature=0", "--noecho")
     assert rc == 0 and "five six" in out, err
@@ -504,7 +522,7 @@ def test_ctrl_c_on_the_agent_or_rank_0_ends_in_one_line_and_status_130(tmp_path,
 
 def test_unreachable_rendezvous_is_one_line_within_the_timeout(capfd, monkeypatch):
     """Rank 1 of a job whose rank 0 never started: one line (no C++ retry warnings on fd 2), status 2, ~the timeout."""
-    from llama_dist.distributed import free_port
+    from llama_dist.launch_env import free_port
 
     port = free_port()
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():

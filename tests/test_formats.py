@@ -112,12 +112,12 @@ def test_tensor_reaching_beyond_its_storage_is_refused(tmp_path):
     # A tensor whose header claims more elements than its (intact) storage holds.
     torch.save({"w": torch.arange(64.0)}, tmp_path / "consolidated.00.pth")
     tensors = torch.load(tmp_path / "consolidated.00.pth", map_location="meta", weights_only=True)
-    from llama_dist.formats import consolidated
+    from llama_dist.formats.torch_file import check_storage_records
 
     # Rebuilding such a tensor grows its storage past its record (as loading its header does): refused either way.
     wide = torch.empty(0, device="meta").set_(tensors["w"].untyped_storage(), 0, (128,), (1,))
     with raises_naming(CheckpointError, "'w'", "a record of 256 bytes"):
-        consolidated._check_storage_records(tmp_path / "consolidated.00.pth", {"w": wide})
+        check_storage_records(tmp_path / "consolidated.00.pth", {"w": wide})
 
 
 @pytest.mark.parametrize("num_shards", [1, 2])
@@ -150,6 +150,22 @@ def test_vocab_size_minus_one_is_read_from_the_embedding(tmp_path):
         write_checkpoint(ckpt, tiny_args(), shards, family="llama2")
         assert json.loads((ckpt / "params.json").read_text())["vocab_size"] == -1
         assert ConsolidatedReader(ckpt).stored_args().vocab_size == 128
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_vocab_size_from_the_embedding_of_either_split(tmp_path, family):
+    """Llama 2 shards split the embedding by width (each holds every row), Llama 3 shards by vocabulary."""
+    write_checkpoint(tmp_path, tiny_args(), 2, family=family)
+    assert ConsolidatedReader(tmp_path).vocab_size_from_weights() == 128
+
+
+def test_unused_tensor_in_a_later_shard_is_named(tmp_path):
+    write_checkpoint(tmp_path, tiny_args(), 2)
+    second = tmp_path / "consolidated.01.pth"
+    tensors = torch.load(second, weights_only=True)
+    torch.save({**tensors, "stray.weight": torch.zeros(4)}, second)
+    with raises_naming(CheckpointError, "consolidated.01.pth", "stray.weight"):
+        ConsolidatedReader(tmp_path).check_all_used(set(tensors))
 
 
 # ---- ConsolidatedReader.read: any slice from any shard layout ------------------------------------------------------

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from llama_dist.errors import CheckpointError, ConfigError, DialogError, RequestError
+from llama_dist.errors import CheckpointError, ConfigError, DialogError, PromptTooLongError, RequestError
 from llama_dist.formats.checklist import file_md5, read_checklist
 from llama_dist.generation import Llama
 from llama_dist.local_launch import run_local
@@ -267,7 +267,7 @@ BUILD_CASES = {
 # valid request (VALID): rank 0's request decides for every rank, so they must raise rank 0's error too.
 REQUEST_CASES = {
     "prompt_longer_than_max_seq_len": ("generate", {"prompt_tokens": [[1] * 49], "max_gen_len": 4},
-                                       RequestError, ["prompt 0 has 49 tokens", "max_seq_len=48"]),
+                                       PromptTooLongError, ["prompt 0 has 49 tokens", "max_seq_len=48"]),
     "more_prompts_than_max_batch_size": ("generate", {"prompt_tokens": [[1, 2]] * 4, "max_gen_len": 4},
                                          RequestError, ["4 prompts", "max_batch_size=3"]),
     "no_prompts": ("generate", {"prompt_tokens": [], "max_gen_len": 4}, RequestError,
@@ -301,7 +301,7 @@ REQUEST_CASES = {
     "text_too_many_prompts": ("text_completion", {"prompts": ["a"] * 4, "max_gen_len": 2}, RequestError,
                               ["4 prompts", "max_batch_size=3"]),
     "text_prompt_too_long": ("text_completion", {"prompts": ["hello world " * 40], "max_gen_len": 2},
-                             RequestError, ["tokens, more than max_seq_len=48"]),
+                             PromptTooLongError, ["tokens, more than max_seq_len=48"]),
     "text_bad_top_p": ("text_completion", {"prompts": ["hello"], "top_p": 1.5, "max_gen_len": 2}, RequestError,
                        ["top_p must be in (0, 1]", "got 1.5"]),
     "chat_unknown_role": ("chat_completion", {"dialogs": [[{"role": "robot", "content": "hi"}]]}, DialogError,

@@ -415,6 +415,11 @@ def test_convert_refuses_what_it_cannot_do(tmp_path, checkpoints, capsys):
     assert "is not an empty directory" in capsys.readouterr().err
     assert cli_main(["convert", src, str(tmp_path / "out"), "--to", "meta", "--shards", "4"]) == 2
     assert "n_kv_heads=2" in capsys.readouterr().err
+    write_checkpoint(tmp_path / "float", tiny_args())
+    assert cli_main(["quantize", str(tmp_path / "float"), str(tmp_path / "int8")]) == 0
+    capsys.readouterr()
+    assert cli_main(["convert", str(tmp_path / "int8"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    assert "holds quantized weights: convert the float checkpoint" in capsys.readouterr().err
 
 
 def test_generate_from_the_bundled_model_converted_to_hf(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_dist.distributed import free_port
+from llama_dist.launch_env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "one two three four"

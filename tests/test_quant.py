@@ -17,7 +17,7 @@ import torch
 from llama_dist import cli
 from llama_dist.distributed import init_distributed, shutdown_distributed
 from llama_dist.errors import ConfigError
-from llama_dist.formats.consolidated import write_quantized
+from llama_dist.convert import write_quantized
 from llama_dist.loading import load_model
 from llama_dist.local_launch import run_local
 from llama_dist.quant import Int4Weight, Int8Weight, QuantScheme, make_scheme

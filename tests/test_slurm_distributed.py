@@ -7,13 +7,14 @@ import re
 import socket
 import textwrap
 
-from llama_dist.distributed import expand_slurm_nodelist, slurm_port
+from llama_dist.launch_env import expand_slurm_nodelist, slurm_port
 
 # Runs in every srun task. Prints one RESULT line per rank; double quotes only, the script quotes it in ''.
 RANK_CODE = textwrap.dedent(
     """
     import torch, torch.distributed as dist
-    from llama_dist.distributed import init_distributed, read_launch_env, shutdown_distributed
+    from llama_dist.distributed import init_distributed, shutdown_distributed
+    from llama_dist.launch_env import read_launch_env
     launch = read_launch_env()
     ctx = init_distributed()
     t = torch.tensor([float(ctx.rank + 1)])
@@ -47,7 +48,7 @@ def test_srun_two_tasks_all_reduce(slurm_cluster, tmp_path):
 
     rows = {int(m.group(1)): m.groups() for m in RESULT_RE.finditer(result.output)}
     assert sorted(rows) == [0, 1], result.output
-    expected_port = slurm_port(int(result.job_id), 0)  # what distributed.py derives for the script's first step
+    expected_port = slurm_port(int(result.job_id), 0)  # what launch_env.slurm_port derives for the script's first step
     for rank, (_, world, local, value, launcher, addr, port, backend) in rows.items():
         assert (int(world), float(value)) == (2, 3.0), result.output
         assert int(local) == rank  # one node: SLURM_LOCALID equals SLURM_PROCID

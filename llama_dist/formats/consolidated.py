@@ -8,11 +8,7 @@ weights stay ~1/N of the checkpoint, never the whole of it.
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import shutil
-import struct
-import zipfile
 from pathlib import Path
 
 import torch
@@ -20,6 +16,7 @@ import torch
 from llama_dist.config import ModelArgs
 from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.formats.pages import drop_mapped_pages
+from llama_dist.formats.torch_file import open_torch_file
 from llama_dist.parallel import ShardSpec
 from llama_dist.quant import PARAMS_FIELD, SCALE_SUFFIX, QuantScheme
 
@@ -79,78 +76,6 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def _open_shard(path: Path) -> dict[str, torch.Tensor]:
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path} is truncated or corrupt: it is not a torch.save archive")
-    try:
-        # weights_only: a checkpoint can never run code.
-        _check_storage_records(path, torch.load(path, map_location="meta", weights_only=True))
-        # mmap: tensors stay on disk until sliced.
-        tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} is not a plain tensor checkpoint (refused to unpickle): {_without_advice(exc)}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, struct.error) as exc:
-        raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise CheckpointError(f"{path} does not hold a dict of named tensors")
-    return tensors
-
-
-def _without_advice(exc: Exception) -> str:
-    """What torch's weights-only refusal found (e.g. "unsupported GLOBAL posix.system"), without its advice to load
-    with weights_only=False: never do that with a file you do not trust."""
-    kept = []
-    for paragraph in re.split(r"\n\s*\n", str(exc)):
-        paragraph = " ".join(paragraph.split()).removeprefix("WeightsUnpickler error: ")
-        paragraph = re.split(r"\s*Please use `?torch\.serialization", paragraph)[0]
-        if paragraph and not re.search(r"weights_only|safe_globals|trusted source|Weights only load failed", paragraph):
-            kept.append(paragraph)
-    return " ".join(kept) or "it holds objects other than tensors"
-
-
-def _record_sizes(path: Path) -> dict[int, int]:
-    """Where each stored (uncompressed) record's bytes start in the file, and how many there are."""
-    sizes = {}
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-        for info in archive.infolist():
-            raw.seek(info.header_offset)
-            header = raw.read(30)  # the local file header: its name and extra-field lengths end it
-            name_length, extra_length = struct.unpack("<HH", header[26:30])
-            start = info.header_offset + 30 + name_length + extra_length
-            sizes[start] = info.file_size if info.compress_type == zipfile.ZIP_STORED else -1
-    return sizes
-
-
-def _check_storage_records(path: Path, tensors) -> None:
-    """Refuse a shard whose tensors claim bytes their records do not hold.
-
-    A memory-mapped load trusts each storage's declared size: a record shorter than it would make a tensor read
-    its neighbour's bytes (or past the end of the file). Loading on the meta device reads only the header and
-    tells where each storage starts; every storage must be exactly its record, and every tensor inside its storage.
-    """
-    if not isinstance(tensors, dict):
-        return  # refused by the caller
-    records = _record_sizes(path)
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        storage = tensor.untyped_storage()
-        start = getattr(storage, "_checkpoint_offset", None)
-        declared, stored = storage.nbytes(), records.get(start)
-        if stored is None or stored != declared:
-            held = "no stored record" if stored in (None, -1) else f"a record of {stored} bytes"
-            raise CheckpointError(
-                f"{path}: tensor {name!r} declares {declared} bytes of storage but the file has {held} for it "
-                f"(the shard is corrupt or was tampered with)"
-            )
-        if tensor.numel():
-            last = tensor.storage_offset() + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
-            if tensor.storage_offset() < 0 or (last + 1) * tensor.element_size() > declared:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} of shape {tuple(tensor.shape)} reaches beyond its {declared}-byte storage"
-                )
-
-
 def check_world_size(num_shards: int, world_size: int, where) -> None:
     if world_size % num_shards and num_shards % world_size:
         raise CheckpointError(
@@ -160,8 +85,8 @@ def check_world_size(num_shards: int, world_size: int, where) -> None:
 
 
 class ConsolidatedReader:
-    """Named full-shape tensors of a Meta checkpoint, read slice by slice; shards are opened lazily (a rank opens
-    only those it reads from).
+    """Named full-shape tensors of a Meta checkpoint, read slice by slice: every shard is memory-mapped (each read
+    checks that the shards' pieces are distinct), and only the slices asked for are copied.
 
     path: a checkpoint directory, or a single `.pth` file read as a one-shard checkpoint.
     """
@@ -190,7 +115,10 @@ class ConsolidatedReader:
         """The scheme of a quantized checkpoint (params.json's weight_quantization field), None for a float one."""
         if not self.config_path.is_file():
             return None
-        field = json.loads(self.config_path.read_text()).get(PARAMS_FIELD)
+        try:
+            field = json.loads(self.config_path.read_text()).get(PARAMS_FIELD)
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ConfigError(f"{self.config_path} is not a JSON object of model parameters: {exc}") from None
         return None if field is None else QuantScheme.from_params(field, self.config_path)
 
     def embedding_split_dim(self, dim: int) -> int:
@@ -198,33 +126,38 @@ class ConsolidatedReader:
         return 1 if self._tensor(0, "tok_embeddings.weight").shape[1] < dim else 0
 
     def vocab_size_from_weights(self) -> int:
-        embedding = self.shard(0).get("tok_embeddings.weight")
-        if embedding is None:
-            raise CheckpointError(f"{self.paths[0]} has no tok_embeddings.weight to read the vocabulary size from")
-        # Llama 2 shards split the embedding along its width, so every shard holds all the rows.
-        return embedding.shape[0]
+        embedding, norm = self.shard(0).get("tok_embeddings.weight"), self.shard(0).get("norm.weight")
+        if embedding is None or norm is None:
+            raise CheckpointError(f"{self.paths[0]} lacks tok_embeddings.weight or norm.weight, which the "
+                                  f"vocabulary size is read from")
+        # Llama 2 shards split the embedding along its width (every shard holds all the rows), Llama 3 shards
+        # along the vocabulary; the (replicated) final norm tells the full width.
+        split_by_vocabulary = embedding.shape[1] == norm.shape[0]
+        return embedding.shape[0] * (len(self) if split_by_vocabulary else 1)
 
     def check_world_size(self, world_size: int) -> None:
         check_world_size(len(self.paths), world_size, self.location)
 
     def shard(self, index: int) -> dict[str, torch.Tensor]:
         if index not in self._open:
-            self._open[index] = _open_shard(self.paths[index])
+            self._open[index] = open_torch_file(self.paths[index])
         return self._open[index]
 
     def check_all_used(self, used: set[str]) -> None:
         """Refuse a checkpoint holding tensors the model does not use (Llama 2's rope.freqs aside): it is not
         the model the config describes."""
-        unexpected = set(self.shard(0)) - used - IGNORED_KEYS
-        if unexpected:
-            raise CheckpointError(f"{self.paths[0]} has tensors this model does not use: {sorted(unexpected)[:5]}")
+        for index, path in enumerate(self.paths):
+            unexpected = set(self.shard(index)) - used - IGNORED_KEYS
+            if unexpected:
+                raise CheckpointError(f"{path} has tensors this model does not use: {sorted(unexpected)[:5]}")
 
     def release(self, name: str) -> None:
         """Unmap the pages of tensor `name` from this process once its slice is copied.
 
         Reading a memory-mapped shard makes the pages it touched part of this rank's resident memory until
         the shard is closed: over a whole load, that is every page read. Dropping them as we go keeps a rank's
-        peak at its own slice plus one tensor; the page cache still holds them for the other ranks.
+        peak at its own slice plus one tensor; the page cache still holds them for the other ranks. Safe at any
+        time: a later read of the tensor faults its pages back in.
         """
         for shard in self._open.values():
             if name in shard:
@@ -263,7 +196,7 @@ class ConsolidatedReader:
         # Piece i covers [start_i, start_i + size); with replicated KV heads several pieces cover the same rows.
         starts = [(i * distinct) // len(pieces) * size for i in range(len(pieces))]
         if name not in self._checked_distinct:
-            _check_pieces_distinct(name, pieces, starts, split_dim, self.paths)
+            _check_pieces_distinct(name, pieces, starts, self.paths)
             self._checked_distinct.add(name)
 
         lo, hi = (want.start, want.stop) if want is not None and want.dim == split_dim else (0, full)
@@ -287,7 +220,7 @@ def _is_kv(name: str) -> bool:
 _FINGERPRINT_BYTES = 16384
 
 
-def _fingerprint(piece: torch.Tensor, split_dim: int) -> bytes:
+def _fingerprint(piece: torch.Tensor) -> bytes:
     """The first rows of `piece` (along dim 0, the contiguous way), about _FINGERPRINT_BYTES of them."""
     if piece.dim() == 0 or piece.numel() == 0:
         return b""
@@ -297,14 +230,14 @@ def _fingerprint(piece: torch.Tensor, split_dim: int) -> bytes:
     return head.view(torch.uint8).numpy().tobytes()
 
 
-def _check_pieces_distinct(name, pieces, starts, split_dim, paths) -> None:
+def _check_pieces_distinct(name, pieces, starts, paths) -> None:
     """Refuse shards where two pieces meant for different rows of `name` are the same bytes: one shard file
     repeating another (right shapes, wrong weights). Pieces of one replicated KV head may be equal."""
     seen: dict[bytes, int] = {}
     for i, piece in enumerate(pieces):
         if i and starts[i] == starts[i - 1]:
             continue  # another copy of the previous piece's KV head
-        key = _fingerprint(piece, split_dim)
+        key = _fingerprint(piece)
         if key in seen:
             raise CheckpointError(
                 f"{paths[i]} repeats {paths[seen[key]].name}: both hold the same piece of {name!r}, which each shard "
@@ -391,44 +324,3 @@ def write_consolidated(
     for i, shard in enumerate(shards):
         torch.save(shard, out_dir / f"consolidated.{i:02d}.pth")
     return out_dir
-
-
-def write_quantized(src: str | Path, dst: str | Path, scheme: QuantScheme) -> Path:
-    """Quantize the float checkpoint at `src` into `dst`: int8 matmul weights with their per-row scales in
-    `<name>_scale` (bfloat16), everything else as stored, as many shards as `src` (so it runs on the same world
-    sizes), params.json with a `weight_quantization` field naming the scheme, and src's tokenizer.model if any.
-
-    Runs in one process, one tensor at a time, holding the quantized checkpoint in memory until it is written.
-    """
-    from llama_dist.quant import quantize_int8
-    from llama_dist.synthetic import weight_shapes
-
-    if scheme.mode != "int8":
-        raise ConfigError(
-            f"only int8 checkpoints can be saved; {scheme.mode} is quantized at load time (--quantize {scheme.mode}), "
-            "since its packed layout depends on the CPU"
-        )
-    reader = ConsolidatedReader(src)
-    if reader.stored_quantization() is not None:
-        raise CheckpointError(f"{src} is already quantized ({reader.config_path} has {PARAMS_FIELD})")
-    args = reader.stored_args()
-    if args is None:
-        raise FileNotFoundError(f"params.json not found: {reader.config_path}")
-    weights = {}
-    for name, shape in weight_shapes(args).items():
-        full = reader.read(name, shape, None)
-        if scheme.covers(name):
-            weights[name], scale = quantize_int8(full)
-            weights[name + SCALE_SUFFIX] = scale.to(torch.bfloat16)  # exact: scales are rounded to bf16 precision
-        else:
-            weights[name] = full.clone()
-        reader.release(name)
-    params = json.loads(reader.config_path.read_text())
-    params[PARAMS_FIELD] = scheme.to_params()
-    out = write_consolidated(weights, params, dst, len(reader), reader.embedding_split_dim(args.dim))
-    folder = reader.paths[0].parent
-    for tokenizer in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, out / "tokenizer.model")
-            break
-    return out

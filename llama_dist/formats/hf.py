@@ -47,7 +47,6 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 _META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _ROTARY = ("attention.wq.weight", "attention.wk.weight")
 # Older exports saved RoPE's inverse frequencies as a buffer; the model derives them from config.json.
 _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -66,19 +65,6 @@ def hf_name(meta_name: str) -> str:
     if match and match.group(2) in _LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
     raise KeyError(f"no Hugging Face name for {meta_name!r}")
-
-
-def meta_name(hf: str) -> str | None:
-    """Meta's name of Hugging Face's tensor `hf` (None: Meta's layout has no such tensor)."""
-    for meta, name in _TOP_NAMES.items():
-        if name == hf:
-            return meta
-    match = _HF_LAYER.fullmatch(hf)
-    if match:
-        for meta, name in _LAYER_NAMES.items():
-            if name == match.group(2):
-                return f"layers.{match.group(1)}.{meta}"
-    return None
 
 
 def rotary_rows_to_hf(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -313,6 +299,16 @@ def _open(path: Path):
 # ---- writing --------------------------------------------------------------------------------------------------
 
 
+def hf_tensors(weights, args: ModelArgs, tied: bool):
+    """(Hugging Face's name, tensor in Hugging Face's rotary order) of each of `weights` (Meta's names and order),
+    read one at a time; a tied output weight is left out (it is the embedding)."""
+    for name in weights:
+        if tied and name == "output.weight":
+            continue
+        tensor = weights[name]
+        yield hf_name(name), rotary_rows_to_hf(tensor, args.head_dim) if name.endswith(_ROTARY) else tensor
+
+
 def write_hf(weights, args: ModelArgs, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write full `weights` (a mapping from Meta's names, Meta's rotary order) as a Hugging Face directory:
     config.json and model.safetensors, or model-0000K-of-0000N.safetensors + an index when they exceed
@@ -329,7 +325,6 @@ def write_hf(weights, args: ModelArgs, out_dir: str | Path, max_shard_bytes: int
         and weights["output.weight"].dtype == embedding.dtype
         and torch.equal(weights["output.weight"], embedding)
     )
-    names = [n for n in weights if not (tied and n == "output.weight")]
     config = dict(hf_config(args, embedding.dtype), tie_word_embeddings=tied)
 
     # Each tensor is read once; a file is written when the next tensor would take it past max_shard_bytes, and
@@ -339,24 +334,21 @@ def write_hf(weights, args: ModelArgs, out_dir: str | Path, max_shard_bytes: int
     umask = os.umask(0)
     os.umask(umask)
 
-    def flush():
+    def flush(tensors):
         part = out_dir / f"model-part{len(parts):05d}.safetensors"
         save_file(tensors, part, metadata={"format": "pt"})
         part.chmod(0o666 & ~umask)  # safetensors writes 0600; a shared checkpoint must be readable like any file
         parts.append((part, list(tensors)))
 
-    for name in names:
-        tensor = weights[name]
-        if name.endswith(_ROTARY):
-            tensor = rotary_rows_to_hf(tensor, args.head_dim)
+    for name, tensor in hf_tensors(weights, args, tied):
         if tensors and size + tensor.nbytes > max_shard_bytes:
-            flush()
+            flush(tensors)
             tensors, size = {}, 0
-        tensors[hf_name(name)] = _own_storage(tensor)
+        tensors[name] = _own_storage(tensor)
         size += tensor.nbytes
         total += tensor.nbytes  # what Hugging Face's index calls total_size: tensor bytes, headers aside
-    flush()
-    del tensors
+    flush(tensors)
+    tensors.clear()
     if len(parts) == 1:
         parts[0][0].rename(out_dir / SINGLE_FILE)
     else:
