@@ -126,7 +126,9 @@ def init_parameters(model: torch.nn.Module, n_layers: int, gen: torch.Generator)
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def train(args, tokens: torch.Tensor, doc_starts: torch.Tensor, model_args, deadline: float):
+def train(args, tokens: torch.Tensor, doc_starts: torch.Tensor, model_args, deadline: float, bf16: bool = False):
+    """bf16: run each step's matmuls in bfloat16 (autocast; float32 weights and optimizer). The autocast region is
+    entered per step: autocast caches its casts of the weights until the region ends."""
     from llama_dist.model import Transformer
 
     gen = torch.Generator().manual_seed(SEED)
@@ -165,8 +167,9 @@ def train(args, tokens: torch.Tensor, doc_starts: torch.Tensor, model_args, dead
         inputs, targets = batch[:, :-1], batch[:, 1:]
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        logits = model(inputs, 0).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(inputs, 0).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
