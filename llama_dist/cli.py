@@ -10,9 +10,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import json
-import os
-import select
 import signal
 import sys
 import time
@@ -34,18 +31,16 @@ from llama_dist.distributed import (
 )
 from llama_dist.errors import (
     ConfigError,
-    DialogError,
     LlamaDistError,
     PromptTooLongError,
     RequestError,
     StartupError,
-    TokenizerError,
 )
 from llama_dist.generation import Llama
 from llama_dist.launch_env import read_launch_env
 from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE
 from llama_dist.sampling import check_sampling
-from llama_dist.tokenizer_interface import check_text
+from llama_dist.user_input import read_dialogs, read_prompts, read_user_turn
 
 # Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
 # the project's own, only the file-system errors of paths the user gave.
@@ -192,41 +187,6 @@ def start(options: RunOptions, read_input, *args):
     return llm, user_input
 
 
-def _read_prompts(prompt, prompts_file) -> list[tuple[str, str]]:
-    """(where, text) of each prompt: "--prompt", or the file's line number (blank lines are skipped)."""
-    if (prompt is None) == (prompts_file is None):
-        raise RequestError("give exactly one of --prompt TEXT or --prompts_file FILE")
-    if prompt is not None:
-        try:
-            check_text(str(prompt))
-        except TokenizerError as exc:  # undecodable argv bytes arrive as surrogates
-            raise RequestError(f"--prompt: {exc}") from None
-        return [("--prompt", str(prompt))]
-    path = _file_of("--prompts_file", prompts_file, "a file of prompts", RequestError)
-    prompts = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        line = _utf8(raw, f"{path} line {number}", RequestError)
-        if line.strip():
-            prompts.append((f"{path} line {number}", line))
-    if not prompts:
-        raise RequestError(f"{path} has no non-empty lines")
-    return prompts
-
-
-def _file_of(flag: str, value, what: str, error: type[LlamaDistError]) -> Path:
-    path = Path(value)
-    if path.is_dir():
-        raise error(f"{flag} {path} is a directory, not {what}")
-    return path
-
-
-def _utf8(raw: bytes, where: str, error: type[LlamaDistError]) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise error(f"{where} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-
 def _check_prompt_lengths(llm: Llama, prompts: list[tuple[str, str]]) -> None:
     """Every prompt fits max_seq_len, checked before the first is generated (and named by its line)."""
     limit = llm.model.args.max_seq_len
@@ -255,7 +215,7 @@ def generate(prompt: str | None = None, prompts_file: str | None = None, logprob
         logprobs: also print each generated token's log-probability
         echo: print the prompt's tokens before the generated ones
     """
-    llm, numbered = start(options, _read_prompts, prompt, prompts_file)
+    llm, numbered = start(options, read_prompts, prompt, prompts_file)
     on_main_then_share(_check_prompt_lengths, llm, numbered)
     prompts = [text for _, text in numbered]
     generated, seconds = 0, 0.0
@@ -274,66 +234,6 @@ def generate(prompt: str | None = None, prompts_file: str | None = None, logprob
     print0(f"[{len(prompts)} prompt(s), {generated} tokens in {seconds:.2f} s, {generated / max(seconds, 1e-9):.1f} tok/s]")
 
 
-def _read_dialogs(dialogs_file):
-    """The dialogs of --dialogs_file, checked to be a non-empty JSON list of message lists."""
-    if not dialogs_file:
-        return None
-    path = _file_of("--dialogs_file", dialogs_file, "a JSON file of dialogs", DialogError)
-    try:
-        dialogs = json.loads(_utf8(path.read_bytes(), str(path), DialogError))
-    except json.JSONDecodeError as exc:
-        raise DialogError(f"{path} is not valid JSON: {exc}") from None
-    shape = 'a JSON list of dialogs, each a list of {"role": ..., "content": ...} messages'
-    if not isinstance(dialogs, list):
-        raise DialogError(f"{path} holds a JSON {type(dialogs).__name__}, not {shape}")
-    if not dialogs:
-        raise DialogError(f"{path} holds no dialogs: it must be {shape}")
-    for i, dialog in enumerate(dialogs):
-        if not isinstance(dialog, list) or not all(isinstance(m, dict) for m in dialog):
-            raise DialogError(f"{path}: dialog {i} is not a list of messages; the file must be {shape}")
-    return dialogs
-
-
-class _StdinLines:
-    """Lines typed on rank 0, read so that Ctrl-C always interrupts the wait.
-
-    Python runs signal handlers in the main thread only; a Ctrl-C that the kernel hands to one of torch's threads
-    would leave a main thread blocked in input() waiting for ever. Waiting in short select() slices lets it see the
-    interrupt within a quarter of a second, whichever thread took the signal.
-    """
-
-    def __init__(self, fd: int = 0):
-        self.fd, self.pending = fd, b""
-
-    def read_line(self, prompt: str) -> bytes | None:
-        """The next line (without its end), or None at the end of input."""
-        print(prompt, end="", flush=True)
-        while b"\n" not in self.pending:
-            if not select.select([self.fd], [], [], 0.25)[0]:
-                continue
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                line, self.pending = self.pending, b""
-                return line or None
-            self.pending += chunk
-        line, _, self.pending = self.pending.partition(b"\n")
-        return line.removesuffix(b"\r")
-
-
-_STDIN = _StdinLines()
-
-
-def _read_user_turn() -> str | None:
-    while (raw := _STDIN.read_line("user> ")) is not None:
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            print(f"llama-dist: that line is not valid UTF-8 text ({exc.reason}); type it again", file=sys.stderr)
-            continue
-        return None if line.strip() in ("exit", "quit") else line
-    return None
-
-
 @command
 def chat(dialogs_file: str | None = None, system: str | None = None, *, options: RunOptions):
     """Chat interactively on rank 0 (answers stream; 'exit' or Ctrl-D ends), or answer --dialogs_file.
@@ -345,7 +245,7 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
         dialogs_file: JSON list of dialogs, each a list of {"role": "system"|"user"|"assistant", "content": str}
         system: a system prompt for the interactive chat
     """
-    llm, dialogs = start(options, _read_dialogs, dialogs_file)
+    llm, dialogs = start(options, read_dialogs, dialogs_file)
     if dialogs is not None:
         for batch in _batches(dialogs, options.max_batch_size):
             for dialog, result in zip(batch, llm.chat_completion(batch, **options.sampling())):
@@ -356,7 +256,7 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
     dialog = [{"role": "system", "content": system}] if system else []
     print0("Chat with the model; 'exit' or Ctrl-D ends.")
     turn_group = long_wait_group()  # the other ranks wait for the user's turn here, unbounded by timeout_s
-    while (line := on_main_then_share(_read_user_turn, group=turn_group)) is not None:
+    while (line := on_main_then_share(read_user_turn, group=turn_group)) is not None:
         dialog.append({"role": "user", "content": line})
         answer = []
         if is_main_process():

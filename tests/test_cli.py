@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_dist import cli
+from llama_dist import cli, user_input
 from llama_dist.formats.checklist import file_md5
 from llama_dist.errors import RequestError
 from llama_dist.generation import Llama
@@ -326,7 +326,7 @@ def test_text_that_is_not_utf8_is_one_line(tmp_path, capsys, monkeypatch, where)
         reader, writer = os.pipe()
         os.write(writer, b"caf\xe9 au lait\none two three\nexit\n")
         os.close(writer)
-        monkeypatch.setattr(cli, "_STDIN", cli._StdinLines(reader))
+        monkeypatch.setattr(user_input, "_STDIN", user_input.StdinLines(reader))
         try:
             rc, out, err = run_cli(capsys, "chat", *GREEDY)
         finally:
