@@ -114,6 +114,19 @@ class _StopAt:
         return getattr(self._tok, name)
 
 
+class _EndsInsideACharacter:
+    """The real tokenizer, except that 6 tokens decode to text ending in a partial character (U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def decode(self, ids):
+        return self._tok.decode(ids) + ("\ufffd" if len(ids) == 6 else "")
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
 def generation_worker(ckpts: dict) -> dict:
     llm = _build(ckpts["good"])
     out = {}
@@ -130,6 +143,10 @@ def generation_worker(ckpts: dict) -> dict:
     llm.tokenizer = llm.tokenizer._tok
 
     out["stream"] = [(s.tokens, s.texts) for s in llm.generate_stream(PROMPTS, 6, temperature=0)]
+    llm.tokenizer = _EndsInsideACharacter(llm.tokenizer)
+    out["stream_partial"] = [s.texts for s in llm.generate_stream(PROMPTS, 6, temperature=0)]
+    out["stream_expected_text"] = [llm.tokenizer.decode(a[:6]) for a in out["alone"]]
+    llm.tokenizer = llm.tokenizer._tok
     out["text"] = llm.text_completion(["one two three", "hello"], temperature=0, max_gen_len=5, logprobs=True)
     out["chat"] = llm.chat_completion([[{"role": "user", "content": "hello"}]], temperature=0, max_gen_len=5)
     # Generation stops where the cache ends (max_seq_len), per sequence; max_gen_len still caps the short one.
@@ -210,6 +227,9 @@ def test_stream_yields_the_generated_tokens_and_text(results):
     out = results[2][0]
     streamed = [[t for tokens, _ in out["stream"] if (t := tokens[i]) is not None] for i in range(len(PROMPTS))]
     assert streamed == [a[:6] for a in out["alone"]]
+    # The pieces add up to the whole text, also when it ends inside a character (held back, then sent at the end).
+    texts = ["".join(texts[i] for texts in out["stream_partial"]) for i in range(len(PROMPTS))]
+    assert texts == out["stream_expected_text"] and all(text.endswith("\ufffd") for text in texts)
 
 
 def test_text_and_chat_completion_shapes(results):
