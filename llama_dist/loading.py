@@ -247,9 +247,10 @@ def _fill_quantized(
                 used.add(name + SCALE_SUFFIX)
         stacked = torch.cat(rows).to(device) if len(rows) > 1 else rows[0].to(device)
 
-        def block_done(names=names):  # a weight read in place from mapped pages: give back each block's
+        def block_done(names=names):  # give back each block's mapped pages and float32 temporaries
             for name in names:
                 reader.release(name)
+            give_back_freed_heap()
 
         if prequantized:  # copied: the weight must own its memory, not the reader's mapped pages
             weight = Int8Weight(stacked.clone(), torch.cat(scales).to(device), dtype)

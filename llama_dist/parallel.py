@@ -99,15 +99,22 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> tor
     return F.linear(x, weight)
 
 
+# 8192x2048, bf16: the int8 kernel takes 12.8 ms at 128 rows and 48 ms at 512; converting the weight and multiplying
+# densely 15.5 and 30 ms.
+_INT8_DEQUANTIZE_ROWS = 256
+
+
 def _quantized_kernel(weight: QuantizedWeight, device: torch.device, dtype: torch.dtype, rows: int):
     """The kernel of a quantized weight for `rows` rows of activations in `dtype` on `device`.
 
     CPU, measured (docs/performance.md, `python -m llama_dist.bench kernels`): with bf16 activations the int8 and
-    int4 pack kernels beat dequantize-then-multiply at every row count (1-64); with fp32 activations the int8
-    kernel is scalar code, faster only for one row. Elsewhere (CUDA: not measured) the weight is dequantized.
+    int4 pack kernels beat dequantize-then-multiply up to a few hundred rows; from _INT8_DEQUANTIZE_ROWS (prefill)
+    converting the int8 weight once and multiplying densely is faster (a packed int4 weight costs as much to unpack
+    as to multiply, so it keeps its kernel); with fp32 activations the int8 kernel is scalar code, faster only for
+    one row. Elsewhere (CUDA: not measured) the weight is dequantized.
     """
     if isinstance(weight, Int8Weight):
-        if device.type == "cpu" and (dtype == torch.bfloat16 or rows == 1):
+        if device.type == "cpu" and (dtype == torch.bfloat16 or rows == 1) and rows < _INT8_DEQUANTIZE_ROWS:
             return weight.mm_int8pack
         return weight.mm_dequantized
     if isinstance(weight, Int4Weight) and weight.packed:

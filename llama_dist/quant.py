@@ -99,7 +99,7 @@ def round_to_bf16(t: torch.Tensor) -> torch.Tensor:
 
 # Rows rounded (and packed) at a time: the float32 temporaries of a whole output projection (128256 x 2048) would
 # be GiBs. A multiple of 64: the CPU int4 layout packs blocks of 64 rows, so packing by blocks changes nothing.
-_ROW_BLOCK = 2048
+_ROW_BLOCK = 512
 
 
 def quantize_int8(
@@ -212,10 +212,15 @@ class Int4Weight(QuantizedWeight):
         self.group_size = group_size
         self.packed = packed
         values = values.to(torch.uint8).contiguous()
-        if packed:  # by blocks of rows: the kernel's packing takes int32, 4 bytes a value
+        if packed:  # by blocks of rows (the packing takes int32, 4 bytes a value), into one tensor: a row a row
             pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-            starts = range(0, len(values), _ROW_BLOCK)
-            values = torch.cat([pack(values[start : start + _ROW_BLOCK].to(torch.int32), 1) for start in starts])
+            unpacked, values = values, None
+            for start in range(0, len(unpacked), _ROW_BLOCK):
+                block = pack(unpacked[start : start + _ROW_BLOCK].to(torch.int32), 1)
+                if values is None:
+                    values = torch.empty((len(unpacked), block.shape[1]), dtype=block.dtype, device=block.device)
+                values[start : start + len(block)] = block
+            del unpacked
         self.register_buffer("values", values)
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous())
 
