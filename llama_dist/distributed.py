@@ -11,9 +11,12 @@ import contextlib
 import datetime
 import functools
 import io
+import json
 import math
 import os
 import pickle
+import socket
+import time
 from dataclasses import dataclass
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from llama_dist.errors import ConfigError
-from llama_dist.launch_env import local_world_size, read_launch_env
+from llama_dist.launch_env import LaunchEnv, local_world_size, read_launch_env
 from llama_dist.rendezvous import meet_at_rendezvous
 from llama_dist.shm_allreduce import SharedMemoryAllReduce, create_for_group
 
@@ -58,6 +61,48 @@ def _pick_backend_and_device(local_rank: int, backend: str | None, device: str |
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     return backend, device
+
+
+def _gpu_identity(device: torch.device) -> str:
+    """What tells this GPU from the others of its host, whatever each rank's CUDA_VISIBLE_DEVICES numbering."""
+    try:
+        return str(torch.cuda.get_device_properties(device).uuid)
+    except (AttributeError, RuntimeError):
+        return f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}#{device.index}"
+
+
+def check_gpus_not_shared(store: dist.Store, launch: LaunchEnv, device: torch.device, timeout_s: float) -> None:
+    """Refuse ranks of one host that would share a GPU, before NCCL is touched (NCCL fails deep inside the first
+    collective, "Duplicate GPU detected"). Every rank posts its host and GPU to the rendezvous store and reads
+    everyone's, so all ranks raise the same ConfigError."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restarted attempt
+    keys = [f"llama_dist/gpu/{attempt}/{rank}" for rank in range(launch.world_size)]
+    store.set(keys[launch.rank], json.dumps([socket.gethostname(), _gpu_identity(device), str(device)]))
+    store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    users: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    gpus_of_host: dict[str, set[str]] = {}
+    for rank, key in enumerate(keys):
+        host, gpu, name = json.loads(store.get(key))
+        users.setdefault((host, gpu), []).append((rank, name))
+        gpus_of_host.setdefault(host, set()).add(gpu)
+    for (host, _), ranks in sorted(users.items()):
+        if len(ranks) > 1:
+            on_host = sum(len(r) for (h, _), r in users.items() if h == host)
+            gpus = torch.cuda.device_count() if host == socket.gethostname() else len(gpus_of_host[host])
+            error = ConfigError(
+                f"ranks {', '.join(str(r) for r, _ in ranks)} would share {ranks[0][1]} on {host}: {on_host} ranks run "
+                f"there on {gpus} visible GPU(s), and NCCL needs one GPU per rank. Start at most {gpus} rank(s) per "
+                f"node (torchrun --nproc_per_node {gpus}; NPROC={gpus} for launch/run_local.sh)"
+            )
+            # Rank 0 may host the store: it leaves only once every other rank has read it (and touches the store
+            # no more), so all of them raise this error rather than a lost connection.
+            counter, deadline = f"llama_dist/gpu/{attempt}/read", time.monotonic() + timeout_s
+            if launch.rank != 0:
+                store.add(counter, 1)
+                raise error
+            while store.add(counter, 0) < launch.world_size - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise error
 
 
 def default_timeout_s() -> float:
@@ -111,9 +156,9 @@ def init_distributed(
     seconds = default_timeout_s() if timeout_s is None else _checked_timeout(timeout_s, "timeout_s")
     timeout = datetime.timedelta(seconds=seconds)
 
+    if device.type == "cuda":  # also when joining a started group: this thread's kernels go to the rank's GPU
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         if backend == "nccl":
             # Tear the process down when a collective outlives the timeout (PyTorch >= 2.2 default).
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
@@ -126,6 +171,8 @@ def init_distributed(
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             store = meet_at_rendezvous(launch, seconds)
+            if device.type == "cuda":
+                check_gpus_not_shared(store, launch, device, seconds)
             dist.init_process_group(
                 backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
             )

@@ -54,6 +54,51 @@ def test_explicit_backend_and_device_are_honoured(monkeypatch):
     assert _pick_backend_and_device(0, "gloo", torch.device("cpu")) == ("gloo", torch.device("cpu"))
 
 
+def _fake_cuda_rank(gpus: int) -> None:
+    """This process sees `gpus` GPUs (the first `gpus` of one host), without CUDA: enough to reach the check."""
+    import types
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: gpus
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(uuid=f"GPU-{torch.device(device).index}")
+
+
+def ranks_sharing_a_gpu_worker(gpus: int):
+    _fake_cuda_rank(gpus)
+    try:
+        init_distributed(timeout_s=30)
+    except ConfigError as exc:
+        return str(exc)
+    return "started"
+
+
+def distinct_gpus_worker(gpus: int):
+    from llama_dist.distributed import check_gpus_not_shared
+    from llama_dist.launch_env import read_launch_env
+
+    _fake_cuda_rank(gpus)
+    launch = read_launch_env()
+    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, launch.rank == 0,
+                          timeout=datetime.timedelta(seconds=30))
+    check_gpus_not_shared(store, launch, torch.device("cuda", launch.local_rank % gpus), 30)
+    if launch.rank != 0:
+        store.add("checked", 1)  # the last use of the store by this rank
+    else:  # rank 0 hosts the store: it must outlive the other ranks' reads
+        while store.add("checked", 0) < launch.world_size - 1:
+            time.sleep(0.01)
+    return "checked"
+
+
+def test_ranks_sharing_a_gpu_are_refused_before_nccl():
+    """Two ranks on a one-GPU host (the quick start's NPROC=2 on a GPU laptop): one named error on every rank,
+    raised before NCCL (absent from this CPU build of torch) is ever touched."""
+    for message in run_local(ranks_sharing_a_gpu_worker, 2, 1, timeout_s=120):
+        assert message.startswith("ranks 0, 1 would share cuda:0 on "), message
+        assert "2 ranks run there on 1 visible GPU(s)" in message and "--nproc_per_node 1" in message, message
+    assert run_local(distinct_gpus_worker, 2, 2, timeout_s=120) == ["checked", "checked"]
+
+
 # ---- real ranks -------------------------------------------------------------------------------------------
 
 
