@@ -171,7 +171,7 @@ def init_distributed(
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             store = meet_at_rendezvous(launch, seconds)
-            if device.type == "cuda":
+            if device.type == "cuda" and "nccl" in backend:  # gloo may share a GPU between ranks
                 check_gpus_not_shared(store, launch, device, seconds)
             dist.init_process_group(
                 backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout

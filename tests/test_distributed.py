@@ -73,6 +73,23 @@ def ranks_sharing_a_gpu_worker(gpus: int):
     return "started"
 
 
+def gloo_on_a_shared_gpu_worker():
+    """gloo may put several ranks on one GPU (a test setup the GPU set uses): not refused. Stops where the group
+    would start (a CPU build cannot start it on CUDA), after the check would have run."""
+    _fake_cuda_rank(1)
+    import llama_dist.distributed as distributed
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("reached init_process_group")
+
+    distributed.dist.init_process_group = stop
+    try:
+        init_distributed(backend="gloo", timeout_s=30)
+    except RuntimeError as exc:
+        return str(exc)
+    return "started"
+
+
 def distinct_gpus_worker(gpus: int):
     from llama_dist.distributed import check_gpus_not_shared
     from llama_dist.launch_env import read_launch_env
@@ -97,6 +114,7 @@ def test_ranks_sharing_a_gpu_are_refused_before_nccl():
         assert message.startswith("ranks 0, 1 would share cuda:0 on "), message
         assert "2 ranks run there on 1 visible GPU(s)" in message and "--nproc_per_node 1" in message, message
     assert run_local(distinct_gpus_worker, 2, 2, timeout_s=120) == ["checked", "checked"]
+    assert run_local(gloo_on_a_shared_gpu_worker, 2, timeout_s=120) == ["reached init_process_group"] * 2
 
 
 # ---- real ranks -------------------------------------------------------------------------------------------
