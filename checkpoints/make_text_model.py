@@ -100,11 +100,7 @@ def main(argv=None) -> int:
     train_llama2_style_tokenizer(docs, VOCAB_SIZE, out / "tokenizer.model")
     tokenizer = load_tokenizer(out / "tokenizer.model")
 
-    ids, doc_starts = [], []
-    for doc in docs:
-        doc_starts.append(len(ids))
-        ids.extend(tokenizer.encode(doc, bos=True, eos=True))
-    tokens, doc_starts = torch.tensor(ids), torch.tensor(doc_starts)
+    tokens, doc_starts = make_tiny.token_stream(tokenizer, docs)
     held_out_tokens = sum(len(tokenizer.encode(p, bos=True, eos=True)) for p in held_out)
     print(f"corpus: {len(docs)} paragraphs, {len(tokens)} tokens; held out: {len(held_out)} paragraphs, "
           f"{held_out_tokens} tokens", flush=True)

@@ -113,6 +113,15 @@ def train_tokenizer(docs: list[str], out_path: Path) -> None:
     train_llama2_style_tokenizer(docs, VOCAB_SIZE, out_path)
 
 
+def token_stream(tokenizer, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documents' ids end to end (each <s> ... </s>), and where each document starts in them."""
+    ids, doc_starts = [], []
+    for doc in docs:
+        doc_starts.append(len(ids))
+        ids.extend(tokenizer.encode(doc, bos=True, eos=True))
+    return torch.tensor(ids), torch.tensor(doc_starts)
+
+
 # ---- model -------------------------------------------------------------------------------------------
 
 def init_parameters(model: torch.nn.Module, n_layers: int, gen: torch.Generator) -> None:
@@ -257,11 +266,7 @@ def main(argv=None) -> int:
     if tokenizer.n_words != VOCAB_SIZE:
         raise SystemExit(f"tokenizer has {tokenizer.n_words} tokens, expected {VOCAB_SIZE}")
 
-    ids, doc_starts = [], []
-    for doc in docs:
-        doc_starts.append(len(ids))
-        ids.extend(tokenizer.encode(doc, bos=True, eos=True))
-    tokens, doc_starts = torch.tensor(ids), torch.tensor(doc_starts)
+    tokens, doc_starts = token_stream(tokenizer, docs)
     print(f"corpus: {len(docs)} documents, {len(tokens)} tokens, vocabulary {tokenizer.n_words}", flush=True)
 
     # max_batch_size only bounds the forward's batch here: training allocates no KV cache.

@@ -35,6 +35,7 @@ from llama_dist.errors import (
     PromptTooLongError,
     RequestError,
     StartupError,
+    one_line,
 )
 from llama_dist.generation import Llama
 from llama_dist.launch_env import read_launch_env
@@ -298,16 +299,6 @@ def _this_rank() -> int | None:
         return None
 
 
-def _one_line(exc: BaseException, first: bool = False) -> str:
-    """The exception's message on one line (only its first line if `first`: a C++ error's trace follows it)."""
-    try:
-        lines = str(exc).strip().splitlines()
-        text = (lines[0] if first else " ".join(lines)).strip() if lines else ""
-    except Exception:  # noqa: BLE001 - an exception whose __str__ fails
-        text = ""
-    return text or type(exc).__name__
-
-
 def _report(message: str, every_rank: bool = False) -> None:
     """`llama-dist: error: message` on stderr, on rank 0 (or every rank); never raises."""
     if every_rank or _this_rank() in (0, None):
@@ -328,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         fire.Fire(COMMANDS, command=argv, name="llama-dist")
         return 0
     except StartupError as exc:  # there is no group yet: each rank says what it saw
-        _report(f"error: {_one_line(exc)}", every_rank=True)
+        _report(f"error: {one_line(exc)}", every_rank=True)
         return 2
     except USER_ERRORS as exc:
-        _report(f"error: {_one_line(exc)}")
+        _report(f"error: {one_line(exc)}")
         return 2
     except KeyboardInterrupt:
         sigint_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown
@@ -340,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         if not lost_contact(exc):
             raise
-        _report(f"error: rank {_this_rank()} lost contact with another rank ({_one_line(exc, first=True)})",
+        _report(f"error: rank {_this_rank()} lost contact with another rank ({one_line(exc, first=True)})",
                 every_rank=True)
         return 1
     finally:

@@ -2,6 +2,7 @@
 prints it as one line (exit status 2) instead of a traceback; anything else is a bug and keeps its traceback.
 
 They also subclass ValueError, which is what they are: a value (a file, a flag, a request) that cannot be used.
+`one_line` is how any error is shown in that one line.
 """
 
 
@@ -37,3 +38,14 @@ class DialogError(LlamaDistError, ValueError):
 class StartupError(ConfigError):
     """The ranks could not meet: the rendezvous port is busy or held by another job, or rank 0's address did not
     answer within the timeout. Raised on the rank that saw it (there is no group yet to share it over)."""
+
+
+def one_line(exc: BaseException, first: bool = False) -> str:
+    """The exception's message on one line (only its first line if `first`: a C++ error's trace follows it), or
+    its type's name when it has none; never raises (an exception's __str__ may)."""
+    try:
+        lines = str(exc).strip().splitlines()
+        text = (lines[0] if first else " ".join(lines)).strip() if lines else ""
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails
+        text = ""
+    return text or type(exc).__name__

@@ -212,7 +212,7 @@ class Int4Weight(QuantizedWeight):
         self.group_size = group_size
         self.packed = packed
         values = values.to(torch.uint8).contiguous()
-        if packed:  # by blocks of rows (the packing takes int32, 4 bytes a value), into one tensor: a row a row
+        if packed:  # by blocks of rows (the packing takes int32, 4 bytes a value) into one tensor, row for row
             pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
             unpacked, values = values, None
             for start in range(0, len(unpacked), _ROW_BLOCK):

@@ -17,7 +17,7 @@ import time
 
 import torch.distributed as dist
 
-from llama_dist.errors import StartupError
+from llama_dist.errors import StartupError, one_line
 from llama_dist.launch_env import LaunchEnv
 
 
@@ -121,7 +121,7 @@ def meet_at_rendezvous(launch: LaunchEnv, timeout_s: float) -> dist.Store:
         error = outcome["error"]
         if isinstance(error, StartupError):
             raise error
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first_line = one_line(error, first=True)
         if hosting:
             raise StartupError(f"rank 0 cannot host the rendezvous at {address}: {first_line}") from None
         raise StartupError(f"{_describe_silence(launch, address, timeout_s)} ({first_line})") from None

@@ -126,14 +126,11 @@ class ConsolidatedReader:
         return 1 if self._tensor(0, "tok_embeddings.weight").shape[1] < dim else 0
 
     def vocab_size_from_weights(self) -> int:
-        embedding, norm = self.shard(0).get("tok_embeddings.weight"), self.shard(0).get("norm.weight")
-        if embedding is None or norm is None:
-            raise CheckpointError(f"{self.paths[0]} lacks tok_embeddings.weight or norm.weight, which the "
-                                  f"vocabulary size is read from")
         # Llama 2 shards split the embedding along its width (every shard holds all the rows), Llama 3 shards
         # along the vocabulary; the (replicated) final norm tells the full width.
-        split_by_vocabulary = embedding.shape[1] == norm.shape[0]
-        return embedding.shape[0] * (len(self) if split_by_vocabulary else 1)
+        rows = self._tensor(0, "tok_embeddings.weight").shape[0]
+        by_vocabulary = self.embedding_split_dim(self._tensor(0, "norm.weight").shape[0]) == 0
+        return rows * (len(self) if by_vocabulary else 1)
 
     def check_world_size(self, world_size: int) -> None:
         check_world_size(len(self.paths), world_size, self.location)
