@@ -68,6 +68,7 @@ class RunOptions:
     quantize: str | None = None
     int4_group_size: int = DEFAULT_INT4_GROUP_SIZE
     keep_output_precision: bool = False
+    compile: bool | None = None
 
     def __post_init__(self):
         """Refuse a flag of the wrong kind before anything starts (fire passes `--seed abc` as the text "abc" and
@@ -111,6 +112,8 @@ RUN_OPTIONS_HELP = """\
             (a checkpoint saved by `llama-dist quantize` loads quantized without it)
         int4_group_size: input values per int4 scale and zero: 32, 64 or 128
         keep_output_precision: keep the output projection in the model dtype when quantizing
+        compile: decode through a compiled step (CUDA graphs on GPUs): --compile / --nocompile (default: on CUDA
+            only; the first decode step takes the compile time)
 """
 
 
@@ -184,6 +187,7 @@ def start(options: RunOptions, read_input, *args):
         ckpt, options.tokenizer_path, options.max_seq_len, options.max_batch_size, dtype=options.dtype,
         seed=options.seed, verify_checksums=options.verify_checksums, context=context, quantize=options.quantize,
         int4_group_size=options.int4_group_size, keep_output_precision=options.keep_output_precision,
+        compile=options.compile,
     )
     return llm, user_input
 

@@ -20,11 +20,13 @@ from llama_dist.chat import Dialog, format_dialog
 from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, resolve_dtype
 from llama_dist.distributed import (
     DistContext,
+    RemoteRankError,
     checked_on_all_ranks,
     init_distributed,
     on_main_then_share,
     print0,
 )
+from llama_dist.engine import DecodeStep
 from llama_dist.errors import CheckpointError, ConfigError, PromptTooLongError, RequestError
 from llama_dist.formats import find_tokenizer
 from llama_dist.formats.checklist import verify_checklist
@@ -37,8 +39,13 @@ from llama_dist.sampling import check_sampling, sample_next
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
 
-# What rank 0 broadcasts in place of a token when the logits it sampled from were not finite.
+# What rank 0 broadcasts in place of a token when the logits it sampled from were not finite, and when its own
+# sampling failed. Either is outside every rank's vocabulary slice, so a step that still feeds it on embeds zeros.
 NO_TOKEN = -1
+ABORTED = -2
+# On CUDA the host reads the stop and failure flags every this many steps (each read waits for the device); rows
+# that ended in between decode on, and `_finish` cuts what follows their stop token.
+CHECK_EVERY = 8
 
 
 @dataclass
@@ -91,8 +98,10 @@ def _describe_quantization(model: Transformer) -> str:
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer: TokenizerInterface, dist_ctx: DistContext, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: TokenizerInterface, dist_ctx: DistContext, seed: int = 1,
+                 compile: bool | None = None):
         self.model = model
+        self.decode_step = DecodeStep(model, compile)
         self.tokenizer = tokenizer
         self.dist = dist_ctx
         # Only rank 0 samples; its generator alone decides every sampled token.
@@ -115,6 +124,7 @@ class Llama:
         quantize: str | QuantScheme | None = None,
         int4_group_size: int = DEFAULT_INT4_GROUP_SIZE,
         keep_output_precision: bool = False,
+        compile: bool | None = None,
     ) -> "Llama":
         """Load the tokenizer and this rank's slice of the model, on a process group started once.
 
@@ -132,6 +142,8 @@ class Llama:
         int4_group_size = 32, 64 or 128 input values): each rank quantizes its slice of the matmul weights at load
         (llama_dist.quant); keep_output_precision keeps the output projection in `dtype`. A quantized checkpoint
         (`python -m llama_dist quantize`) loads quantized as saved.
+        compile: decode through a compiled step (`engine.DecodeStep`; CUDA graphs on GPUs); None compiles on CUDA
+        only. The first decode step then takes the compile time (printed once); prefill stays eager.
         """
         if context is None:
             context = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
@@ -171,7 +183,7 @@ class Llama:
             f"{str(dtype).removeprefix('torch.')}{_describe_quantization(model)}) "
             f"in {time.perf_counter() - start:.2f} s"
         )
-        return Llama(model, tokenizer, context, seed)
+        return Llama(model, tokenizer, context, seed, compile)
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -228,46 +240,59 @@ class Llama:
         """
         tokens, in_prompt, device, bsz = state.tokens, state.in_prompt, self.dist.device, len(req.prompts)
         min_len, total_len = min(map(len, req.prompts)), tokens.shape[1]
-        stop_tokens = torch.tensor(req.stop_tokens, device=device)
-        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-        is_main = self.dist.is_main
-
         if min_len == total_len:  # nothing to generate: only score the prompts
             out = self.model(tokens, 0, gather="rank0")
-            if is_main and req.logprobs:
+            if self.dist.is_main and req.logprobs:
                 state.token_logprobs[:, 1:] = -F.cross_entropy(
                     out.logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none"
                 )
             state.last_pos = total_len - 1
             return
 
-        prev_pos = 0
+        stop_tokens = torch.tensor(req.stop_tokens, device=device)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        # Whether any step so far brought NO_TOKEN or ABORTED, read on the host only every CHECK_EVERY steps.
+        trouble = torch.zeros(2, dtype=torch.bool, device=device)
+        positions = torch.zeros(bsz, dtype=torch.long, device=device)
+        check_every = 1 if device.type == "cpu" else CHECK_EVERY
+        failure: BaseException | None = None  # rank 0's own error while sampling, raised once every rank knows
         started = time.perf_counter()
-        for cur_pos in range(min_len, total_len):
-            out = self.model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not req.logprobs, gather="rank0")
+        prev_pos = 0
+        for step, cur_pos in enumerate(range(min_len, total_len)):
+            if prev_pos == 0:  # prefill: the shortest prompt, all rows at once
+                out = self.model(tokens[:, :cur_pos], 0, last_only=not req.logprobs, gather="rank0")
+                logits = out.logits
+            else:
+                positions.fill_(prev_pos)
+                last = self.decode_step(tokens[:, prev_pos], positions, length=cur_pos)
+                logits = None if last is None else last[:, None]
             next_tokens = torch.empty(bsz, dtype=torch.long, device=device)
-            if is_main:
-                last = out.logits[:, -1]
-                next_tokens = sample_next(last, req.temperature, req.top_p, self.generator)
-                # A row of non-finite logits sends NO_TOKEN instead, so every rank stops at this step alike.
-                next_tokens = torch.where(torch.isfinite(last).all(dim=-1), next_tokens, NO_TOKEN)
+            if self.dist.is_main:
+                try:
+                    self._choose(req, state, logits, prev_pos, cur_pos, next_tokens)
+                except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, or they wait forever
+                    failure = failure or exc
+                if failure is not None:
+                    next_tokens.fill_(ABORTED)
             broadcast_from_rank0(next_tokens)
-            broken = (next_tokens == NO_TOKEN).any()
+            trouble |= torch.stack(((next_tokens == NO_TOKEN).any(), (next_tokens == ABORTED).any()))
             next_tokens = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_tokens)
             tokens[:, cur_pos] = next_tokens
-            if is_main and req.logprobs:
-                targets = tokens[:, prev_pos + 1 : cur_pos + 1]
-                state.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    out.logits.transpose(1, 2), targets, reduction="none"
-                )
             finished |= ~in_prompt[:, cur_pos] & torch.isin(next_tokens, stop_tokens)
-            broken, all_finished = torch.stack((broken, finished.all())).tolist()  # one device sync per step
-            if broken:
-                raise CheckpointError(
-                    f"the model produced non-finite logits (NaN or inf) at position {cur_pos}: its weights are "
-                    f"broken, or they overflow in {str(self.model.tok_embeddings.weight.dtype).removeprefix('torch.')}"
-                )
             state.last_pos = cur_pos
+            all_finished = False
+            if step % check_every == 0 or cur_pos == total_len - 1:
+                broken, aborted, all_finished = torch.cat((trouble, finished.all()[None])).tolist()  # a device sync
+                if aborted:
+                    if failure is not None:
+                        raise failure
+                    raise RemoteRankError(f"rank 0 failed while sampling position {cur_pos} (its error is on rank 0)")
+                if broken:
+                    raise CheckpointError(
+                        f"the model produced non-finite logits (NaN or inf) at or before position {cur_pos}: its "
+                        f"weights are broken, or they overflow in "
+                        f"{str(self.model.tok_embeddings.weight.dtype).removeprefix('torch.')}"
+                    )
             now = time.perf_counter()
             if prev_pos == 0:
                 state.stats.prefill_s = now - started
@@ -278,6 +303,20 @@ class Llama:
             prev_pos = cur_pos
             if all_finished:
                 break
+
+    def _choose(self, req: _Request, state: _DecodeState, logits, prev_pos: int, cur_pos: int, next_tokens) -> None:
+        """Rank 0: sample position cur_pos from `logits` (bsz, positions prev_pos..cur_pos - 1, vocab) into
+        next_tokens, and record the log-probabilities of the tokens at prev_pos + 1..cur_pos if asked."""
+        last = logits[:, -1]
+        sampled = sample_next(last, req.temperature, req.top_p, self.generator)
+        # A row of non-finite logits sends NO_TOKEN instead, so every rank stops at the same check alike.
+        next_tokens.copy_(torch.where(torch.isfinite(last).all(dim=-1), sampled, NO_TOKEN))
+        if req.logprobs:
+            targets = torch.where(state.in_prompt[:, cur_pos], state.tokens[:, cur_pos], next_tokens)
+            targets = torch.cat((state.tokens[:, prev_pos + 1 : cur_pos], targets[:, None]), dim=1).clamp_min(0)
+            state.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                logits.transpose(1, 2), targets, reduction="none"
+            )
 
     def _finish(self, req: _Request, state: _DecodeState, echo: bool):
         """Per sequence: (echoed prompt +) generated tokens up to the first stop token or max_gen_len."""

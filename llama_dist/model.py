@@ -81,13 +81,32 @@ def rope_tables(args: ModelArgs, device=None):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by the position's angles (Meta's layout).
 
-    x: (bsz, seqlen, heads, head_dim); cos/sin: (seqlen, head_dim // 2).
+    x: (bsz, seqlen, heads, head_dim); cos/sin: (bsz or 1, seqlen, head_dim // 2), the angles of each token's
+    position.
     """
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+@dataclass(frozen=True)
+class CacheWindow:
+    """The KV-cache entries one forward writes and then attends over.
+
+    rows: the cache slots of the batch's rows: a (bsz,) tensor, or slice(0, bsz) for slots 0..bsz-1.
+    Prefill (`positions` None): every row writes its tokens at positions [start, start + seqlen).
+    Decode (`positions` a (bsz,) tensor, seqlen 1): row i writes its token at positions[i]; rows may sit at
+    different positions (the server's slots), and none of it is a Python number that changes from step to step,
+    so a compiled decode step is traced once.
+    Either way every row attends over cache positions [0, length); `mask` hides what each query may not see.
+    """
+
+    rows: torch.Tensor | slice
+    length: int
+    start: int = 0
+    positions: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -111,8 +130,28 @@ class Attention(nn.Module):
         shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cuda":
+            # Written in place by every step: a CUDA graph may keep their addresses instead of copying them in.
+            torch._dynamo.mark_static_address(self.cache_k)
+            torch._dynamo.mark_static_address(self.cache_v)
 
-    def forward(self, x, start_pos: int, cos, sin, mask, need_weights: bool = False):
+    def _write_and_read_cache(self, k, v, window: CacheWindow):
+        """Store this forward's keys and values, return (keys, values) over the window, (bsz, heads, positions,
+        head_dim)."""
+        if window.positions is None:
+            end = window.start + k.shape[1]
+            self.cache_k[window.rows, window.start : end] = k
+            self.cache_v[window.rows, window.start : end] = v
+        else:  # one token a row, each at its own position: paired (row, position) indices
+            rows = window.rows if isinstance(window.rows, torch.Tensor) else torch.arange(k.shape[0], device=k.device)
+            self.cache_k[rows, window.positions] = k[:, 0]
+            self.cache_v[rows, window.positions] = v[:, 0]
+        # Views when the rows are slots 0..bsz-1 (offline generation, the server's decode over every slot).
+        keys = self.cache_k[window.rows, : window.length].transpose(1, 2)
+        values = self.cache_v[window.rows, : window.length].transpose(1, 2)
+        return keys, values
+
+    def forward(self, x, window: CacheWindow | None, cos, sin, mask, need_weights: bool = False):
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
             kv_width = self.n_local_kv_heads * self.head_dim
@@ -127,12 +166,7 @@ class Attention(nn.Module):
         if self.cache_k is None:  # training: the whole sequence is here, nothing to remember
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
         else:
-            end = start_pos + seqlen
-            self.cache_k[:bsz, start_pos:end] = k
-            self.cache_v[:bsz, start_pos:end] = v
-            # (bsz, heads, positions, head_dim) views over everything cached so far, this step included.
-            keys = self.cache_k[:bsz, :end].transpose(1, 2)
-            values = self.cache_v[:bsz, :end].transpose(1, 2)
+            keys, values = self._write_and_read_cache(k, v, window)
         q = q.transpose(1, 2)
 
         n_rep = self.n_local_heads // self.n_local_kv_heads
@@ -184,8 +218,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, start_pos, cos, sin, mask, need_weights=False):
-        attn_out, weights = self.attention(self.attention_norm(x), start_pos, cos, sin, mask, need_weights)
+    def forward(self, x, window, cos, sin, mask, need_weights=False):
+        attn_out, weights = self.attention(self.attention_norm(x), window, cos, sin, mask, need_weights)
         h = x + attn_out
         return h + self.feed_forward(self.ffn_norm(h)), weights
 
@@ -273,6 +307,7 @@ class Transformer(nn.Module):
         *,
         last_only: bool = False,
         gather: str = "all",
+        slots: torch.Tensor | None = None,
     ) -> TransformerOutput:
         """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of each sequence's cache.
 
@@ -283,9 +318,10 @@ class Transformer(nn.Module):
         last_only: project only the last position onto the vocabulary (all that sampling needs).
         gather: "all" returns the full-vocabulary logits on every rank; "rank0" only on rank 0 (others get
         None), which is what rank-0 sampling needs and moves 1/N of the bytes.
+        slots: the cache slots of the rows, a (bsz,) tensor (default: slots 0..bsz-1); the server prefills a
+        request into the slot it was given.
         """
-        if self.rope_cos is None:
-            raise RuntimeError("call post_init() before the first forward (load_model does)")
+        self._check_ready(gather)
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
         if bsz > self.args.max_batch_size or end > self.args.max_seq_len:
@@ -293,22 +329,21 @@ class Transformer(nn.Module):
                 f"batch {bsz} x positions {start_pos}..{end} exceeds the cache "
                 f"(max_batch_size={self.args.max_batch_size}, max_seq_len={self.args.max_seq_len})"
             )
-        if gather not in ("all", "rank0"):
-            raise ValueError(f"gather must be 'all' or 'rank0', got {gather!r}")
         want_hidden = self.args.output_hidden_states if output_hidden_states is None else output_hidden_states
         want_attentions = self.args.output_attentions if output_attentions is None else output_attentions
 
-        h = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        window = CacheWindow(rows=slice(0, bsz) if slots is None else slots, length=end, start=start_pos)
+        cos, sin = self.rope_cos[None, start_pos:end], self.rope_sin[None, start_pos:end]
         mask = None
         if seqlen > 1:
             # Query i sits at position start_pos + i and may look at every cached position up to itself.
             positions = torch.arange(end, device=tokens.device)
             mask = positions[None, :] <= positions[start_pos:, None]
+        h = self.tok_embeddings(tokens)
         hidden = [h] if want_hidden else None
         attentions = [] if want_attentions else None
         for layer in self.layers:
-            h, weights = layer(h, start_pos, cos, sin, mask, want_attentions)
+            h, weights = layer(h, window, cos, sin, mask, want_attentions)
             if hidden is not None:
                 hidden.append(h)
             if attentions is not None:
@@ -318,10 +353,44 @@ class Transformer(nn.Module):
         else:  # the last hidden state is the final norm's output, as in transformers
             h = hidden[-1] = self.norm(h)
             h = h[:, -1:] if last_only else h
-        local_logits = self.output(h)
-        logits = gather_last_dim_to_rank0(local_logits) if gather == "rank0" else gather_last_dim(local_logits)
+        logits = self._logits(h, gather)
         return TransformerOutput(
-            logits=None if logits is None else logits.float(),
+            logits=logits,
             hidden_states=None if hidden is None else tuple(hidden),
             attentions=None if attentions is None else gather_heads(attentions),
         )
+
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None, gather: str = "rank0"
+    ) -> torch.Tensor | None:
+        """One decode step: token i (of `tokens`, (bsz,)) at position positions[i] of cache slot i; float32
+        logits (bsz, vocab) of the next token (None on ranks > 0 with gather="rank0").
+
+        Each row attends over cache positions [0, length) up to its own (length None: the whole cache, so
+        nothing here depends on the positions' values: what a compiled step needs). The caller keeps positions
+        below max_seq_len and length above them: checking would cost a device sync per step.
+        """
+        self._check_ready(gather)
+        bsz = tokens.shape[0]
+        if bsz > self.args.max_batch_size:
+            raise ValueError(f"batch {bsz} exceeds the cache (max_batch_size={self.args.max_batch_size})")
+        length = self.args.max_seq_len if length is None else length
+        window = CacheWindow(rows=slice(0, bsz), length=length, positions=positions)
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        h = self.tok_embeddings(tokens[:, None])
+        for layer in self.layers:
+            h, _ = layer(h, window, cos, sin, mask)
+        logits = self._logits(self.norm(h), gather)
+        return None if logits is None else logits[:, -1]
+
+    def _check_ready(self, gather: str) -> None:
+        if self.rope_cos is None:
+            raise RuntimeError("call post_init() before the first forward (load_model does)")
+        if gather not in ("all", "rank0"):
+            raise ValueError(f"gather must be 'all' or 'rank0', got {gather!r}")
+
+    def _logits(self, h: torch.Tensor, gather: str) -> torch.Tensor | None:
+        local_logits = self.output(h)
+        logits = gather_last_dim_to_rank0(local_logits) if gather == "rank0" else gather_last_dim(local_logits)
+        return None if logits is None else logits.float()

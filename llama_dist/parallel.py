@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.mappings import (
     copy_to_model_parallel_region,
@@ -37,6 +38,12 @@ from llama_dist.quant import Int4Weight, Int8Weight, QuantizedWeight
 
 def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
     """The sum of every rank's `partial`, on every rank (the all-reduce that joins row-parallel outputs)."""
+    if torch.compiler.is_compiling():
+        # In-place c10d collectives and the shared-memory segment break a compiled graph; functional ones are
+        # traced into it (and captured by CUDA graphs).
+        if model_parallel_world_size() == 1:
+            return partial
+        return funcol.all_reduce(partial, "sum", model_parallel_group())
     segment = shared_memory_allreduce()
     if segment is not None and segment.fits(partial) and not partial.requires_grad:
         return segment.all_reduce_(partial)
@@ -211,7 +218,16 @@ def shard_specs(model: torch.nn.Module) -> dict[str, ShardSpec | None]:
 
 def gather_last_dim(local: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's slice along the last dimension, on every rank."""
-    return gather_from_model_parallel_region(local)
+    world = model_parallel_world_size()
+    if not torch.compiler.is_compiling() or world == 1:
+        return gather_from_model_parallel_region(local)
+    # Functional collectives gather along dim 0 (what NCCL lays out contiguously); the chunks then join last.
+    gathered = _all_gather_dim0(local.contiguous(), 0, model_parallel_group())
+    return torch.cat(gathered.chunk(world, dim=0), dim=-1)
+
+
+# torch >= 2.12 names it all_gather_single; older releases (2.11 on the GPU image) all_gather_tensor.
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
 def broadcast_from_rank0(tensor: torch.Tensor) -> None:
@@ -225,11 +241,12 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> None:
 def gather_last_dim_to_rank0(local: torch.Tensor) -> torch.Tensor | None:
     """Concatenate every rank's slice along the last dimension on rank 0 only (others get None).
 
-    Sampling needs the full vocabulary row on one rank only; a gather moves 1/N of an all-gather's bytes.
+    Sampling needs the full vocabulary row on one rank only; a gather moves 1/N of an all-gather's bytes. Inside
+    a compiled step every rank gets it (there is no functional gather).
     """
     world = model_parallel_world_size()
-    if world == 1:
-        return local
+    if world == 1 or torch.compiler.is_compiling():
+        return gather_last_dim(local)
     local = local.contiguous()
     group = model_parallel_group()
     if model_parallel_rank() == 0:

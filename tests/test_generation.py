@@ -9,10 +9,12 @@ Launches are few and batched: one worker per world size runs all of its cases an
 import os
 import shlex
 import shutil
+import time
 
 import pytest
 import torch
 
+from llama_dist.distributed import RemoteRankError
 from llama_dist.errors import CheckpointError, ConfigError, DialogError, PromptTooLongError, RequestError
 from llama_dist.formats.checklist import file_md5, read_checklist
 from llama_dist.generation import Llama
@@ -388,6 +390,24 @@ def two_rank_worker(ckpts: dict) -> dict:
         tokenizer = os.path.join(ckpts["root"], tokenizer or "good/tokenizer.model")
         out["builds"][name] = _outcome(_built_type, ckpt, tokenizer, **kwargs)
     out["after_builds"] = llm.generate(GOOD, 4, temperature=0)[0] == baseline
+
+    # Rank 0's sampling fails at the third step (a bug, a device error): every rank must end at once, not wait
+    # for a token that never comes until the timeout.
+    if rank == 0:
+        sampled = {"steps": 0}
+
+        def failing_choose(*args):
+            sampled["steps"] += 1
+            if sampled["steps"] == 3:
+                raise ZeroDivisionError("sampling broke")
+            return Llama._choose(llm, *args)
+
+        llm._choose = failing_choose
+    started = time.monotonic()
+    out["rank0_failure"] = _outcome(llm.generate, GOOD, 8, temperature=0)
+    out["rank0_failure_s"] = time.monotonic() - started
+    llm.__dict__.pop("_choose", None)
+    out["after_rank0_failure"] = llm.generate(GOOD, 4, temperature=0)[0] == baseline
     return out
 
 
@@ -445,6 +465,13 @@ def test_malicious_checkpoint_never_runs_its_code(ckpts, two_ranks):
 
 def test_builds_that_failed_leave_the_group_usable(two_ranks):
     assert all(r["after_builds"] for r in two_ranks)
+
+
+def test_rank0_failing_inside_the_decode_loop_ends_every_rank_at_once(two_ranks):
+    assert two_ranks[0]["rank0_failure"] == ("error", ZeroDivisionError, "sampling broke")
+    _assert_error(two_ranks[1]["rank0_failure"], RemoteRankError, ["rank 0 failed"])
+    assert all(r["rank0_failure_s"] < 30 for r in two_ranks)  # the group timeout in these tests is 600 s
+    assert all(r["after_rank0_failure"] for r in two_ranks)
 
 
 # ---- 3 ranks: shapes and shard counts the world size cannot split --------------------------------------------
