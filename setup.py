@@ -20,10 +20,13 @@ setup(
         # Hugging Face checkpoints (safetensors), tokenizer.json files, and the chat templates (jinja2 >= 3.1.6:
         # older ones have sandbox escapes); tqdm draws the loading progress bar.
         "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1.6", "tqdm>=4.60",
+        # The OpenAI-compatible server (`llama-dist serve`): the HTTP stack the ecosystem uses, not a hand-made one.
+        "fastapi>=0.110", "uvicorn>=0.29",
     ],
     extras_require={
-        # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers.
-        "test": ["pytest>=8", "llama-models>=0.3", "transformers>=5.0"],
+        # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers; the official
+        # openai client (and httpx for raw requests) as the server's test client.
+        "test": ["pytest>=8", "llama-models>=0.3", "transformers>=5.0", "openai>=1.40", "httpx>=0.27"],
     },
     # The bundled tiny model, found by the CLI under sys.prefix when the package is not run from a checkout.
     data_files=[("share/llama_dist/checkpoints/tiny", sorted(glob.glob("checkpoints/tiny/*")))],

@@ -1,4 +1,4 @@
-"""Command line: `python -m llama_dist generate|chat|convert|quantize ...` (also installed as `llama-dist`).
+"""Command line: `python -m llama_dist generate|chat|serve|convert|quantize ...` (also installed as `llama-dist`).
 
 The same command runs as one process, under `torchrun --nproc_per_node N`, or under `srun`: every rank runs
 it, rank 0 reads the input and prints, the others compute their slice of the model.
@@ -41,6 +41,7 @@ from llama_dist.generation import Llama
 from llama_dist.launch_env import read_launch_env
 from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE
 from llama_dist.sampling import check_sampling
+from llama_dist.serve.engine_loop import DEFAULT_MAX_QUEUE, ServingEngine
 from llama_dist.user_input import read_dialogs, read_prompts, read_user_turn
 
 # Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
@@ -279,6 +280,63 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
         dialog.append({"role": "assistant", "content": "".join(answer)})
 
 
+@command
+def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
+          model_name: str | None = None, *, options: RunOptions):
+    """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health) from
+    rank 0, decoding up to --max_batch_size requests at once (continuous batching); Ctrl-C or SIGTERM to rank 0
+    lets running requests finish (a few seconds at most) and stops every rank. Sampling settings come with each
+    request; the sampling flags below are not used.
+
+    Args:
+        host: the address to listen on (0.0.0.0 for every interface)
+        port: the port to listen on (0: any free one, printed at start)
+        max_queue: requests that may wait for a free slot; more get HTTP 429
+        model_name: the model id clients name (default: the checkpoint directory's name)
+    """
+    from llama_dist.serve.api import make_app  # the HTTP stack loads only for serving
+    from llama_dist.serve.http_server import HttpServer
+
+    llm, _ = start(options, lambda: None)
+    name = model_name or (Path(options.ckpt_dir) if options.ckpt_dir else default_checkpoint()).resolve().name
+    engine = ServingEngine(llm, name, max_queue=max_queue, seed=options.seed)
+    http = HttpServer() if is_main_process() else None
+    on_main_then_share(lambda: http.start(make_app(engine), host, port))  # a busy port stops every rank
+    _stop_on_signals(engine)
+    url = f"http://{host}:{http.port}/v1" if http else ""
+    print0(f"Serving {name} at {url} ({dist.get_world_size()} rank(s), {options.max_batch_size} slots); "
+           f"Ctrl-C stops")
+    try:
+        engine.run()
+    finally:
+        if http is not None:
+            http.stop()
+    print0("Server stopped")
+
+
+def _stop_on_signals(engine: ServingEngine) -> None:
+    """Rank 0 turns Ctrl-C / SIGTERM into an orderly shutdown, and a Ctrl-C again a second later into an
+    interruption; the other ranks ignore both and stop when rank 0's loop tells them (a terminal's Ctrl-C reaches
+    every rank, and torchrun forwards SIGTERM to each)."""
+    if not is_main_process():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    first = []
+
+    def stop(signum, frame):
+        now = time.monotonic()
+        if first and signum == signal.SIGINT and now - first[0] > 1.0:
+            raise KeyboardInterrupt
+        if not first:
+            first.append(now)
+            print0(f"[{signal.Signals(signum).name}: finishing the running requests, then stopping]")
+        engine.request_shutdown()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 # Where gloo's transport raises a peer's death or a receive timeout; it gives them no type of their own.
 _GLOO_TRANSPORT = "gloo/transport/"
 
@@ -292,7 +350,7 @@ def lost_contact(exc: BaseException) -> bool:
 
 
 # convert and quantize run in one process and take none of the run options.
-COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize}
+COMMANDS = {"generate": generate, "chat": chat, "serve": serve, "convert": convert, "quantize": quantize}
 
 
 def _this_rank() -> int | None:

@@ -24,11 +24,12 @@ def compiles_by_default(device: torch.device) -> bool:
 
 
 class DecodeStep:
-    """`step(tokens, positions, length)`: next-token logits of rows 0..bsz-1 of the cache.
+    """`step(tokens, positions, length, slots)`: next-token logits of cache slots 0..bsz-1 (or `slots`).
 
     tokens, positions: (bsz,) tensors: row i's newest token and the position it goes to. length: the rows attend
-    over cache positions [0, length) (eager only; every position must be below it). Returns float32 logits
-    (bsz, vocab) on rank 0; None on the other ranks when eager (compiled, they get them too and ignore them).
+    over cache positions [0, length) (eager only; every position must be below it). slots: a (bsz,) tensor of
+    distinct cache slots (the server's running requests). Returns float32 logits (bsz, vocab) on rank 0; None on
+    the other ranks when eager (compiled, they get them too and ignore them).
     """
 
     def __init__(self, model: Transformer, compile: bool | None = None):
@@ -46,23 +47,30 @@ class DecodeStep:
     def _every_slot(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.decode(tokens, positions, gather="all")
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None):
+    def __call__(self, tokens, positions, length: int | None = None, slots: torch.Tensor | None = None):
         if not self.compiled:
-            return self.model.decode(tokens, positions, length)
-        rows, slots = tokens.shape[0], self.model.args.max_batch_size
-        # Fresh contiguous inputs: a column of the caller's token grid has a stride that would be traced too.
-        tokens, positions = tokens.contiguous(), positions.contiguous()
-        if rows < slots:
-            # Unused slots decode a dummy token at position 0 (their caches hold nothing anyone reads): the
-            # compiled step always sees every slot.
-            tokens = torch.cat((tokens, tokens.new_zeros(slots - rows)))
-            positions = torch.cat((positions, positions.new_zeros(slots - rows)))
+            return self.model.decode(tokens, positions, length, slots=slots)
+        args = self.model.args
+        if slots is None and tokens.shape[0] == args.max_batch_size:
+            # Fresh contiguous inputs: a column of the caller's token grid has a stride that would be traced too.
+            every_tokens, every_positions = tokens.contiguous(), positions.contiguous()
+        else:
+            # The compiled step always runs every slot. An unused one decodes a dummy token at the last position,
+            # which any request writes before it reads it (a prompt fills the positions before, a decode step
+            # writes its own position first).
+            rows = torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots
+            every_tokens = tokens.new_zeros(args.max_batch_size).index_copy_(0, rows, tokens)
+            every_positions = positions.new_full((args.max_batch_size,), args.max_seq_len - 1)
+            every_positions.index_copy_(0, rows, positions)
         if self.compile_s is None:
             started = time.perf_counter()
-            logits = self._compiled(tokens, positions)
+            logits = self._compiled(every_tokens, every_positions)
             self.compile_s = time.perf_counter() - started
             print0(f"Compiled the decode step in {self.compile_s:.1f} s")
         else:
-            logits = self._compiled(tokens, positions)
+            logits = self._compiled(every_tokens, every_positions)
+        if slots is not None:
+            return logits[slots]  # a gather: a copy, safe from the next CUDA graph replay
         # A CUDA graph's output lives in memory the next replay overwrites.
-        return logits[:rows].clone() if self._cuda_graphs else logits[:rows]
+        rows = logits[: tokens.shape[0]]
+        return rows.clone() if self._cuda_graphs else rows

@@ -308,6 +308,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         gather: str = "all",
         slots: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> TransformerOutput:
         """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of each sequence's cache.
 
@@ -318,8 +319,10 @@ class Transformer(nn.Module):
         last_only: project only the last position onto the vocabulary (all that sampling needs).
         gather: "all" returns the full-vocabulary logits on every rank; "rank0" only on rank 0 (others get
         None), which is what rank-0 sampling needs and moves 1/N of the bytes.
-        slots: the cache slots of the rows, a (bsz,) tensor (default: slots 0..bsz-1); the server prefills a
-        request into the slot it was given.
+        slots: the cache slots of the rows, a (bsz,) tensor (default: slots 0..bsz-1); the server prefills
+        requests into the slots it gave them.
+        logits_at: a (bsz,) tensor: project only row i's position logits_at[i] (relative to start_pos) onto the
+        vocabulary, e.g. the last token of each right-padded prompt; logits are then (bsz, 1, vocab).
         """
         self._check_ready(gather)
         bsz, seqlen = tokens.shape
@@ -348,11 +351,16 @@ class Transformer(nn.Module):
                 hidden.append(h)
             if attentions is not None:
                 attentions.append(weights)
+        def projected(h):  # the positions whose logits are asked for
+            if logits_at is not None:
+                return h[torch.arange(bsz, device=h.device), logits_at][:, None]
+            return h[:, -1:] if last_only else h
+
         if hidden is None:
-            h = self.norm(h[:, -1:] if last_only else h)
+            h = self.norm(projected(h))
         else:  # the last hidden state is the final norm's output, as in transformers
             h = hidden[-1] = self.norm(h)
-            h = h[:, -1:] if last_only else h
+            h = projected(h)
         logits = self._logits(h, gather)
         return TransformerOutput(
             logits=logits,
@@ -361,10 +369,15 @@ class Transformer(nn.Module):
         )
 
     def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, length: int | None = None, gather: str = "rank0"
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        length: int | None = None,
+        gather: str = "rank0",
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """One decode step: token i (of `tokens`, (bsz,)) at position positions[i] of cache slot i; float32
-        logits (bsz, vocab) of the next token (None on ranks > 0 with gather="rank0").
+        """One decode step: token i (of `tokens`, (bsz,)) at position positions[i] of cache slot i (of slots[i]
+        when given); float32 logits (bsz, vocab) of the next token (None on ranks > 0 with gather="rank0").
 
         Each row attends over cache positions [0, length) up to its own (length None: the whole cache, so
         nothing here depends on the positions' values: what a compiled step needs). The caller keeps positions
@@ -375,7 +388,7 @@ class Transformer(nn.Module):
         if bsz > self.args.max_batch_size:
             raise ValueError(f"batch {bsz} exceeds the cache (max_batch_size={self.args.max_batch_size})")
         length = self.args.max_seq_len if length is None else length
-        window = CacheWindow(rows=slice(0, bsz), length=length, positions=positions)
+        window = CacheWindow(rows=slice(0, bsz) if slots is None else slots, length=length, positions=positions)
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         h = self.tok_embeddings(tokens[:, None])

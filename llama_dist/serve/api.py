@@ -1,0 +1,325 @@
+"""The OpenAI-compatible HTTP API on rank 0: /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+A route checks and tokenizes the request, submits it to the engine, and turns the engine's token events into
+OpenAI's response JSON or its server-sent-event stream. All of it runs on the HTTP thread's event loop and reaches
+the engine only through `submit` and the returned handle, so no request can block the engine loop.
+
+What is used of `engine`: `submit(GenerationRequest) -> RequestHandle` (raising `ServerBusy` when its queue is
+full), `tokenizer`, `vocab_size`, `max_seq_len`, `model_name`, `health() -> dict`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llama_dist.chat import format_dialog
+from llama_dist.errors import DialogError, RequestError, TokenizerError
+from llama_dist.sampling import check_sampling
+from llama_dist.serve.completion_text import CompletionText, GeneratedToken, IncrementalDecoder
+from llama_dist.serve.openai_schema import (
+    ApiError, ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape, error_body, unsupported_settings,
+)
+from llama_dist.serve.requests import Finished, GenerationRequest, RequestHandle, ServerBusy, TokenEvent
+
+__all__ = ["make_app"]
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant")
+# Prompt tokens a completion is decoded after (enough for any tokenizer to spell the first new word as it follows).
+DECODE_CONTEXT_TOKENS = 4
+
+
+def make_app(engine) -> FastAPI:
+    """The FastAPI app serving `engine` (see the module docstring for what it must offer)."""
+    app = FastAPI(title="llama_dist", summary="OpenAI-compatible API over a tensor-parallel Llama")
+    _install_error_handlers(app)
+    started = int(time.time())
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{
+            "id": engine.model_name, "object": "model", "created": started, "owned_by": "llama_dist",
+            "max_model_len": engine.max_seq_len,
+        }]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        report = engine.health()
+        # Load balancers and orchestrators read only the status code.
+        return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        unsupported_settings(body)
+        prompt = body.single_prompt()
+        if isinstance(prompt, str):
+            prompt_ids = _encode(engine.tokenizer, prompt)
+        else:
+            prompt_ids = prompt
+        generation = _generation_request(engine, body, prompt_ids, body.max_tokens, "prompt",
+                                         logprobs=body.logprobs is not None)
+        echo = _prompt_tokens(engine.tokenizer, prompt_ids) if body.echo else None
+        if echo is not None and isinstance(prompt, str):
+            echo = echo[0], prompt  # the prompt as the client wrote it, not as decoding spells it
+        shape = CompletionShape(engine.model_name, body.logprobs is not None, echo)
+        return await _respond(engine, request, generation, body, shape)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        unsupported_settings(body)
+        prompt_ids = _chat_prompt(engine.tokenizer, body)
+        generation = _generation_request(engine, body, prompt_ids, body.token_limit, "messages",
+                                         logprobs=bool(body.logprobs))
+        shape = ChatShape(engine.model_name, bool(body.logprobs))
+        return await _respond(engine, request, generation, body, shape)
+
+    return app
+
+
+# ---- from a request body to a GenerationRequest ----------------------------------------------------------------
+
+def _encode(tokenizer, text: str) -> list[int]:
+    try:
+        return tokenizer.encode(text, bos=True, eos=False)
+    except TokenizerError as e:
+        raise ApiError(str(e), param="prompt") from None
+
+
+def _chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    if not body.messages:
+        raise ApiError("messages is empty: a chat needs at least one message", param="messages")
+    for i, message in enumerate(body.messages):
+        if message.role not in CHAT_ROLES:
+            raise ApiError(f"messages[{i}] has role {message.role!r}; supported roles are {', '.join(CHAT_ROLES)}",
+                           param=f"messages[{i}].role")
+    dialog = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        return format_dialog(tokenizer, dialog)
+    except (DialogError, TokenizerError) as e:
+        raise ApiError(str(e), param="messages") from None
+
+
+def _generation_request(engine, body, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
+                        logprobs: bool) -> GenerationRequest:
+    vocab_size, max_seq_len = engine.vocab_size, engine.max_seq_len
+    for i, token in enumerate(prompt_ids):
+        if not 0 <= token < vocab_size:
+            raise ApiError(f"prompt token {i} is {token}, outside the vocabulary [0, {vocab_size})",
+                           param=prompt_param)
+    room = max_seq_len - len(prompt_ids)
+    if room < 1:
+        raise ApiError(f"the prompt is {len(prompt_ids)} tokens, which leaves no room to generate within "
+                       f"max_seq_len {max_seq_len}", param=prompt_param, code="context_length_exceeded")
+    if max_tokens is None:  # as many as fit
+        max_tokens = room
+    elif max_tokens > room:
+        raise ApiError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) is more than "
+                       f"max_seq_len {max_seq_len}", param="max_tokens", code="context_length_exceeded")
+    temperature = 1.0 if body.temperature is None else float(body.temperature)
+    top_p = 1.0 if body.top_p is None else float(body.top_p)
+    try:
+        check_sampling(temperature, top_p, max_tokens)
+    except RequestError as e:
+        raise ApiError(str(e)) from None
+    return GenerationRequest(prompt_tokens=list(prompt_ids), max_tokens=max_tokens, temperature=temperature,
+                             top_p=top_p, seed=body.seed, logprobs=logprobs,
+                             stop_tokens=tuple(engine.tokenizer.stop_tokens))
+
+
+def _prompt_tokens(tokenizer, prompt_ids: list[int]) -> tuple[list[GeneratedToken], str]:
+    """The prompt's tokens (with no logprobs: the engine scores only what it generates) and its text."""
+    decoder, tokens, text = IncrementalDecoder(tokenizer), [], ""
+    for token in prompt_ids:
+        piece = decoder.add(token)
+        tokens.append(GeneratedToken(piece, None, len(text)))
+        text += piece
+    rest = decoder.flush()
+    tokens[-1].text += rest
+    return tokens, text + rest
+
+
+# ---- reading the engine's events -----------------------------------------------------------------------------
+
+class _Run:
+    """A submitted request being read: its text so far, its token count, and why it ended."""
+
+    def __init__(self, handle: RequestHandle, completion: CompletionText):
+        self.handle, self.completion = handle, completion
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._engine_done = False
+
+    async def pieces(self) -> AsyncIterator[tuple[str, list[GeneratedToken]]]:
+        """The text that may be sent, piece by piece, and the tokens it completes; raises ApiError when the engine
+        fails the request."""
+        async for event in self.handle.events():
+            if isinstance(event, TokenEvent):
+                self.completion_tokens += 1
+                self.completion.add(event.token, event.logprob)
+                if self.completion.stopped:
+                    self.finish_reason = "stop"
+                    self.stop_engine()  # the rest would be thrown away: give the slot to the next request
+                    break
+            elif isinstance(event, Finished):
+                self._engine_done = True
+                self.finish_reason = _finish_reason(event)
+                self.completion.end()
+                break
+            text, tokens = self.completion.release()
+            if self._worth_sending(text, tokens):
+                yield text, tokens
+        text, tokens = self.completion.release()
+        if self._worth_sending(text, tokens):
+            yield text, tokens
+
+    def _worth_sending(self, text: str, tokens: list[GeneratedToken]) -> bool:
+        # Tokens that are part of a character not yet complete have no text: only their logprobs would go.
+        return bool(text or (tokens and self.handle.request.logprobs))
+
+    def stop_engine(self) -> None:
+        if not self._engine_done:
+            self.handle.cancel()
+            self._engine_done = True
+
+    def usage(self) -> dict:
+        prompt_tokens = len(self.handle.request.prompt_tokens)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt_tokens + self.completion_tokens}
+
+
+def _finish_reason(event: Finished) -> str:
+    if event.reason in ("stop", "length"):
+        return event.reason
+    if event.reason == "cancelled":  # not by us (we stop reading once we cancel): the server is shutting down
+        raise ApiError("the server ended the request before it finished (shutting down)", 503, type="server_error")
+    raise ApiError(f"generation failed: {event.error or event.reason}", 500, type="server_error")
+
+
+async def _respond(engine, request: Request, generation: GenerationRequest, body, shape) -> Response:
+    # A text completion continues its prompt (prompt + text is the whole document, " Paris" after "... is"), while a
+    # chat reply is a text of its own (no leading space before its first word, as Meta's chat_completion gives it).
+    context = generation.prompt_tokens[-DECODE_CONTEXT_TOKENS:] if isinstance(body, CompletionRequest) else ()
+    completion = CompletionText(engine.tokenizer, body.stop_strings(), context)  # before submit: it may refuse
+    try:
+        handle = engine.submit(generation)
+    except ServerBusy as e:
+        raise ApiError(str(e) or "the server is busy", 429, type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"}) from None
+    except RequestError as e:
+        raise ApiError(str(e)) from None
+    run = _Run(handle, completion)
+    if body.stream:
+        return _EventStream(_events(run, shape, body.include_usage), on_close=run.stop_engine)
+    try:
+        if not await _unless_disconnected(request, _read_all(run)):
+            return Response(status_code=499)  # nobody reads it: the client is gone
+    finally:
+        run.stop_engine()  # a no-op once the engine has finished
+    return JSONResponse(shape.response(completion.text, completion.tokens, run.finish_reason, run.usage()))
+
+
+async def _read_all(run: _Run) -> None:
+    async for _ in run.pieces():
+        pass
+
+
+async def _unless_disconnected(request: Request, work) -> bool:
+    """Run `work` to its end (True), unless the client disconnects first (False; `work` is cancelled)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((work_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
+        if work_task.done():
+            work_task.result()  # raises what the work raised
+            return True
+        return False
+    finally:
+        work_task.cancel()
+        watch_task.cancel()
+
+
+async def _events(run: _Run, shape, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        for chunk in shape.opening_chunks():
+            yield _sse(chunk)
+        try:
+            async for text, tokens in run.pieces():
+                yield _sse(shape.chunk(text, tokens, None))
+            yield _sse(shape.chunk("", [], run.finish_reason))
+            if include_usage:
+                yield _sse(shape.usage_chunk(run.usage()))
+        except ApiError as e:  # the status line is sent: the error travels as an event
+            yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnects (the generator is closed or cancelled)
+        run.stop_engine()
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that call `on_close` as soon as the response ends, however it ends (a client that went
+    away included), so its request frees the engine slot at once rather than when the generator is
+    garbage-collected, or never when the client left before the generator started."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str], on_close):
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            self._on_close()  # first: the awaits below may be cancelled
+            await self.body_iterator.aclose()
+
+
+# ---- errors in OpenAI's shape ----------------------------------------------------------------------------------
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI answers a malformed body with 400, not FastAPI's 422, and names the first offending field.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        path = [str(part) for part in first.get("loc", ()) if part != "body"]
+        message = first.get("msg", "invalid request body")
+        if path:
+            message = f"{'.'.join(path)}: {message}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return JSONResponse(error_body(message, param=path[0] if path else None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type=kind), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal server error: {type(exc).__name__}", type="server_error"),
+                            status_code=500)

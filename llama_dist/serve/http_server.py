@@ -1,0 +1,113 @@
+"""Runs the HTTP app with uvicorn on a background thread of rank 0, leaving the main thread to the engine loop.
+
+The main thread keeps SIGINT/SIGTERM (it decides how the ranks shut down), so uvicorn must not install its own
+signal handlers; the socket is bound here, before the thread starts, so a busy port is a clear error at start-up
+rather than a log line from a dying thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import threading
+import time
+
+import uvicorn
+
+from llama_dist.errors import ConfigError
+
+__all__ = ["HttpServer"]
+
+
+class _ServerWithoutSignals(uvicorn.Server):
+    """uvicorn.Server that leaves signal handling to the caller (recent uvicorn skips it off the main thread
+    anyway; this makes it so for every version: older ones call install_signal_handlers, newer capture_signals)."""
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpServer:
+    """An ASGI app served by uvicorn on a daemon thread: `start` returns once it listens, `stop` ends it."""
+
+    def __init__(self, log_level: str = "warning", graceful_timeout_s: float = 5.0):
+        self.log_level = log_level
+        self.graceful_timeout_s = graceful_timeout_s  # how long open streams may run on once stop() is called
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one chosen by the system when started with port 0)."""
+        if self._socket is None:
+            raise RuntimeError("the HTTP server is not started")
+        return self._socket.getsockname()[1]
+
+    def start(self, app, host: str, port: int, timeout_s: float = 30.0) -> None:
+        """Serve `app` on host:port; returns once it accepts connections. ConfigError if the address cannot be
+        listened on (the port is busy, the host is not this machine's)."""
+        if self._thread is not None:
+            raise RuntimeError("the HTTP server is already started")
+        self._socket = _bind(host, port)
+        config = uvicorn.Config(app, log_level=self.log_level, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=self.graceful_timeout_s)
+        self._server = _ServerWithoutSignals(config)
+        self._thread = threading.Thread(target=self._serve, name="llama_dist-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                why = f": {self._failure!r}" if self._failure is not None else " in time"
+                self.stop(timeout_s=1.0)
+                raise ConfigError(f"the HTTP server on {host}:{port} did not start{why}")
+            time.sleep(0.01)
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        except BaseException as e:  # noqa: BLE001 - uvicorn exits start-up failures with SystemExit
+            self._failure = e
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Ask uvicorn to finish (open streams get `graceful_timeout_s`) and wait for its thread at most
+        `timeout_s`; True if it ended."""
+        if self._thread is None:
+            return True
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(1.0)
+        stopped = not self._thread.is_alive()
+        if stopped:
+            self._socket.close()
+            self._thread = None
+        return stopped
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    # As uvicorn does: a restarted server may take the port over from connections still in TIME_WAIT (a port
+    # another process listens on stays refused).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)  # here rather than in uvicorn, so a port someone else bound is refused now
+    except OSError as e:
+        sock.close()
+        hint = " (is another server using it?)" if e.errno == errno.EADDRINUSE else ""
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    sock.set_inheritable(False)
+    return sock

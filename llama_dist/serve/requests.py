@@ -1,0 +1,88 @@
+"""What passes between the HTTP side (rank 0's event-loop thread) and the engine loop (rank 0's main thread).
+
+The HTTP side checks and tokenizes a request, then `submit`s a `GenerationRequest` to the engine and reads the
+returned `RequestHandle`'s events; the engine pushes one `TokenEvent` per generated token and ends with one
+`Finished`. Either side may end a request early: the HTTP side with `handle.cancel()` (client gone, stop string
+seen), after which the engine frees its slot at the next step and sends `Finished("cancelled")`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from llama_dist.errors import RequestError
+
+_request_ids = itertools.count()
+
+
+class ServerBusy(RequestError):
+    """The waiting queue is full (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate, checked by the HTTP side: ids in the vocabulary, len(prompt) + max_tokens within
+    max_seq_len, sampling settings valid (`sampling.check_sampling`)."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None  # None: the engine draws one from its own generator
+    logprobs: bool = False  # each TokenEvent carries the token's log-probability
+    stop_tokens: tuple[int, ...] = ()  # ids that end the generation (not part of the output)
+    id: int = field(default_factory=lambda: next(_request_ids))
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request. reason: "stop" (a stop token), "length" (max_tokens or the cache's end),
+    "cancelled" (cancel() was called), "error" (the engine failed; `error` says why)."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class RequestHandle:
+    """The HTTP side's view of a submitted request. Made on the event loop that reads it; the engine thread
+    pushes events with `push` (thread-safe)."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def push(self, event: TokenEvent | Finished) -> None:
+        """Called by the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self._cancelled.set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def events(self) -> AsyncIterator[TokenEvent | Finished]:
+        """The request's events in order, ending with its Finished."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, Finished):
+                return
