@@ -211,16 +211,16 @@ CRASHING_JOB = """
 import os, sys, time
 os.dup2(os.open(f"{sys.argv[1]}/rank{os.environ['RANK']}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
 import llama_dist.cli, llama_dist.model
-if os.environ["RANK"] == "1":  # rank 1 breaks after a few forward passes
-    forward, calls = llama_dist.model.Transformer.forward, [0]
+if os.environ["RANK"] == "1":  # rank 1 breaks after a few decode steps
+    decode, calls = llama_dist.model.Transformer.decode, [0]
 
-    def breaking_forward(self, *args, **kwargs):
+    def breaking_decode(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] > 3:
             os._exit(0) if sys.argv[2] == "exit" else time.sleep(1000)
-        return forward(self, *args, **kwargs)
+        return decode(self, *args, **kwargs)
 
-    llama_dist.model.Transformer.forward = breaking_forward
+    llama_dist.model.Transformer.decode = breaking_decode
 sys.exit(llama_dist.cli.main(sys.argv[3:]))
 """
 

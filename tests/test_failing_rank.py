@@ -39,15 +39,15 @@ def worker(mode: str, ckpt: str) -> None:
                       timeout_s=timeout_s)
     llm.generate([[1, 2, 3]], 4, temperature=0)  # both ranks are up and in step
     if rank == 1 and mode.startswith("exit"):
-        forward, calls = llm.model.forward, [0]
+        decode, calls = llm.model.decode, [0]
 
-        def dying_forward(*args, **kwargs):
+        def dying_decode(*args, **kwargs):  # every step after the prefill decodes through model.decode
             calls[0] += 1
             if calls[0] > FORWARDS_BEFORE_EXIT:
                 os._exit(int(mode.removeprefix("exit")))  # no cleanup, no goodbye to the other rank
-            return forward(*args, **kwargs)
+            return decode(*args, **kwargs)
 
-        llm.model.forward = dying_forward
+        llm.model.decode = dying_decode
     if rank == 1 and mode == "stall":
         time.sleep(1000)  # alive, but never reaches the next collective
     start = time.monotonic()

@@ -87,3 +87,19 @@ def test_two_shard_checkpoint_equals_one_shard_at_every_world_size(results, shar
         diff = rel_diff(_outputs(results, n, names.index(sharded))["full"], one_shard_single_rank)
         print(f"{sharded} world={n} vs 1 shard at 1 rank: {diff:.2e}")
         assert diff < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 32, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_match_float32_at_every_row_count(rows, dtype):
+    """Whichever CPU kernel local_linear picks for the row count (mv, w @ x.T, float32 blocks), the product is
+    the float32 one up to the dtype's rounding."""
+    from llama_dist.parallel import local_linear
+
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(2304, 96, generator=gen).to(dtype)  # more rows than one float32 block
+    x = torch.randn(2, rows, 96, generator=gen).to(dtype)[:, : (rows + 1) // 2]
+    expected = x.float() @ weight.float().T
+    got = local_linear(x, weight)
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
