@@ -4,7 +4,9 @@ ranks).
 `run` prints one table row per batch size: load time, time to first token, prefill and decode tokens/s,
 weight bytes streamed per decode step per rank, achieved bandwidth against the machine's copy bandwidth
 (measured in the same run, on every rank at once), and peak resident memory per rank. With
---compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio.
+--compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio. On a GPU it
+times whole calls with the GPU's work included, measures the GPU's own copy bandwidth and adds peak device memory
+(`bench_gpu`); --hf_compile adds transformers' static cache + torch.compile mode.
 `quality` compares each weight quantization with the float model on held-out text (top-1 agreement, perplexity);
 `kernels` times the matmul kernels of one rank's weight.
 """
@@ -23,6 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llama_dist.bench_gpu import (
+    describe_device,
+    device_copy_bandwidth,
+    generation_rates,
+    peak_memory_gib,
+    reset_peak_memory,
+)
+from llama_dist.bench_hf import compare_with_transformers
 from llama_dist.config import ModelArgs, resolve_dtype
 from llama_dist.distributed import init_distributed, print0
 from llama_dist.errors import ConfigError
@@ -32,12 +42,15 @@ from llama_dist.generation import Llama
 from llama_dist.loading import load_model, open_checkpoint
 from llama_dist.parallel import local_linear
 from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE, Int4Weight, Int8Weight, QuantScheme, make_scheme
-from llama_dist.synthetic import random_weights, weight_shapes
+from llama_dist.synthetic import random_weights
 from llama_dist.tokenizer import TokenizerInterface, load_tokenizer
 
 # The reference workload of the performance issue: shaped like Llama-3.2-1B (untied output), random weights.
 LLAMA_32_1B_SHAPE = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
                          ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+LLAMA_3_8B_SHAPE = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=False)
+SHAPES = {"llama32_1b": LLAMA_32_1B_SHAPE, "llama3_8b": LLAMA_3_8B_SHAPE}
 
 
 class TokenIdsOnly(TokenizerInterface):
@@ -53,15 +66,21 @@ class TokenIdsOnly(TokenizerInterface):
         return ""
 
 
-def make_checkpoint(out: str = "bench_out/llama32_1b_shape", dtype: str = "bfloat16", seed: int = 0, **shape) -> None:
-    """Write random weights shaped like Llama-3.2-1B (~1.5B parameters) in Meta's layout; `shape` overrides
-    params.json fields for a smaller model (e.g. --dim 512 --n_layers 2 --vocab_size 8192)."""
-    unknown = sorted(set(shape) - set(LLAMA_32_1B_SHAPE))
+def make_checkpoint(out: str | None = None, shape: str = "llama32_1b", dtype: str = "bfloat16", seed: int = 0,
+                    device: str = "cpu", **overrides) -> None:
+    """Write random weights in Meta's layout to `out` (default bench_out/SHAPE_shape), shaped like Llama-3.2-1B
+    (--shape llama32_1b, ~1.5B parameters) or Llama-3-8B (--shape llama3_8b, ~8.0B); `overrides` change params.json
+    fields for a smaller model (e.g. --dim 512 --n_layers 2 --vocab_size 8192). device: where the random values are
+    drawn (--device cuda: seconds instead of minutes for the 8B shape)."""
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+    unknown = sorted(set(overrides) - set(SHAPES[shape]))
     if unknown:
-        raise ConfigError(f"unknown shape field(s) {unknown}; known: {sorted(LLAMA_32_1B_SHAPE)}")
-    args = ModelArgs(**{**LLAMA_32_1B_SHAPE, **shape})
-    weights = random_weights(args, seed=seed, dtype=resolve_dtype(dtype, torch.device("cpu")))
-    params = {k: v for k, v in dataclasses.asdict(args).items() if k in LLAMA_32_1B_SHAPE}
+        raise ConfigError(f"unknown shape field(s) {unknown}; known: {sorted(SHAPES[shape])}")
+    out = out or f"bench_out/{shape}_shape"
+    args = ModelArgs(**{**SHAPES[shape], **overrides})
+    weights = random_weights(args, seed=seed, dtype=resolve_dtype(dtype, torch.device("cpu")), device=device)
+    params = {k: v for k, v in dataclasses.asdict(args).items() if k in SHAPES[shape]}
     write_consolidated(weights, params, out)
     total = sum(w.numel() for w in weights.values())
     print(f"wrote {out}: {total / 1e9:.2f}B parameters, {sum(w.nbytes for w in weights.values()) / 2**30:.2f} GiB")
@@ -128,30 +147,6 @@ def _gather_floats(value: float) -> list[float]:
     return [t.item() for t in out]
 
 
-def _hf_model(checkpoint, dtype):
-    """The checkpoint's weights (any format, any shard count) in transformers' LlamaForCausalLM."""
-    from llama_dist.convert import FullTensors, transformers_model
-
-    weights = FullTensors(checkpoint.reader, weight_shapes(checkpoint.args))
-    return transformers_model(weights, checkpoint.args, dtype=dtype)
-
-
-def _hf_rates(model, prompt: torch.Tensor, gen_len: int, repeats: int) -> tuple[float, float]:
-    """transformers' greedy generate: (best time to first token, best decode tokens/s)."""
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    first, total = float("inf"), float("inf")
-    with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
-            first = min(first, time.perf_counter() - start)
-            start = time.perf_counter()
-            model.generate(prompt, max_new_tokens=gen_len, min_new_tokens=gen_len, **kwargs)
-            total = min(total, time.perf_counter() - start)
-    return first, prompt.shape[0] * (gen_len - 1) / max(total - first, 1e-9)
-
-
 def run(
     ckpt_dir: str = "bench_out/llama32_1b_shape",
     dtype: str = "bfloat16",
@@ -164,64 +159,75 @@ def run(
     quantize: str | None = None,
     int4_group_size: int = DEFAULT_INT4_GROUP_SIZE,
     keep_output_precision: bool = False,
+    compile: bool | None = None,
+    hf_compile: bool = False,
 ) -> None:
     """Benchmark greedy generation on `ckpt_dir` at each batch size; run under torchrun for N ranks.
 
     quantize / int4_group_size / keep_output_precision: as for every llama-dist command (weight-only int8 / int4,
-    quantized by each rank at load; the load time includes it)."""
+    quantized by each rank at load; the load time includes it). compile: decode through the compiled step (None:
+    on CUDA only, as Llama.build). hf_compile: with --compare_hf, also transformers' static cache + torch.compile
+    mode (CUDA graphs: meant for a GPU)."""
     scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
     sizes = _listed(batch_sizes)
     ctx = init_distributed()
-    torch_dtype = resolve_dtype(dtype, ctx.device)
-    # Bandwidth first: its 1 GiB buffers are freed before the model's peak memory is tracked.
-    bandwidth = sum(_gather_floats(copy_bandwidth()))  # all ranks share the machine's memory system
+    device, on_gpu = ctx.device, ctx.device.type == "cuda"
+    torch_dtype = resolve_dtype(dtype, device)
+    # Bandwidth first: its 1 GiB buffers are freed before the model's peak memory is tracked. All ranks at once: on
+    # CPU they share the machine's memory system, on GPUs each adds its own.
+    bandwidth = sum(_gather_floats(device_copy_bandwidth(device) if on_gpu else copy_bandwidth()))
     _reset_peak_rss()
+    reset_peak_memory(device)
     start = time.perf_counter()
     checkpoint = open_checkpoint(ckpt_dir, max_seq_len=prompt_len + gen_len, max_batch_size=max(sizes))
-    model = load_model(checkpoint, device=ctx.device, dtype=torch_dtype, quantize=scheme)
+    model = load_model(checkpoint, device=device, dtype=torch_dtype, quantize=scheme)
+    if on_gpu:
+        torch.cuda.synchronize(device)  # the copies to the GPU are part of the load
     load_s = time.perf_counter() - start
-    llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx)
+    llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx, compile=compile)
     step_bytes = _streamed_bytes_per_step(model)
+    where = f"{describe_device(device)}, " if on_gpu else f"{torch.get_num_threads()} threads/rank, "
     print0(
-        f"\n{ckpt_dir}: {ctx.world_size} rank(s), {dtype}, weights {_scheme_name(scheme)}, "
-        f"{torch.get_num_threads()} threads/rank, "
+        f"\n{ckpt_dir}: {ctx.world_size} rank(s), {dtype}, weights {_scheme_name(scheme)}, {where}"
         f"load {load_s:.1f} s, copy bandwidth {bandwidth / 1e9:.1f} GB/s (all ranks), "
         f"weights streamed per step {step_bytes / 2**30:.2f} GiB/rank"
+        + (", compiled decode" if llm.decode_step.compiled else "")
     )
     print0("| ranks | batch | TTFT s | prefill tok/s | decode tok/s | step ms | GB/s achieved | of copy BW "
-           "| peak RSS GiB/rank | private GiB/rank |")
-    print0("|---|---|---|---|---|---|---|---|---|---|")
+           "| peak RSS GiB/rank | private GiB/rank |" + (" peak CUDA GiB/rank |" if on_gpu else ""))
+    print0("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
     gen = torch.Generator().manual_seed(0)
     ours = {}
     for batch in sizes:
         prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len), generator=gen).tolist()
-        for _ in range(warmup):
-            llm.generate(prompts, 4, temperature=0)
-        runs = []
-        for _ in range(repeats):  # a shared machine's bandwidth wanders: best run, as for the copy bandwidth
-            llm.generate(prompts, gen_len, temperature=0)
-            runs.append(llm.last_stats)
-        stats = min(runs, key=lambda s: s.decode_s / max(s.decode_steps, 1))
-        step_s = stats.decode_s / max(stats.decode_steps, 1)
+        if on_gpu:  # whole calls, synchronised: the decode loop itself does not wait for the GPU every step
+            prefill_s, step_s = generation_rates(lambda p, n: llm.generate(p, n, temperature=0), prompts, gen_len,
+                                                 warmup, repeats, device)
+        else:
+            for _ in range(warmup):
+                llm.generate(prompts, 4, temperature=0)
+            runs = []
+            for _ in range(repeats):  # a shared machine's bandwidth wanders: best run, as for the copy bandwidth
+                llm.generate(prompts, gen_len, temperature=0)
+                runs.append(llm.last_stats)
+            stats = min(runs, key=lambda s: s.decode_s / max(s.decode_steps, 1))
+            prefill_s, step_s = stats.prefill_s, stats.decode_s / max(stats.decode_steps, 1)
         achieved = ctx.world_size * step_bytes / step_s
         peak = max(_gather_floats(_status_gib("VmHWM")))
         # Private: what this rank owns (weights, caches, activations), not the page cache of mapped files.
         private = max(_gather_floats(_status_gib("RssAnon")))
+        gpu_peak = f" {max(_gather_floats(peak_memory_gib(device))):.2f} |" if on_gpu else ""
         print0(
-            f"| {ctx.world_size} | {batch} | {stats.prefill_s:.3f} | {batch * prompt_len / stats.prefill_s:.0f} | "
+            f"| {ctx.world_size} | {batch} | {prefill_s:.3f} | {batch * prompt_len / prefill_s:.0f} | "
             f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | {peak:.2f} | "
-            f"{private:.2f} |"
+            f"{private:.2f} |{gpu_peak}"
         )
         ours[batch] = (prompts, batch / step_s)
-    if compare_hf and ctx.world_size == 1:  # after our rows, so HF's copy of the weights is not in our peak RSS
+    if compare_hf and ctx.world_size == 1:  # after our rows, so HF's copy of the weights is not in our peak memory
         del llm, model
-        print0("\n| transformers | batch | TTFT s | prefill tok/s | decode tok/s | ours / HF decode |")
-        print0("|---|---|---|---|---|---|")
-        hf = _hf_model(checkpoint, torch_dtype)
-        for batch, (prompts, our_rate) in ours.items():
-            hf_first, hf_rate = _hf_rates(hf, torch.tensor(prompts), gen_len, repeats)
-            print0(f"| HF generate | {batch} | {hf_first:.3f} | {batch * prompt_len / hf_first:.0f} | {hf_rate:.1f} | "
-                   f"{our_rate / hf_rate:.2f}x |")
+        if on_gpu:
+            torch.cuda.empty_cache()
+        compare_with_transformers(checkpoint, torch_dtype, device, ours, prompt_len, gen_len, repeats, hf_compile)
 
 
 def _held_out_windows(tokenizer, text_file: str | None, seq_len: int, tokens: int, seed: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import Backend, BackendConfig
 
 from llama_dist.errors import ConfigError
 from llama_dist.launch_env import LaunchEnv, local_world_size, read_launch_env
@@ -36,6 +37,9 @@ TIMEOUT_ENV = "LLAMA_DIST_TIMEOUT"
 
 # Set up by init_distributed for CPU ranks on one host (LLAMA_DIST_SHM_ALLREDUCE=0 turns it off).
 _shm_allreduce: SharedMemoryAllReduce | None = None
+# (default group, device) of the group init_distributed started: joining it without a device returns that device (a
+# gloo group may have been started for a GPU, and the group itself does not record that).
+_started_on: tuple[object, torch.device] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,16 +55,69 @@ class DistContext:
         return self.rank == 0
 
 
-def _pick_backend_and_device(local_rank: int, backend: str | None, device: str | torch.device | None):
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+# One group for both kinds of tensor on GPUs: object collectives and CPU tensors (the benchmark's floats, a model
+# loaded on the CPU) over gloo, CUDA tensors over NCCL. NCCL alone fails on the first CPU tensor.
+NCCL_WITH_GLOO = "cpu:gloo,cuda:nccl"
+
+
+def _carriers(backend: str) -> dict[str, str]:
+    """Which backend carries each device type's tensors: "gloo" -> {"cpu": "gloo", "cuda": "gloo"}."""
+    return dict(BackendConfig(Backend(backend)).get_device_backend_map())
+
+
+def describe_backend(backend: str) -> str:
+    """A backend (or torch's "device:backend,..." form) as people name it: "nccl+gloo", "gloo", "nccl"."""
+    names = sorted(set(_carriers(backend).values()), key=lambda name: (name != "nccl", name))
+    return "+".join(names)
+
+
+def _rank_device(device: str | torch.device, local_rank: int) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         # When SLURM binds one GPU per task, every task sees a single device, index 0.
         device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return device
+
+
+def _pick_backend_and_device(local_rank: int, backend: str | None, device: str | torch.device | None):
+    """(what to pass init_process_group as its backend, this rank's device) for a group this call starts."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _rank_device(device, local_rank)
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        if device.type != "cuda":
+            raise ConfigError(f"backend nccl carries CUDA tensors only; a rank on {device} needs gloo "
+                              "(or backend None)")
+        backend = NCCL_WITH_GLOO
     return backend, device
+
+
+def _device_of_started_group(local_rank: int, backend: str | None, device: str | torch.device | None):
+    """This rank's device on the group already started: the one asked for if that group carries its tensors over
+    the backend asked for, else a ConfigError; None: the started group's own device."""
+    config = dist.get_backend_config()
+    carriers = _carriers(config)
+    if device is None:
+        bound = getattr(dist.group.WORLD, "bound_device_id", None)
+        if _started_on is not None and _started_on[0] is dist.group.WORLD:
+            device = _started_on[1]
+        elif bound is not None:
+            device = bound
+        else:
+            device = "cuda" if carriers.get("cuda") == "nccl" or "cpu" not in carriers else "cpu"
+    device = _rank_device(device, local_rank)
+    started = describe_backend(config)
+    if device.type not in carriers:
+        raise ConfigError(f"the process group already started ({started}) cannot carry {device.type} tensors: "
+                          f"ask for a device it carries, or for none")
+    if backend is not None:
+        wanted, _ = _pick_backend_and_device(local_rank, backend, device)
+        if _carriers(wanted).get(device.type) != carriers[device.type]:
+            raise ConfigError(f"the process group is already started on {started}: backend {backend!r} for "
+                              f"{device.type} tensors cannot take effect, so it is refused")
+    return device
 
 
 def _gpu_identity(device: torch.device) -> str:
@@ -131,7 +188,10 @@ def init_distributed(
 ) -> DistContext:
     """Start (or join the already started) process group and fairscale's model-parallel group.
 
-    backend/device: None picks NCCL + cuda:LOCAL_RANK when CUDA is available, gloo + CPU otherwise.
+    backend/device: None picks cuda:LOCAL_RANK when CUDA is available, the CPU otherwise. On CUDA the group
+    carries CUDA tensors over NCCL and CPU tensors and object collectives over gloo (torch's "cpu:gloo,cuda:nccl",
+    shown as "nccl+gloo"; backend="nccl" means the same) and NCCL starts at once, bound to the rank's GPU.
+    backend="gloo" on a GPU carries CUDA tensors over gloo: slower, but several ranks may share one GPU.
 
     timeout_s: how long a rank waits for its peers, in the start-up rendezvous and in every collective,
     before it fails (default: $LLAMA_DIST_TIMEOUT, else 600 s). It bounds how long a job outlives a rank that
@@ -143,11 +203,11 @@ def init_distributed(
     legitimately spend outside collectives while others wait, e.g. reading its shards from a slow disk.
     fairscale's model-parallel groups get the same timeout.
 
-    Called again once the group is started, it joins that group and returns its context; a timeout_s then
-    could not take effect, so it is refused rather than ignored.
+    Called again once the group is started, it joins that group and returns its context, with a device the group
+    carries: by default the one it was started for. A timeout_s, or a device or backend other than the group's,
+    could not take effect then, so it is refused (ConfigError) rather than ignored.
     """
     launch = read_launch_env()
-    backend, device = _pick_backend_and_device(launch.local_rank, backend, device)
     if dist.is_initialized() and timeout_s is not None:
         raise ConfigError(
             "the process group is already started, with the timeout it was started with: pass timeout_s to the "
@@ -156,30 +216,19 @@ def init_distributed(
     seconds = default_timeout_s() if timeout_s is None else _checked_timeout(timeout_s, "timeout_s")
     timeout = datetime.timedelta(seconds=seconds)
 
+    if dist.is_initialized():
+        device = _device_of_started_group(launch.local_rank, backend, device)
+    else:
+        backend, device = _pick_backend_and_device(launch.local_rank, backend, device)
     if device.type == "cuda":  # also when joining a started group: this thread's kernels go to the rank's GPU
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if backend == "nccl":
-            # Tear the process down when a collective outlives the timeout (PyTorch >= 2.2 default).
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
-        if device.type == "cpu" and set_threads:
-            # Ranks sharing a host share its cores; oversubscribed OpenMP pools slow every rank down.
-            per_rank = max(1, (os.cpu_count() or 1) // local_world_size(launch))
-            torch.set_num_threads(per_rank)
-        if launch.launcher == "single":
-            # A one-rank group needs no rendezvous: an in-memory store avoids picking a port.
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        else:
-            store = meet_at_rendezvous(launch, seconds)
-            if device.type == "cuda" and "nccl" in backend:  # gloo may share a GPU between ranks
-                check_gpus_not_shared(store, launch, device, seconds)
-            dist.init_process_group(
-                backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
-            )
+        _start_default_group(launch, backend, device, seconds, set_threads)
     if not fs_init.model_parallel_is_initialized():
         _start_model_parallel_groups(timeout)
         global _shm_allreduce
-        if dist.get_backend() == "gloo" and os.environ.get("LLAMA_DIST_SHM_ALLREDUCE", "1") != "0":
+        cpu_over_gloo = _carriers(dist.get_backend_config()).get("cpu") == "gloo"
+        if device.type == "cpu" and cpu_over_gloo and os.environ.get("LLAMA_DIST_SHM_ALLREDUCE", "1") != "0":
             _shm_allreduce = create_for_group(fs_init.get_model_parallel_group(), timeout.total_seconds())
 
     return DistContext(
@@ -187,8 +236,35 @@ def init_distributed(
         world_size=dist.get_world_size(),
         local_rank=launch.local_rank,
         device=device,
-        backend=dist.get_backend(),
+        backend=describe_backend(dist.get_backend_config()),
     )
+
+
+def _start_default_group(launch: LaunchEnv, backend: str, device: torch.device, seconds: float,
+                         set_threads: bool) -> None:
+    global _started_on
+    timeout = datetime.timedelta(seconds=seconds)
+    nccl_carries_cuda = device.type == "cuda" and _carriers(backend).get("cuda") == "nccl"
+    if nccl_carries_cuda:
+        # Tear the process down when a collective outlives the timeout (PyTorch >= 2.2 default).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    if device.type == "cpu" and set_threads:
+        # Ranks sharing a host share its cores; oversubscribed OpenMP pools slow every rank down.
+        per_rank = max(1, (os.cpu_count() or 1) // local_world_size(launch))
+        torch.set_num_threads(per_rank)
+    # device_id binds the group to the rank's GPU and starts NCCL now, not inside the first collective.
+    device_id = device if nccl_carries_cuda else None
+    if launch.launcher == "single":
+        # A one-rank group needs no rendezvous: an in-memory store avoids picking a port.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device_id)
+    else:
+        store = meet_at_rendezvous(launch, seconds)
+        if nccl_carries_cuda:  # gloo may share a GPU between ranks
+            check_gpus_not_shared(store, launch, device, seconds)
+        dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timeout, device_id=device_id)
+    _started_on = (dist.group.WORLD, device)
 
 
 def _start_model_parallel_groups(timeout: datetime.timedelta) -> None:
@@ -210,8 +286,9 @@ def shared_memory_allreduce() -> SharedMemoryAllReduce | None:
 
 
 def shutdown_distributed() -> None:
-    global _shm_allreduce
+    global _shm_allreduce, _started_on
     _shm_allreduce = None
+    _started_on = None
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():

@@ -34,13 +34,18 @@ def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Full random weights for `args`, scaled so activations keep their size through the layers."""
-    gen = torch.Generator().manual_seed(seed)
+def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+    """Full random weights for `args`, scaled so activations keep their size through the layers, on the CPU.
+
+    device: where they are drawn (a GPU draws an 8B model in seconds, the CPU in minutes); each seed's values
+    depend on it.
+    """
+    gen = torch.Generator(device).manual_seed(seed)
     weights = {}
     for name, shape in weight_shapes(args).items():
         if len(shape) == 1:  # norm gains near 1, as in trained models
-            weights[name] = (1 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+            weight = 1 + 0.1 * torch.randn(shape, generator=gen, device=device)
         else:
-            weights[name] = (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
+            weight = torch.randn(shape, generator=gen, device=device) * shape[-1] ** -0.5
+        weights[name] = weight.to(dtype).cpu()
     return weights

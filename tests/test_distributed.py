@@ -16,6 +16,7 @@ from llama_dist.distributed import (
     DEFAULT_TIMEOUT_S,
     _pick_backend_and_device,
     default_timeout_s,
+    describe_backend,
     init_distributed,
     model_parallel_world_size,
     print0,
@@ -41,17 +42,107 @@ def fake_gpus(monkeypatch, count):
 
 def test_nccl_on_the_local_gpu_with_cuda(monkeypatch):
     fake_gpus(monkeypatch, 4)
-    assert _pick_backend_and_device(2, None, None) == ("nccl", torch.device("cuda", 2))
+    # One group for both: CUDA tensors over NCCL, CPU tensors and object collectives over gloo.
+    assert _pick_backend_and_device(2, None, None) == ("cpu:gloo,cuda:nccl", torch.device("cuda", 2))
     fake_gpus(monkeypatch, 1)  # SLURM bound one GPU to this task: it is device 0 whatever the local rank
-    assert _pick_backend_and_device(2, None, None) == ("nccl", torch.device("cuda", 0))
+    assert _pick_backend_and_device(2, None, None) == ("cpu:gloo,cuda:nccl", torch.device("cuda", 0))
 
 
 def test_explicit_backend_and_device_are_honoured(monkeypatch):
     fake_gpus(monkeypatch, 4)
     assert _pick_backend_and_device(1, None, "cpu") == ("gloo", torch.device("cpu"))
     assert _pick_backend_and_device(1, "gloo", "cuda") == ("gloo", torch.device("cuda", 1))  # index from rank
-    assert _pick_backend_and_device(1, "nccl", "cuda:3") == ("nccl", torch.device("cuda", 3))
+    assert _pick_backend_and_device(1, "nccl", "cuda:3") == ("cpu:gloo,cuda:nccl", torch.device("cuda", 3))
     assert _pick_backend_and_device(0, "gloo", torch.device("cpu")) == ("gloo", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="backend nccl carries CUDA tensors only; a rank on cpu needs gloo"):
+        _pick_backend_and_device(0, "nccl", "cpu")
+
+
+def test_backend_names_as_printed():
+    assert describe_backend("cpu:gloo,cuda:nccl") == "nccl+gloo"
+    assert describe_backend("cpu:gloo,cuda:gloo") == describe_backend("gloo") == "gloo"
+    assert describe_backend("nccl") == "nccl"
+
+
+class GroupStarted(Exception):
+    """Raised by a stand-in for dist.init_process_group once it has recorded its arguments."""
+
+
+def _record_group_start(monkeypatch) -> dict:
+    started = {}
+
+    def record(backend, **kwargs):
+        started.update(kwargs, backend=backend)
+        raise GroupStarted
+
+    monkeypatch.setattr(dist, "init_process_group", record)
+    return started
+
+
+def _one_process_launch(monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # what a start on NCCL sets: undone after the test
+
+
+def test_one_group_starts_nccl_and_gloo_bound_to_the_gpu(monkeypatch):
+    """What init_distributed asks torch for on a GPU (no GPU here: torch's call is recorded, not made)."""
+    _one_process_launch(monkeypatch)
+    fake_gpus(monkeypatch, 2)
+    bound = []
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    started = _record_group_start(monkeypatch)
+    for backend in (None, "nccl"):
+        with pytest.raises(GroupStarted):
+            init_distributed(backend=backend, device="cuda:1", timeout_s=30)
+        assert started["backend"] == "cpu:gloo,cuda:nccl" and started["device_id"] == torch.device("cuda", 1)
+        assert started["timeout"] == datetime.timedelta(seconds=30)
+    assert bound == [torch.device("cuda", 1)] * 2
+    with pytest.raises(GroupStarted):  # gloo on a GPU: no NCCL to start eagerly
+        init_distributed(backend="gloo", device="cuda:0", timeout_s=30)
+    assert started["backend"] == "gloo" and started["device_id"] is None
+    with pytest.raises(GroupStarted):
+        init_distributed(device="cpu", timeout_s=30, set_threads=False)
+    assert started["backend"] == "gloo" and started["device_id"] is None
+
+
+def test_joining_a_started_group_gives_a_device_it_carries(monkeypatch):
+    """A second init_distributed returns the device the started group can use, not the one a fresh start would
+    pick; a device or backend the group cannot honour is refused."""
+    _one_process_launch(monkeypatch)
+    fake_gpus(monkeypatch, 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    cuda0, cpu = torch.device("cuda", 0), torch.device("cpu")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # started by someone else
+    try:
+        joined = init_distributed()
+        assert (joined.device, joined.backend) == (cpu, "gloo")  # a fresh start on this "GPU" machine: NCCL, cuda:0
+        assert init_distributed(device="cuda").device == cuda0  # gloo carries CUDA tensors too
+        with pytest.raises(ConfigError, match="already started on gloo: backend 'nccl' for cuda tensors cannot"):
+            init_distributed(backend="nccl", device="cuda")
+        monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cpu:gloo,cuda:nccl")
+        joined = init_distributed()
+        assert (joined.device, joined.backend) == (cuda0, "nccl+gloo")
+        assert init_distributed(device="cpu", backend="gloo").device == cpu
+        with pytest.raises(ConfigError, match="already started on nccl\\+gloo: backend 'gloo' for cuda tensors"):
+            init_distributed(backend="gloo", device="cuda:0")
+        monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cuda:nccl")
+        with pytest.raises(ConfigError, match="already started \\(nccl\\) cannot carry cpu tensors"):
+            init_distributed(device="cpu")
+    finally:
+        shutdown_distributed()
+
+
+def test_joining_our_gloo_group_on_a_gpu_keeps_its_device(monkeypatch):
+    _one_process_launch(monkeypatch)
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    try:
+        started = init_distributed(backend="gloo", device="cuda:1", timeout_s=30)  # a real gloo group
+        assert (started.device, started.backend) == (torch.device("cuda", 1), "gloo")
+        assert init_distributed() == started
+    finally:
+        shutdown_distributed()
 
 
 def _fake_cuda_rank(gpus: int) -> None:
@@ -73,18 +164,23 @@ def ranks_sharing_a_gpu_worker(gpus: int):
     return "started"
 
 
-def gloo_on_a_shared_gpu_worker():
-    """gloo may put several ranks on one GPU (a test setup the GPU set uses): not refused. Stops where the group
-    would start (a CPU build cannot start it on CUDA), after the check would have run."""
-    _fake_cuda_rank(1)
+def group_start_worker(gpus: int, backend: str | None):
+    """What this rank asks torch to start, once the shared-GPU check (if any) has let it through. A CPU build
+    cannot start a group on CUDA: the call is recorded, not made."""
+    _fake_cuda_rank(gpus)
     import llama_dist.distributed as distributed
 
-    def stop(*args, **kwargs):
-        raise RuntimeError("reached init_process_group")
+    def record(backend, store, rank, world_size, **kwargs):
+        if rank != 0:
+            store.add("recorded", 1)  # the last use of the store by this rank
+        else:  # rank 0 hosts the store: it must outlive the other ranks' use of it
+            while store.add("recorded", 0) < world_size - 1:
+                time.sleep(0.01)
+        raise RuntimeError(f"init_process_group({backend}, device_id={kwargs['device_id']})")
 
-    distributed.dist.init_process_group = stop
+    distributed.dist.init_process_group = record
     try:
-        init_distributed(backend="gloo", timeout_s=30)
+        init_distributed(backend=backend, timeout_s=30)
     except RuntimeError as exc:
         return str(exc)
     return "started"
@@ -114,7 +210,11 @@ def test_ranks_sharing_a_gpu_are_refused_before_nccl():
         assert message.startswith("ranks 0, 1 would share cuda:0 on "), message
         assert "2 ranks run there on 1 visible GPU(s)" in message and "--nproc_per_node 1" in message, message
     assert run_local(distinct_gpus_worker, 2, 2, timeout_s=120) == ["checked", "checked"]
-    assert run_local(gloo_on_a_shared_gpu_worker, 2, timeout_s=120) == ["reached init_process_group"] * 2
+    # gloo may put several ranks on one GPU (a test setup the GPU set uses): not refused.
+    assert run_local(group_start_worker, 2, 1, "gloo", timeout_s=120) == ["init_process_group(gloo, device_id=None)"] * 2
+    assert run_local(group_start_worker, 2, 2, None, timeout_s=120) == [
+        f"init_process_group(cpu:gloo,cuda:nccl, device_id=cuda:{rank})" for rank in range(2)
+    ]
 
 
 # ---- real ranks -------------------------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""Rank workers of the GPU tests (test_gpu.py). Module-level so `run_local` can start them in spawned ranks, and
+free of CUDA calls at import, so the CUDA_VISIBLE_DEVICES a test gives a rank (run_local's env) still applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llama_dist.distributed import init_distributed
+from llama_dist.generation import Llama
+from llama_dist.inspection import run_with_cache, to_tokens
+
+TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
+# What the bundled model was trained on (checkpoints/README.md): greedy continuations with wide logit margins.
+PROMPTS = ["one two three four", "a b c d", "monday tuesday", "the cat"]
+GEN_LEN = 12
+# Dialogs the model (trained on no chat) answers with 12 words rather than at once with its stop token.
+DIALOGS = [[{"role": "user", "content": "a b c d e f"}], [{"role": "user", "content": "monday tuesday wednesday"}]]
+INSPECTED = "one two three four five"
+
+
+def _build(ctx, dtype: str, **extra) -> Llama:
+    return Llama.build(TINY, max_seq_len=64, max_batch_size=len(PROMPTS), dtype=dtype, context=ctx, **extra)
+
+
+def _greedy(llm: Llama) -> dict:
+    prompts = [llm.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]  # ragged: 3 to 5 tokens
+    tokens, logprobs = llm.generate(prompts, GEN_LEN, temperature=0, logprobs=True)
+    return {"tokens": tokens, "logprobs": logprobs, "texts": [llm.tokenizer.decode(t) for t in tokens]}
+
+
+def _inspect(llm: Llama) -> dict:
+    tokens = to_tokens(llm, INSPECTED)
+    with torch.inference_mode():
+        out = llm.model(tokens, 0, output_hidden_states=True, output_attentions=True)
+        _, cache = run_with_cache(llm.model, tokens, attentions=True)
+    return {
+        "logits": out.logits.cpu(),
+        "hidden_states": [h.float().cpu() for h in out.hidden_states],
+        "attentions": [a.cpu() for a in out.attentions],
+        "cache": {name: t.float().cpu() for name, t in cache.items()},
+    }
+
+
+def generation_worker(dtypes: list[str], backend: str | None = None, device: str | None = None,
+                      compile: bool | None = None) -> dict:
+    """Greedy generation in each dtype; chat and inspection in the first one. compile: Llama.build's (None: the
+    decode step is compiled on CUDA, eager on CPU)."""
+    ctx = init_distributed(backend=backend, device=device)
+    result = {"backend": ctx.backend, "device": str(ctx.device)}
+    for dtype in dtypes:
+        llm = _build(ctx, dtype, compile=compile)
+        result["compiled"] = llm.decode_step.compiled
+        result[dtype] = _greedy(llm)
+        if dtype == dtypes[0]:
+            answers = llm.chat_completion(DIALOGS, temperature=0, max_gen_len=GEN_LEN)
+            result["chat"] = [answer["generation"] for answer in answers]
+            result["inspection"] = _inspect(llm)
+        del llm
+    return result
+
+
+def start_worker() -> str:
+    """init_distributed's outcome on this rank: its ConfigError's message, or the context it returned."""
+    from llama_dist.errors import ConfigError
+
+    try:
+        ctx = init_distributed()
+    except ConfigError as exc:
+        return str(exc)
+    return f"started {ctx.backend} on {ctx.device}"
