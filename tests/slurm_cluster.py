@@ -254,6 +254,31 @@ class SlurmCluster:
             raise RuntimeError(f"sbatch failed (rc {proc.returncode}):\n{proc.stderr}")
         return JobResult(proc.returncode, _read_text(out_file), job_id, self.job_state(job_id))
 
+    def start_job(
+        self,
+        script_path: str | os.PathLike,
+        args: tuple | list = (),
+        env: dict[str, str] | None = None,
+        sbatch_args: tuple | list = (),
+    ) -> tuple[str, Path]:
+        """Submit without waiting (for a job that runs until cancelled, such as a server): (job id, output file).
+        Same environment as `submit`; end it with `cancel`."""
+        assert self.dir is not None, "cluster not started"
+        self._jobs += 1
+        out_file = self.dir / "jobs" / f"job-{self._jobs}.out"
+        job_env = {**self.env, **(env or {})}
+        cmd = [_which("sbatch"), "--parsable", f"--job-name=test-{os.getpid()}-{self._jobs}", f"--output={out_file}",
+               f"--chdir={REPO_ROOT}", "--export=ALL", *map(str, sbatch_args), str(script_path), *map(str, args)]
+        proc = subprocess.run(cmd, env=job_env, capture_output=True, text=True, timeout=30)
+        job_id = proc.stdout.strip().split(";")[0]
+        if proc.returncode != 0 or not job_id:
+            raise RuntimeError(f"sbatch failed (rc {proc.returncode}):\n{proc.stderr}")
+        return job_id, out_file
+
+    def cancel(self, job_id: str) -> None:
+        """scancel: SLURM signals the job's steps (SIGTERM, then SIGKILL after KillWait)."""
+        self._client(["scancel", job_id], timeout_s=10)
+
     def job_state(self, job_id: str) -> str | None:
         """Final JobState from the controller (it keeps finished jobs for MinJobAge seconds)."""
         res = self._client(["scontrol", "-o", "show", "job", job_id], timeout_s=10, check=False)

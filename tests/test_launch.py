@@ -1,7 +1,7 @@
 """The launch paths users meet first, run for real on the bundled tiny model.
 
 Single process, `launch/run_local.sh` (torchrun, 2 ranks), two torchrun agents on localhost acting as two
-nodes (c10d rendezvous), and both SLURM batch scripts submitted to a real one-node SLURM cluster.
+nodes (c10d rendezvous), and the SLURM batch scripts (generate, serve) submitted to a real one-node SLURM cluster.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,47 @@ def test_sbatch_scripts_on_real_slurm(slurm_cluster, script):
     assert completions[0].strip().startswith(EXPECTED)
     assert "on 2 rank(s)" in out
     print(out)
+
+
+def _wait_for(condition, timeout_s: float, what: str):
+    """condition()'s first truthy value, polled until `timeout_s` (then AssertionError naming `what`)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return value
+
+
+def test_serve_sbatch_on_real_slurm(slurm_cluster):
+    """launch/serve.sbatch with 2 tasks answers /v1/completions from rank 0 until scancel ends the job."""
+    httpx = pytest.importorskip("httpx")
+    port = free_port()
+    env = {"PORT": str(port), "HOST": "127.0.0.1", "OMP_NUM_THREADS": "1", "LLAMA_DIST_TIMEOUT": "120"}
+    job_id, out_file = slurm_cluster.start_job(REPO / "launch/serve.sbatch", env=env,
+                                               args=["--dtype", "float32", "--max_seq_len", "64"],
+                                               sbatch_args=["--nodes=1", "--ntasks-per-node=2"])
+    running = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")
+
+    def output() -> str:
+        return out_file.read_text(errors="replace") if out_file.exists() else ""
+
+    def serving() -> bool:
+        assert slurm_cluster.job_state(job_id) in running, f"the job ended early:\n{output()}"
+        return "Serving " in output()
+
+    try:
+        _wait_for(serving, 180, "'Serving' line from rank 0")
+        assert f"2 rank(s), URL http://{slurm_cluster.hostname}:{port}/v1" in output()
+        assert "(2 rank(s)" in output()
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                              json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"].strip().startswith(EXPECTED)
+    finally:
+        slurm_cluster.cancel(job_id)
+    _wait_for(lambda: slurm_cluster.job_state(job_id) not in running, 60, "end of the job after scancel")
+    leftover = subprocess.run(["pgrep", "-f", f"llama_dist serve --host 127.0.0.1 --port {port}"],
+                              capture_output=True, text=True).stdout.split()
+    assert leftover == [], output()
+    assert "Server stopped" in output()  # rank 0 took scancel's SIGTERM as an orderly shutdown
+    print(output())
