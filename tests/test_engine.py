@@ -93,7 +93,8 @@ def test_rows_at_their_own_positions_match_a_plain_forward(results, world_size):
     assert rel_diff(main["step_compiled"], main["step_eager"]) <= 1e-5
     for i, reference in enumerate(main["step_reference"]):
         assert rel_diff(main["step_eager"][i], reference) <= 1e-5
-    assert results[world_size][1 if world_size > 1 else 0]["step_eager"] is None or world_size == 1
+    if world_size > 1:  # eager, only rank 0 receives the logits it samples from
+        assert results[world_size][1]["step_eager"] is None
 
 
 def test_compiles_by_default_on_cuda_only(results):
