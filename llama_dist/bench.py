@@ -86,7 +86,7 @@ def make_checkpoint(out: str | None = None, shape: str = "llama32_1b", dtype: st
     print(f"wrote {out}: {total / 1e9:.2f}B parameters, {sum(w.nbytes for w in weights.values()) / 2**30:.2f} GiB")
 
 
-def _listed(value, convert=int) -> list:
+def listed(value, convert=int) -> list:
     """A comma-separated flag as a list: fire turns "1,8,32" into a tuple and "1" into an int."""
     return [convert(v) for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
 
@@ -169,7 +169,7 @@ def run(
     on CUDA only, as Llama.build). hf_compile: with --compare_hf, also transformers' static cache + torch.compile
     mode (CUDA graphs: meant for a GPU)."""
     scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
-    sizes = _listed(batch_sizes)
+    sizes = listed(batch_sizes)
     ctx = init_distributed()
     device, on_gpu = ctx.device, ctx.device.type == "cuda"
     torch_dtype = resolve_dtype(dtype, device)
@@ -268,7 +268,7 @@ def quality(
     """Teacher-forced quality of each quantization against the float model on held-out text: top-1 agreement
     (the quantized model's most likely next token equals the float model's) and perplexity, over `tokens`
     predicted positions."""
-    sizes = _listed(group_sizes)
+    sizes = listed(group_sizes)
     ctx = init_distributed()
     torch_dtype = resolve_dtype(dtype, ctx.device)
     tokenizer = load_tokenizer(find_tokenizer(ckpt_dir))
@@ -326,9 +326,9 @@ def kernels(
     print(f"{torch.get_num_threads()} threads")
     print("| weight | activations | rows | kernel | us/call | GB/s |\n|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
-    for dtype_name in _listed(dtypes, str):
+    for dtype_name in listed(dtypes, str):
         dtype = resolve_dtype(dtype_name, torch.device("cpu"))
-        for shape in _listed(shapes, str):
+        for shape in listed(shapes, str):
             out_features, in_features = map(int, shape.split("x"))
             weight = torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
             candidates = [
@@ -349,7 +349,7 @@ def kernels(
                 one = make()
                 nbytes = one.nbytes if isinstance(one, torch.Tensor) else sum(b.nbytes for b in one.buffers())
                 copies = [one] + [copy.deepcopy(one) for _ in range(max(1, stream_mib * 2**20 // nbytes) - 1)]
-                for count in _listed(rows):
+                for count in listed(rows):
                     x = torch.randn(count, in_features, generator=gen).to(dtype)
                     if kernel is local_linear:
                         seconds = _seconds_per_call(lambda w, v: local_linear(v, w), copies, x, repeats)

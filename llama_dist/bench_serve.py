@@ -29,6 +29,7 @@ from pathlib import Path
 import fire
 import httpx
 
+from llama_dist.bench import listed
 from llama_dist.errors import ConfigError
 from llama_dist.formats import find_tokenizer
 from llama_dist.tokenizer import load_tokenizer
@@ -99,11 +100,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
-def _listed(value) -> list[int]:
-    """A comma-separated flag as ints: fire turns "1,4,16" into a tuple and "1" into an int."""
-    return [int(v) for v in (str(value).split(",") if isinstance(value, (str, int)) else value)]
-
-
 def pick_tokenizer(ckpt_dir: str, tokenizer_path: str | None) -> Path:
     """The checkpoint's tokenizer; for a `bench make-checkpoint` directory (weights only) with Llama 3's vocabulary,
     Meta's Llama 3 tokenizer from the installed llama_models package: the server needs one to start."""
@@ -140,30 +136,33 @@ def make_prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int
 class ServerProcess:
     """`llama-dist serve --port 0` as a subprocess (under llama_dist.torchrun for more than one rank)."""
 
-    def __init__(self, ranks: int, serve_flags: list[str], log_dir: Path):
+    def __init__(self, ranks: int, serve_flags: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 start_timeout_s: float = START_TIMEOUT_S):
+        """env: variables to set for the server besides this process's own."""
         launcher = [sys.executable] if ranks == 1 else [
             sys.executable, "-m", "llama_dist.torchrun", "--standalone", "--nproc_per_node", str(ranks)]
         # A launcher's variables from an outer job would make the server read the wrong layout.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        server_env = {k: v for k, v in os.environ.items()
+                      if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
         repo = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+        server_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, server_env.get("PYTHONPATH")) if p)
+        server_env.update(env or {})
         self.log = log_dir / f"serve-{ranks}ranks.log"
         self.lines: list[str] = []
         with open(self.log, "w") as err:
             # A session of its own: a failed start can be killed whole (torchrun and its ranks).
             self.proc = subprocess.Popen([*launcher, "-m", "llama_dist", "serve", "--port", "0", *serve_flags],
-                                         env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         env=server_env, stdout=subprocess.PIPE, stderr=err, text=True,
                                          start_new_session=True)
         threading.Thread(target=self._read_stdout, daemon=True).start()  # a full pipe would block the server
-        self.url = self._wait_for_url()
+        self.url = self._wait_for_url(start_timeout_s)
 
     def _read_stdout(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
 
-    def _wait_for_url(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
+    def _wait_for_url(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             for line in list(self.lines):
                 if match := re.search(r"Serving .* at (http://\S+/v1)", line):
@@ -274,7 +273,7 @@ def load_test(ckpt_dir: str, nproc=(1, 2), clients=(1, 4, 16), max_batch_size: i
 
     lone_requests: requests timed one at a time (after one warm-up) for the prefill time and decode step.
     log_dir: where the servers' stderr goes (default: a temporary directory)."""
-    client_counts = _listed(clients)
+    client_counts = listed(clients)
     if lone_requests < 1 or requests_per_client < 1 or min(client_counts) < 1:
         raise ConfigError("lone_requests, requests_per_client and every client count must be at least 1")
     tokenizer_file = pick_tokenizer(ckpt_dir, tokenizer_path)
@@ -287,7 +286,7 @@ def load_test(ckpt_dir: str, nproc=(1, 2), clients=(1, 4, 16), max_batch_size: i
     logs = Path(log_dir or tempfile.mkdtemp(prefix="bench_serve-"))
     logs.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
-    for ranks in _listed(nproc):
+    for ranks in listed(nproc):
         server = ServerProcess(ranks, serve_flags, logs)
         print(f"{ranks} rank(s): serving at {server.url}", file=sys.stderr, flush=True)
         try:

@@ -96,17 +96,17 @@ class CacheWindow:
     """The KV-cache entries one forward writes and then attends over.
 
     rows: the cache slots of the batch's rows: a (bsz,) tensor, or slice(0, bsz) for slots 0..bsz-1.
-    Prefill (`positions` None): every row writes its tokens at positions [start, start + seqlen).
-    Decode (`positions` a (bsz,) tensor, seqlen 1): row i writes its token at positions[i]; rows may sit at
-    different positions (the server's slots), and none of it is a Python number that changes from step to step,
-    so a compiled decode step is traced once.
+    Prefill (`decoded_at` None): every row writes its tokens at positions [start, start + seqlen).
+    Decode (`decoded_at` the paired (slot, position) index tensors, seqlen 1): row i writes its token at
+    position decoded_at[1][i] of slot decoded_at[0][i]; rows may sit at different positions (the server's slots),
+    and none of it is a Python number that changes from step to step, so a compiled decode step is traced once.
     Either way every row attends over cache positions [0, length); `mask` hides what each query may not see.
     """
 
     rows: torch.Tensor | slice
     length: int
     start: int = 0
-    positions: torch.Tensor | None = None
+    decoded_at: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -138,14 +138,13 @@ class Attention(nn.Module):
     def _write_and_read_cache(self, k, v, window: CacheWindow):
         """Store this forward's keys and values, return (keys, values) over the window, (bsz, heads, positions,
         head_dim)."""
-        if window.positions is None:
+        if window.decoded_at is None:
             end = window.start + k.shape[1]
             self.cache_k[window.rows, window.start : end] = k
             self.cache_v[window.rows, window.start : end] = v
-        else:  # one token a row, each at its own position: paired (row, position) indices
-            rows = window.rows if isinstance(window.rows, torch.Tensor) else torch.arange(k.shape[0], device=k.device)
-            self.cache_k[rows, window.positions] = k[:, 0]
-            self.cache_v[rows, window.positions] = v[:, 0]
+        else:  # one token a row, each at its own position
+            self.cache_k[window.decoded_at] = k[:, 0]
+            self.cache_v[window.decoded_at] = v[:, 0]
         # Views when the rows are slots 0..bsz-1 (offline generation, the server's decode over every slot).
         keys = self.cache_k[window.rows, : window.length].transpose(1, 2)
         values = self.cache_v[window.rows, : window.length].transpose(1, 2)
@@ -351,6 +350,7 @@ class Transformer(nn.Module):
                 hidden.append(h)
             if attentions is not None:
                 attentions.append(weights)
+
         def projected(h):  # the positions whose logits are asked for
             if logits_at is not None:
                 return h[torch.arange(bsz, device=h.device), logits_at][:, None]
@@ -388,7 +388,10 @@ class Transformer(nn.Module):
         if bsz > self.args.max_batch_size:
             raise ValueError(f"batch {bsz} exceeds the cache (max_batch_size={self.args.max_batch_size})")
         length = self.args.max_seq_len if length is None else length
-        window = CacheWindow(rows=slice(0, bsz) if slots is None else slots, length=length, positions=positions)
+        rows = torch.arange(bsz, device=tokens.device) if slots is None else slots
+        # Reading slots 0..bsz-1 through a slice keeps the cache reads views rather than gathers.
+        window = CacheWindow(rows=slice(0, bsz) if slots is None else slots, length=length,
+                             decoded_at=(rows, positions))
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         h = self.tok_embeddings(tokens[:, None])

@@ -101,7 +101,7 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> tor
         return kernel(x.reshape(rows, -1).contiguous()).view(*x.shape[:-1], weight.out_features)
     if x.device.type == "cpu" and rows == 1:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    if x.device.type == "cpu" and rows >= _UPCAST_ROWS and _slow_half_precision_matmul(weight.dtype):
+    if x.device.type == "cpu" and rows >= _UPCAST_ROWS and _SLOW_HALF_PRECISION.get(weight.dtype, False):
         return _linear_in_float32_blocks(x, weight)
     if x.device.type == "cpu" and rows <= 64:
         return (weight @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], weight.shape[0])
@@ -116,14 +116,11 @@ _UPCAST_ROWS = 8
 _UPCAST_BLOCK_ROWS = 1024  # 8 MiB of float32 weight at a time for a 2048-wide weight
 
 
+# Whether this CPU lacks native matrix units for the dtype (read once: the check asks oneDNN).
 _SLOW_HALF_PRECISION = {
     torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
     torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported(),
 }
-
-
-def _slow_half_precision_matmul(dtype: torch.dtype) -> bool:
-    return _SLOW_HALF_PRECISION.get(dtype, False)
 
 
 def _linear_in_float32_blocks(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

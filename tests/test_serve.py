@@ -9,10 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,60 +20,28 @@ import pytest
 openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
 httpx = pytest.importorskip("httpx")
 
+from llama_dist.bench_serve import ServerProcess  # noqa: E402
 from llama_dist.local_launch import run_local  # noqa: E402
 from llama_dist.serve.api import DECODE_CONTEXT_TOKENS  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SLOTS, MAX_SEQ_LEN = 4, 128
 PROMPTS = ["one two three four", "The llama", "hello", "I like to eat", "five six seven eight nine ten", "cake"]
 DIALOG = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"}]
 
 
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LLAMA_DIST_TIMEOUT="120")
-    return env
+class Server(ServerProcess):
+    """`llama-dist serve` on a free port, as one process (world size 1) or under llama_dist.torchrun, with an
+    openai client for it."""
 
-
-class Server:
-    """`llama-dist serve` on a free port, as one process (world size 1) or under llama_dist.torchrun."""
-
-    def __init__(self, world_size: int, log: Path):
-        serve = ["-m", "llama_dist", "serve", "--port", "0", "--max_batch_size", str(SLOTS), "--max_seq_len",
-                 str(MAX_SEQ_LEN), "--dtype", "float32", "--max_queue", "40"]
-        launcher = [sys.executable] if world_size == 1 else [
-            sys.executable, "-m", "llama_dist.torchrun", "--standalone", "--nproc_per_node", str(world_size)]
-        self.log = log
-        with open(log, "w") as err:
-            self.proc = subprocess.Popen([*launcher, *serve], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                                         stderr=err, start_new_session=True, text=True)
-        self.url = None
-        deadline = time.monotonic() + 120
-        while self.url is None:
-            line = self.proc.stdout.readline()
-            assert line or self.proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not start within 120 s"
-            match = re.search(r"at (http://\S+/v1)", line)
-            if match:
-                self.url = match.group(1)
+    def __init__(self, world_size: int, log_dir: Path):
+        flags = ["--max_batch_size", str(SLOTS), "--max_seq_len", str(MAX_SEQ_LEN), "--dtype", "float32",
+                 "--max_queue", "40"]
+        super().__init__(world_size, flags, log_dir, env={"OMP_NUM_THREADS": "1", "LLAMA_DIST_TIMEOUT": "120"},
+                         start_timeout_s=120)
         self.client = openai.OpenAI(base_url=self.url, api_key="none", timeout=120, max_retries=0)
-        # Keep reading stdout so the server never blocks on a full pipe.
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def health(self) -> dict:
         return httpx.get(self.url.removesuffix("/v1") + "/health", timeout=10).json()
-
-    def stop(self) -> tuple[int, float]:
-        """SIGTERM to the launcher (torchrun passes it on; a plain process is rank 0): (exit status, seconds)."""
-        start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=60)
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        return rc, time.monotonic() - start
 
 
 def offline_worker(prompts: list[str], dialog: list[dict]) -> dict:
@@ -106,10 +72,9 @@ def offline():
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
 def server(request, tmp_path_factory):
-    srv = Server(request.param, tmp_path_factory.mktemp("serve") / "server.err")
+    srv = Server(request.param, tmp_path_factory.mktemp("serve"))
     yield srv
-    if srv.proc.poll() is None:
-        srv.stop()
+    srv.kill()
 
 
 def _complete(srv: Server, prompt: str, **kwargs):
@@ -213,7 +178,9 @@ def test_seed_gives_reproducible_samples(server):
 def test_sigterm_stops_every_rank_cleanly(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
-    rc, seconds = server.stop()
+    start = time.monotonic()
+    rc = server.stop()  # raises unless the server ended cleanly ("Server stopped", status 0 or torchrun's 143)
+    seconds = time.monotonic() - start
     log = server.log.read_text()
     assert seconds < 30 and "Traceback" not in log, log[-3000:]
     if "--nproc_per_node" not in server.proc.args:
@@ -238,7 +205,7 @@ def _rank_pids(launcher_pid: int) -> dict[int, int]:
 
 
 def test_a_lost_rank_ends_the_server_with_one_line(tmp_path):
-    srv = Server(2, tmp_path / "server.err")
+    srv = Server(2, tmp_path)
     try:
         ranks = _rank_pids(srv.proc.pid)
         assert sorted(ranks) == [0, 1], ranks
@@ -247,8 +214,7 @@ def test_a_lost_rank_ends_the_server_with_one_line(tmp_path):
         srv.proc.wait(timeout=60)
         seconds = time.monotonic() - start
     finally:
-        if srv.proc.poll() is None:
-            os.killpg(srv.proc.pid, signal.SIGKILL)
+        srv.kill()
     log = srv.log.read_text()
     print(f"ended after {seconds:.1f} s, status {srv.proc.returncode}:\n{log[-2000:]}")
     assert srv.proc.returncode != 0 and seconds < 30

@@ -156,7 +156,7 @@ class ServingEngine:
             prefill_logits = () if out.logits is None else out.logits[:, 0]
         if plan.decode:
             slots, tokens, positions = torch.tensor(plan.decode, device=device).unbind(1)
-            logits = self.llm.decode_step(tokens, positions, length=int(max(p for *_, p in plan.decode)) + 1,
+            logits = self.llm.decode_step(tokens, positions, length=max(p for *_, p in plan.decode) + 1,
                                           slots=slots)
             decode_logits = () if logits is None else logits
         return prefill_logits, decode_logits
@@ -173,9 +173,13 @@ class ServingEngine:
             if self._stopping_since is not None:
                 return self._plan_shutdown()
             prefill = self._admit()
-        decode = tuple((run.slot, run.token, run.position) for run in self._slots
-                       if run is not None and run.token is not None)
-        return StepPlan(prefill=prefill, decode=decode)
+        return StepPlan(prefill=prefill, decode=self._decode_rows())
+
+    def _decode_rows(self) -> tuple:
+        """(slot, token, position) of every running request that has a token to feed (all but those admitted in
+        this very step)."""
+        return tuple((run.slot, run.token, run.position) for run in self._slots
+                     if run is not None and run.token is not None)
 
     def _admit(self) -> tuple:
         """Move waiting requests into free slots, as many as fit the prefill budget (at least one)."""
@@ -207,8 +211,7 @@ class ServingEngine:
             handle.push(Finished("error", len(handle.request.prompt_tokens), 0, "the server is shutting down"))
         running = [run for run in self._slots if run is not None]
         if running and time.monotonic() - self._stopping_since < DRAIN_S:
-            return StepPlan(decode=tuple((run.slot, run.token, run.position) for run in running
-                                         if run.token is not None))
+            return StepPlan(decode=self._decode_rows())
         for run in running:
             self._finish(run, "error", "the server is shutting down")
         return StepPlan(shutdown=True)
