@@ -23,9 +23,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-import torch
-
 import make_tiny
+import torch
 
 SEED = 2024
 VOCAB_SIZE = 4096
@@ -84,10 +83,10 @@ def main(argv=None) -> int:
     random.seed(SEED)
     torch.manual_seed(SEED)
 
+    from llama_dist.checkpoint.consolidated import write_consolidated
     from llama_dist.config import ModelArgs
-    from llama_dist.distributed import init_distributed
-    from llama_dist.formats.consolidated import write_consolidated
-    from llama_dist.tokenizer import load_tokenizer, train_llama2_style_tokenizer
+    from llama_dist.dist.groups import init_distributed
+    from llama_dist.text.tokenizer import load_tokenizer, train_llama2_style_tokenizer
 
     init_distributed(backend="gloo", device="cpu")  # a 1-rank group: fairscale's layers need one
     out = Path(args.out)

@@ -108,7 +108,7 @@ def synthetic_documents(n_docs: int, rng: random.Random) -> list[str]:
 
 def train_tokenizer(docs: list[str], out_path: Path) -> None:
     """SentencePiece BPE with Llama 2's layout: unk 0, bos 1, eos 2, no pad, byte fallback, no normalisation."""
-    from llama_dist.tokenizer import train_llama2_style_tokenizer
+    from llama_dist.text.tokenizer import train_llama2_style_tokenizer
 
     train_llama2_style_tokenizer(docs, VOCAB_SIZE, out_path)
 
@@ -138,7 +138,7 @@ def init_parameters(model: torch.nn.Module, n_layers: int, gen: torch.Generator)
 def train(args, tokens: torch.Tensor, doc_starts: torch.Tensor, model_args, deadline: float, bf16: bool = False):
     """bf16: run each step's matmuls in bfloat16 (autocast; float32 weights and optimizer). The autocast region is
     entered per step: autocast caches its casts of the weights until the region ends."""
-    from llama_dist.model import Transformer
+    from llama_dist.model.llama import Transformer
 
     gen = torch.Generator().manual_seed(SEED)
     model = Transformer(model_args)
@@ -211,7 +211,7 @@ def continuation_ok(generation: str, expected: str, min_words: int) -> bool:
 
 
 def check_checkpoint(out: Path) -> bool:
-    from llama_dist.generation import Llama
+    from llama_dist.llm import Llama
 
     llm = Llama.build(str(out), str(out / "tokenizer.model"), max_seq_len=MAX_SEQ_LEN, max_batch_size=4,
                       dtype="float32")
@@ -250,10 +250,10 @@ def main(argv=None) -> int:
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
 
-    from llama_dist.formats.consolidated import write_consolidated
+    from llama_dist.checkpoint.consolidated import write_consolidated
     from llama_dist.config import ModelArgs
-    from llama_dist.distributed import init_distributed
-    from llama_dist.tokenizer import load_tokenizer
+    from llama_dist.dist.groups import init_distributed
+    from llama_dist.text.tokenizer import load_tokenizer
 
     init_distributed(backend="gloo", device="cpu")  # a 1-rank group: fairscale's layers need one
     torch.set_num_threads(2)

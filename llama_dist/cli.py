@@ -19,9 +19,9 @@ from pathlib import Path
 import fire
 import torch.distributed as dist
 
+from llama_dist.checkpoint.convert import convert, quantize
 from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
-from llama_dist.convert import convert, quantize
-from llama_dist.distributed import (
+from llama_dist.dist.groups import (
     init_distributed,
     is_main_process,
     long_wait_group,
@@ -29,6 +29,8 @@ from llama_dist.distributed import (
     print0,
     shutdown_distributed,
 )
+from llama_dist.dist.launch_env import read_launch_env
+from llama_dist.engine.sampling import check_sampling
 from llama_dist.errors import (
     ConfigError,
     LlamaDistError,
@@ -37,12 +39,10 @@ from llama_dist.errors import (
     StartupError,
     one_line,
 )
-from llama_dist.generation import Llama
-from llama_dist.launch_env import read_launch_env
-from llama_dist.quant import DEFAULT_INT4_GROUP_SIZE
-from llama_dist.sampling import check_sampling
+from llama_dist.llm import Llama
+from llama_dist.model.quant import DEFAULT_INT4_GROUP_SIZE
 from llama_dist.serve.engine_loop import DEFAULT_MAX_QUEUE, ServingEngine
-from llama_dist.user_input import read_dialogs, read_prompts, read_user_turn
+from llama_dist.text.user_input import read_dialogs, read_prompts, read_user_turn
 
 # Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
 # the project's own, only the file-system errors of paths the user gave.

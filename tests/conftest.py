@@ -23,8 +23,9 @@ def _spm_training_text() -> list[str]:
 @pytest.fixture(scope="session")
 def spm_model_path(tmp_path_factory) -> str:
     """A tiny SentencePiece BPE model with Llama 2's special-id layout (unk 0, bos 1, eos 2, no pad)."""
-    from llama_dist.tokenizer import train_llama2_style_tokenizer
-    from multirank import SPM_VOCAB
+    from helpers import SPM_VOCAB
+
+    from llama_dist.text.tokenizer import train_llama2_style_tokenizer
 
     path = tmp_path_factory.mktemp("spm") / "tiny.model"
     return str(train_llama2_style_tokenizer(_spm_training_text(), SPM_VOCAB, path))

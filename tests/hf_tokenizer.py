@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llama_dist.tokenizer import _LLAMA3_PAT
+from llama_dist.text.tokenizer import _LLAMA3_PAT
 
 NAMED_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
@@ -61,7 +61,7 @@ def write_hf_tokenizer(
     """Write tokenizer.json + tokenizer_config.json (with `chat_template`) into `out_dir`; return the
     tokenizer.json path. The vocabulary holds exactly `total_vocab` ids: merges, then the named special tokens,
     then reserved special tokens, as Llama 3's does."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers, Regex
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(ignore_merges=True))

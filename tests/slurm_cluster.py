@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_dist.launch_env import free_port
-from llama_dist.shm_allreduce import process_alive
+from llama_dist.dist.launch_env import free_port
+from llama_dist.dist.shm_allreduce import process_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,14 +21,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_dist.chat import format_dialog
+from llama_dist.engine.sampling import check_sampling
 from llama_dist.errors import DialogError, RequestError, TokenizerError
-from llama_dist.sampling import check_sampling
 from llama_dist.serve.completion_text import CompletionText, GeneratedToken, IncrementalDecoder
 from llama_dist.serve.openai_schema import (
-    ApiError, ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape, error_body, unsupported_settings,
+    ApiError,
+    ChatCompletionRequest,
+    ChatShape,
+    CompletionRequest,
+    CompletionShape,
+    error_body,
+    unsupported_settings,
 )
 from llama_dist.serve.requests import Finished, GenerationRequest, RequestHandle, ServerBusy, TokenEvent
+from llama_dist.text.chat import format_dialog
 
 __all__ = ["make_app"]
 

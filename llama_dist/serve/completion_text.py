@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llama_dist.tokenizer_interface import TokenizerInterface
+from llama_dist.text.tokenizer_interface import TokenizerInterface
 
 __all__ = ["IncrementalDecoder", "GeneratedToken", "CompletionText"]
 

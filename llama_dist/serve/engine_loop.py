@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llama_dist.distributed import broadcast_object
+from llama_dist.dist.groups import broadcast_object
+from llama_dist.engine.sampling import sample_next
 from llama_dist.errors import RequestError, one_line
-from llama_dist.sampling import sample_next
 from llama_dist.serve.requests import Finished, GenerationRequest, RequestHandle, ServerBusy, TokenEvent
 
 DEFAULT_MAX_QUEUE = 64

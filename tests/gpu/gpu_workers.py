@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from llama_dist.distributed import init_distributed
-from llama_dist.generation import Llama
-from llama_dist.inspection import run_with_cache, to_tokens
+from llama_dist.dist.groups import init_distributed
+from llama_dist.llm import Llama
+from llama_dist.model.inspection import run_with_cache, to_tokens
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
 # What the bundled model was trained on (checkpoints/README.md): greedy continuations with wide logit margins.

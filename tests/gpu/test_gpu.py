@@ -15,7 +15,7 @@ import pytest
 import torch
 from gpu_workers import PROMPTS, generation_worker, start_worker
 
-from llama_dist.local_launch import run_local
+from llama_dist.dist.local_launch import run_local
 
 
 def _why_not_run() -> str | None:

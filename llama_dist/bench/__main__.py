@@ -1,0 +1,20 @@
+"""`python -m llama_dist.bench run|make-checkpoint|quality|kernels|serve ...` (run under torchrun for N ranks)."""
+
+import sys
+
+import fire
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["serve"]:  # the server's load test starts its own servers: it takes its own flags
+        from llama_dist.bench.serve import main as serve_main
+
+        serve_main(argv[1:])
+        return
+    from llama_dist.bench.decode import COMMANDS
+
+    fire.Fire(COMMANDS, command=argv, name="python -m llama_dist.bench")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,322 @@
+"""Load test of `llama-dist serve`: `python -m llama_dist.bench serve --ckpt_dir DIR --nproc 1,2 --clients 1,4,16`.
+
+For each rank count it starts the server (one process, or llama_dist.torchrun for N ranks), times lone requests
+(prefill ~ time to first token, decode step ~ the time between later tokens), then for each client count runs that
+many concurrent clients, each sending `requests_per_client` streaming /v1/completions back to back, and prints one
+row per client count: generated tokens/s, speedup over one client, p50/p99 time to first token (TTFT), time per
+output token, and the two targets of issue 14: 16 clients get >= 5x one client's tokens/s (at 16 slots), and p99
+TTFT stays under 2 x prefill + one decode step per queued prefill (c - 1 for c clients). Then SIGTERM stops the
+server and its exit is checked. Needs httpx, and for a checkpoint without a tokenizer llama-models (the `test` extra).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import fire
+import httpx
+
+from llama_dist.bench.decode import listed
+from llama_dist.checkpoint.formats import find_tokenizer
+from llama_dist.errors import ConfigError
+from llama_dist.text.tokenizer import load_tokenizer
+
+TARGET_CLIENTS, TARGET_SPEEDUP = 16, 5.0  # issue 14: 16 concurrent clients get >= 5x one client's tokens/s
+LLAMA3_VOCAB = 128256
+START_TIMEOUT_S, STOP_TIMEOUT_S, REQUEST_TIMEOUT_S = 900.0, 120.0, 900.0
+# Prompts are cyclic runs of month or day names from a random start: varied text, and text that even the bundled
+# tiny model continues rather than ends (it learnt such runs), so its requests seldom stop early.
+CYCLES = ("january february march april may june july august september october november december".split(),
+          "monday tuesday wednesday thursday friday saturday sunday".split())
+
+
+@dataclass
+class Timing:
+    """One request as its client saw it."""
+
+    ttft_s: float | None  # sent -> first chunk carrying a token (None: it stopped before any)
+    total_s: float  # sent -> last chunk
+    tokens: int  # generated tokens (the server's usage count): fewer than max_tokens if a stop token came
+
+    @property
+    def per_token_s(self) -> float | None:
+        return None if self.tokens < 2 else (self.total_s - self.ttft_s) / (self.tokens - 1)
+
+
+@dataclass
+class Row:
+    """One client count at one rank count: a row of the table."""
+
+    ranks: int
+    clients: int
+    timings: list[Timing]
+    elapsed_s: float  # first request sent -> last request done, all clients
+    prefill_s: float  # of a lone request, for the TTFT bound
+    decode_step_s: float
+    speedup: float | None = None  # tokens/s over the 1-client row of the same rank count
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(t.tokens for t in self.timings) / self.elapsed_s
+
+    @property
+    def ttft_bound_s(self) -> float:
+        return 2 * self.prefill_s + (self.clients - 1) * self.decode_step_s
+
+    def ttft(self, q: float) -> float:
+        return percentile([t.ttft_s for t in self.timings if t.ttft_s is not None], q)
+
+    @property
+    def per_token_s(self) -> float:
+        steps = [t.per_token_s for t in self.timings if t.per_token_s is not None]
+        return sum(steps) / len(steps) if steps else math.nan
+
+    @property
+    def speedup_ok(self) -> bool | None:
+        return None if self.clients != TARGET_CLIENTS or self.speedup is None else self.speedup >= TARGET_SPEEDUP
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default); NaN for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    at = (len(ordered) - 1) * q / 100
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def pick_tokenizer(ckpt_dir: str, tokenizer_path: str | None) -> Path:
+    """The checkpoint's tokenizer; for a `bench make-checkpoint` directory (weights only) with Llama 3's vocabulary,
+    Meta's Llama 3 tokenizer from the installed llama_models package: the server needs one to start."""
+    if tokenizer_path:
+        return Path(tokenizer_path)
+    try:
+        return find_tokenizer(ckpt_dir)
+    except FileNotFoundError:
+        pass
+    params = Path(ckpt_dir) / "params.json"
+    vocab = json.loads(params.read_text()).get("vocab_size") if params.is_file() else None
+    # make-checkpoint's shapes have Llama 3's vocabulary, so its tokenizer fits (and any ids decode).
+    spec = importlib.util.find_spec("llama_models")
+    if vocab == LLAMA3_VOCAB and spec and spec.submodule_search_locations:
+        candidate = Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{ckpt_dir} has no tokenizer and no Llama 3 one fits its vocabulary ({vocab}): "
+                      "pass --tokenizer_path")
+
+
+def make_prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` prompts of exactly `length` token ids, cut from text (see CYCLES). Sent as ids so every prompt has
+    the same length whatever the tokenizer."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        cycle, start = rng.choice(CYCLES), rng.randrange(12)
+        text = " ".join(cycle[(start + i) % len(cycle)] for i in range(2 * length))
+        prompts.append(tokenizer.encode(text, bos=True, eos=False)[:length])  # a word is >= 1 token
+    return prompts
+
+
+class ServerProcess:
+    """`llama-dist serve --port 0` as a subprocess (under llama_dist.torchrun for more than one rank)."""
+
+    def __init__(self, ranks: int, serve_flags: list[str], log_dir: Path, env: dict[str, str] | None = None,
+                 start_timeout_s: float = START_TIMEOUT_S):
+        """env: variables to set for the server besides this process's own."""
+        launcher = [sys.executable] if ranks == 1 else [
+            sys.executable, "-m", "llama_dist.torchrun", "--standalone", "--nproc_per_node", str(ranks)]
+        # A launcher's variables from an outer job would make the server read the wrong layout.
+        server_env = {k: v for k, v in os.environ.items()
+                      if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        repo = str(Path(__file__).resolve().parents[1])
+        server_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, server_env.get("PYTHONPATH")) if p)
+        server_env.update(env or {})
+        self.log = log_dir / f"serve-{ranks}ranks.log"
+        self.lines: list[str] = []
+        with open(self.log, "w") as err:
+            # A session of its own: a failed start can be killed whole (torchrun and its ranks).
+            self.proc = subprocess.Popen([*launcher, "-m", "llama_dist", "serve", "--port", "0", *serve_flags],
+                                         env=server_env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         start_new_session=True)
+        threading.Thread(target=self._read_stdout, daemon=True).start()  # a full pipe would block the server
+        self.url = self._wait_for_url(start_timeout_s)
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def _wait_for_url(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            for line in list(self.lines):
+                if match := re.search(r"Serving .* at (http://\S+/v1)", line):
+                    return match.group(1)
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"the server did not start (see {self.log}):\n{self.log.read_text()[-2000:]}")
+
+    def stop(self) -> int:
+        """SIGTERM (torchrun passes it on to the ranks); raises if it does not end cleanly in time."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"the server did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM") from None
+        time.sleep(0.5)  # let the reader thread take the last lines
+        # torchrun's agent exits 128 + SIGTERM after stopping its ranks; rank 0 says whether it stopped cleanly.
+        if rc not in (0, 128 + signal.SIGTERM) or not any("Server stopped" in line for line in self.lines):
+            raise RuntimeError(f"the server ended with status {rc} (see {self.log}):\n{self.log.read_text()[-2000:]}")
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def stream_completion(client: httpx.Client, url: str, prompt: list[int], max_tokens: int, seed: int) -> Timing:
+    # logprobs=0 makes every token its own chunk, also one that is only part of a character (which would otherwise
+    # wait for the rest): TTFT is the first token's arrival. temperature 1 with a seed: reproducible, and a stop
+    # token is as unlikely as random weights make it (greedy could hit one on every run).
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "logprobs": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, tokens = None, None
+    with client.stream("POST", f"{url}/completions", json=body, timeout=REQUEST_TIMEOUT_S) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"the server failed a request: {chunk['error']}")
+            if ttft is None and any(c["logprobs"] and c["logprobs"]["tokens"] for c in chunk["choices"]):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError("a request's stream ended without usage")
+    return Timing(ttft, time.perf_counter() - start, tokens)
+
+
+def run_clients(url: str, prompts: list[list[int]], clients: int, requests_per_client: int,
+                max_tokens: int) -> tuple[list[Timing], float]:
+    """`clients` threads, each sending its requests back to back: (timings, seconds from first sent to last done)."""
+    timings: list[Timing] = []
+    errors: list[BaseException] = []
+
+    def client_loop(index: int) -> None:
+        try:
+            with httpx.Client() as client:
+                for r in range(requests_per_client):
+                    n = index * requests_per_client + r
+                    timings.append(stream_completion(client, url, prompts[n % len(prompts)], max_tokens, seed=n))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return timings, time.perf_counter() - start
+
+
+def format_table(rows: list[Row], prompt_len: int, max_tokens: int, max_batch_size: int) -> str:
+    def mark(ok: bool | None) -> str:
+        return "-" if ok is None else ("pass" if ok else "FAIL")
+
+    lines = [f"prompt {prompt_len} tokens, max_tokens {max_tokens}, {max_batch_size} slots; prefill and decode step "
+             f"from lone requests; TTFT bound = 2 x prefill + (clients - 1) x decode step",
+             "| ranks | prefill s | decode step ms | clients | requests | generated tok/s | speedup vs 1 client "
+             f"| TTFT p50 s | TTFT p99 s | TTFT bound s | ms per output token | >= {TARGET_SPEEDUP:g}x at "
+             f"{TARGET_CLIENTS} clients | p99 TTFT <= bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        speedup = "-" if row.speedup is None else f"{row.speedup:.2f}x"
+        ttft_ok = None if math.isnan(row.ttft_bound_s) else row.ttft(99) <= row.ttft_bound_s
+        lines.append(
+            f"| {row.ranks} | {row.prefill_s:.3f} | {row.decode_step_s * 1e3:.0f} | {row.clients} "
+            f"| {len(row.timings)} | {row.tokens_per_s:.1f} | {speedup} | {row.ttft(50):.3f} | {row.ttft(99):.3f} "
+            f"| {row.ttft_bound_s:.3f} | {row.per_token_s * 1e3:.0f} | {mark(row.speedup_ok)} | {mark(ttft_ok)} |")
+    early = sum(t.tokens < max_tokens for row in rows for t in row.timings)
+    if early:  # the API has no ignore_eos: tokens/s counts what was generated, TTFT only requests that had a token
+        lines.append(f"{early} request(s) ended on a stop token before max_tokens")
+    return "\n".join(lines)
+
+
+def load_test(ckpt_dir: str, nproc=(1, 2), clients=(1, 4, 16), max_batch_size: int = 16,
+              requests_per_client: int = 3, prompt_len: int = 32, max_tokens: int = 32, lone_requests: int = 2,
+              dtype: str = "bfloat16", tokenizer_path: str | None = None, seed: int = 0,
+              out: str | None = None, log_dir: str | None = None) -> list[Row]:
+    """Run the load test (see the module docstring), print the table (and write it to `out`); the rows.
+
+    lone_requests: requests timed one at a time (after one warm-up) for the prefill time and decode step.
+    log_dir: where the servers' stderr goes (default: a temporary directory)."""
+    client_counts = listed(clients)
+    if lone_requests < 1 or requests_per_client < 1 or min(client_counts) < 1:
+        raise ConfigError("lone_requests, requests_per_client and every client count must be at least 1")
+    tokenizer_file = pick_tokenizer(ckpt_dir, tokenizer_path)
+    prompts = make_prompts(load_tokenizer(tokenizer_file), max(client_counts) * requests_per_client + lone_requests
+                           + 1, prompt_len, seed)
+    serve_flags = ["--ckpt_dir", ckpt_dir, "--tokenizer_path", str(tokenizer_file), "--dtype", dtype,
+                   "--max_batch_size", str(max_batch_size), "--max_seq_len", str(prompt_len + max_tokens),
+                   # Every client's request may wait at once: none may be refused with 429.
+                   "--max_queue", str(max(64, max(client_counts)))]
+    logs = Path(log_dir or tempfile.mkdtemp(prefix="bench_serve-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    for ranks in listed(nproc):
+        server = ServerProcess(ranks, serve_flags, logs)
+        print(f"{ranks} rank(s): serving at {server.url}", file=sys.stderr, flush=True)
+        try:
+            # The first request pays one-off costs (allocations, lazy initialisation): not measured.
+            run_clients(server.url, prompts[-1:], 1, 1, max_tokens)
+            lone, _ = run_clients(server.url, prompts[-1 - lone_requests:-1], 1, lone_requests, max_tokens)
+            prefill_s = percentile([t.ttft_s for t in lone if t.ttft_s is not None], 50)
+            decode_step_s = percentile([t.per_token_s for t in lone if t.per_token_s is not None], 50)
+            for count in client_counts:
+                timings, elapsed = run_clients(server.url, prompts, count, requests_per_client, max_tokens)
+                rows.append(Row(ranks, count, timings, elapsed, prefill_s, decode_step_s))
+                print(f"  {count} client(s): {rows[-1].tokens_per_s:.1f} tok/s", file=sys.stderr, flush=True)
+        except BaseException:
+            server.kill()
+            raise
+        print(f"{ranks} rank(s): stopped (exit status {server.stop()})", file=sys.stderr, flush=True)
+    for row in rows:
+        single = next((r for r in rows if r.ranks == row.ranks and r.clients == 1), None)
+        row.speedup = None if single is None else row.tokens_per_s / single.tokens_per_s
+    table = format_table(rows, prompt_len, max_tokens, max_batch_size)
+    print(table)
+    if out:
+        Path(out).write_text(table + "\n")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    # The table is printed; the rows are for callers.
+    fire.Fire(load_test, command=argv, name="python -m llama_dist.bench serve", serialize=lambda rows: None)
+
+
+if __name__ == "__main__":
+    main()

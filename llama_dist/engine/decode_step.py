@@ -1,0 +1,76 @@
+"""The decode step, eager or compiled: one new token for each sequence of the batch, each at its own position.
+
+Offline generation (`engine.generation.Generator`) and the server (`serve.engine_loop`) both decode through a `DecodeStep`.
+Eager, it runs the batch's rows over the cache positions in use so far (the CPU path: fastest there). Compiled
+(the default on CUDA), it always runs every cache slot over the whole cache with a position mask, so its shapes
+never change: it is traced once, its collectives are functional ones inside the graph (`parallel`), and on CUDA
+the whole step is captured as a CUDA graph (`mode="reduce-overhead"`) and replayed, one launch a step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llama_dist.dist.groups import print0
+from llama_dist.model.llama import Transformer
+
+
+def compiles_by_default(device: torch.device) -> bool:
+    """Compile on CUDA (launch overhead dominates an eager decode step there); on CPU eager decode is faster (the
+    compiled step attends over the whole cache and every slot: docs/performance.md)."""
+    return torch.device(device).type == "cuda"
+
+
+class DecodeStep:
+    """`step(tokens, positions, length, slots)`: next-token logits of cache slots 0..bsz-1 (or `slots`).
+
+    tokens, positions: (bsz,) tensors: row i's newest token and the position it goes to. length: the rows attend
+    over cache positions [0, length) (eager only; every position must be below it). slots: a (bsz,) tensor of
+    distinct cache slots (the server's running requests). Returns float32 logits (bsz, vocab) on rank 0; None on
+    the other ranks when eager (compiled, they get them too and ignore them).
+    """
+
+    def __init__(self, model: Transformer, compile: bool | None = None):
+        self.model = model
+        device = model.tok_embeddings.weight.device
+        self.compiled = compiles_by_default(device) if compile is None else bool(compile)
+        self.compile_s: float | None = None  # measured on the first compiled call
+        self._cuda_graphs = device.type == "cuda"
+        if self.compiled:
+            # fullgraph: a graph break would silently fall back to slow eager pieces; dynamic=False: every shape is
+            # fixed by the model's max_batch_size and max_seq_len.
+            mode = "reduce-overhead" if self._cuda_graphs else None
+            self._compiled = torch.compile(self._every_slot, fullgraph=True, dynamic=False, mode=mode)
+
+    def _every_slot(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, positions, gather="all")
+
+    def __call__(self, tokens, positions, length: int | None = None, slots: torch.Tensor | None = None):
+        if not self.compiled:
+            return self.model.decode(tokens, positions, length, slots=slots)
+        args = self.model.args
+        if slots is None and tokens.shape[0] == args.max_batch_size:
+            # Fresh contiguous inputs: a column of the caller's token grid has a stride that would be traced too.
+            every_tokens, every_positions = tokens.contiguous(), positions.contiguous()
+        else:
+            # The compiled step always runs every slot. An unused one decodes a dummy token at the last position,
+            # which any request writes before it reads it (a prompt fills the positions before, a decode step
+            # writes its own position first).
+            rows = torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots
+            every_tokens = tokens.new_zeros(args.max_batch_size).index_copy_(0, rows, tokens)
+            every_positions = positions.new_full((args.max_batch_size,), args.max_seq_len - 1)
+            every_positions.index_copy_(0, rows, positions)
+        if self.compile_s is None:
+            started = time.perf_counter()
+            logits = self._compiled(every_tokens, every_positions)
+            self.compile_s = time.perf_counter() - started
+            print0(f"Compiled the decode step in {self.compile_s:.1f} s")
+        else:
+            logits = self._compiled(every_tokens, every_positions)
+        if slots is not None:
+            return logits[slots]  # a gather: a copy, safe from the next CUDA graph replay
+        # A CUDA graph's output lives in memory the next replay overwrites.
+        rows = logits[: tokens.shape[0]]
+        return rows.clone() if self._cuda_graphs else rows

@@ -1,0 +1,221 @@
+"""`llama-dist serve` end to end: the real server (one plain process, and 2 ranks under torchrun) on the bundled
+model, answered over HTTP on 127.0.0.1 by the official `openai` client, against offline generation (fp32, greedy).
+
+Each server serves every case of its world size; each wait is bounded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
+httpx = pytest.importorskip("httpx")
+
+from llama_dist.bench.serve import ServerProcess  # noqa: E402
+from llama_dist.dist.local_launch import run_local  # noqa: E402
+from llama_dist.serve.api import DECODE_CONTEXT_TOKENS  # noqa: E402
+
+SLOTS, MAX_SEQ_LEN = 4, 128
+PROMPTS = ["one two three four", "The llama", "hello", "I like to eat", "five six seven eight nine ten", "cake"]
+DIALOG = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"}]
+
+
+class Server(ServerProcess):
+    """`llama-dist serve` on a free port, as one process (world size 1) or under llama_dist.torchrun, with an
+    openai client for it."""
+
+    def __init__(self, world_size: int, log_dir: Path):
+        flags = ["--max_batch_size", str(SLOTS), "--max_seq_len", str(MAX_SEQ_LEN), "--dtype", "float32",
+                 "--max_queue", "40"]
+        super().__init__(world_size, flags, log_dir, env={"OMP_NUM_THREADS": "1", "LLAMA_DIST_TIMEOUT": "120"},
+                         start_timeout_s=120)
+        self.client = openai.OpenAI(base_url=self.url, api_key="none", timeout=120, max_retries=0)
+
+    def health(self) -> dict:
+        return httpx.get(self.url.removesuffix("/v1") + "/health", timeout=10).json()
+
+
+def offline_worker(prompts: list[str], dialog: list[dict]) -> dict:
+    from llama_dist.cli import default_checkpoint
+    from llama_dist.llm import Llama
+
+    llm = Llama.build(default_checkpoint(), max_seq_len=MAX_SEQ_LEN, max_batch_size=1, dtype="float32")
+
+    def completion(prompt: str, max_gen_len: int) -> dict:
+        ids = llm.tokenizer.encode(prompt, bos=True, eos=False)
+        tokens, logprobs = llm.generate([ids], max_gen_len, temperature=0, logprobs=True)
+        # OpenAI's completion text continues the prompt (" world" after "Hello"): the server decodes the new tokens
+        # after the prompt's last few (serve.api.DECODE_CONTEXT_TOKENS).
+        context = ids[-DECODE_CONTEXT_TOKENS:]
+        text = llm.tokenizer.decode(context + tokens[0])[len(llm.tokenizer.decode(context)):]
+        return {"ids": tokens[0], "logprobs": logprobs[0], "text": text}
+
+    completions = [completion(p, 12) for p in prompts]
+    long = [completion(p, 20 + 4 * i)["text"] for i, p in enumerate(prompts)]
+    chat = llm.chat_completion([dialog], temperature=0, max_gen_len=10)[0]["generation"]["content"]
+    return {"completions": completions, "long": long, "chat": chat}
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return run_local(offline_worker, 1, PROMPTS, DIALOG, timeout_s=120)[0]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
+def server(request, tmp_path_factory):
+    srv = Server(request.param, tmp_path_factory.mktemp("serve"))
+    yield srv
+    srv.kill()
+
+
+def _complete(srv: Server, prompt: str, **kwargs):
+    return srv.client.completions.create(model="tiny", prompt=prompt, **{"temperature": 0, **kwargs})
+
+
+def test_greedy_completions_equal_offline_generation(server, offline):
+    for prompt, expected in zip(PROMPTS, offline["completions"]):
+        response = _complete(server, prompt, max_tokens=12, logprobs=1)
+        choice = response.choices[0]
+        assert choice.text == expected["text"]
+        # Token for token: one log-probability per generated token, equal to offline generation's.
+        assert choice.logprobs.token_logprobs == pytest.approx(expected["logprobs"], abs=1e-4)
+        assert "".join(choice.logprobs.tokens) == choice.text
+        assert response.usage.completion_tokens == len(expected["ids"])
+        assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+        assert choice.finish_reason == ("length" if len(expected["ids"]) == 12 else "stop")
+
+
+def test_chat_equals_offline_chat_completion(server, offline):
+    response = server.client.chat.completions.create(model="tiny", messages=DIALOG, temperature=0, max_tokens=10)
+    assert response.choices[0].message.content == offline["chat"]
+    assert response.choices[0].message.role == "assistant"
+
+
+def test_streaming_yields_the_non_streaming_text(server, offline):
+    chunks = list(_complete(server, PROMPTS[0], max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == offline["completions"][0]["text"]
+    assert chunks[-1].usage.completion_tokens == len(offline["completions"][0]["ids"])
+    stream = server.client.chat.completions.create(model="tiny", messages=DIALOG, temperature=0, max_tokens=10,
+                                                   stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == offline["chat"]
+
+
+def test_a_stop_string_cuts_the_text(server, offline):
+    full = offline["long"][0]
+    stop = full.split()[2]
+    response = _complete(server, PROMPTS[0], max_tokens=20, stop=[stop])
+    assert response.choices[0].text == full[: full.index(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_requests_complete_with_at_most_the_slots_running(server, offline):
+    jobs = [(i % len(PROMPTS), 20 + 4 * (i % len(PROMPTS))) for i in range(32)]
+    busiest, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            busiest[0] = max(busiest[0], server.health()["running"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(lambda job: _complete(server, PROMPTS[job[0]], max_tokens=job[1]).choices[0].text,
+                              jobs, timeout=300))
+    done.set()
+    watcher.join(timeout=10)
+    assert texts == [offline["long"][i] for i, _ in jobs]
+    assert 1 < busiest[0] <= SLOTS
+
+
+def test_a_request_cancelled_mid_stream_frees_its_slot(server):
+    with httpx.stream("POST", server.url + "/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "one", "max_tokens": MAX_SEQ_LEN - 8, "stream": True,
+                            "temperature": 1.0}) as response:
+        lines = response.iter_lines()
+        assert any(line.startswith("data: {") for _, line in zip(range(4), lines))
+        assert server.health()["running"] == 1
+    deadline = time.monotonic() + 20
+    while server.health()["running"] != 0:
+        assert time.monotonic() < deadline, server.health()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "max_tokens": MAX_SEQ_LEN}, "max_tokens"),
+    ({"prompt": [1, 10**6]}, "prompt"),
+    ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+])
+def test_a_bad_request_gets_400_and_the_server_keeps_serving(server, offline, body, param):
+    endpoint = "/chat/completions" if "messages" in body else "/completions"
+    response = httpx.post(server.url + endpoint, json={"model": "tiny", **body}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"], error
+    assert _complete(server, PROMPTS[1], max_tokens=12).choices[0].text == offline["completions"][1]["text"]
+
+
+def test_seed_gives_reproducible_samples(server):
+    first, second, other = (_complete(server, "hello", max_tokens=16, temperature=1.0, seed=s).choices[0].text
+                            for s in (7, 7, 8))
+    assert first == second and first != other
+
+
+def test_sigterm_stops_every_rank_cleanly(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    start = time.monotonic()
+    rc = server.stop()  # raises unless the server ended cleanly ("Server stopped", status 0 or torchrun's 143)
+    seconds = time.monotonic() - start
+    log = server.log.read_text()
+    assert seconds < 30 and "Traceback" not in log, log[-3000:]
+    if "--nproc_per_node" not in server.proc.args:
+        assert rc == 0, log[-3000:]
+    leftover = subprocess.run(["pgrep", "-f", f"llama_dist serve --port 0.*{json.dumps(MAX_SEQ_LEN)}"],
+                              capture_output=True, text=True).stdout.split()
+    assert [pid for pid in leftover if int(pid) != os.getpid()] == []
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """Rank -> pid of the processes under a torchrun agent, from their RANK variable."""
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-f", "llama_dist serve"], capture_output=True, text=True).stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        variables = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if int(pid) != launcher_pid and b"RANK" in variables and b"TORCHELASTIC_RUN_ID" in variables:
+            ranks[int(variables[b"RANK"])] = int(pid)
+    return ranks
+
+
+def test_a_lost_rank_ends_the_server_with_one_line(tmp_path):
+    srv = Server(2, tmp_path)
+    try:
+        ranks = _rank_pids(srv.proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        start = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        srv.proc.wait(timeout=60)
+        seconds = time.monotonic() - start
+    finally:
+        srv.kill()
+    log = srv.log.read_text()
+    print(f"ended after {seconds:.1f} s, status {srv.proc.returncode}:\n{log[-2000:]}")
+    assert srv.proc.returncode != 0 and seconds < 30
+    assert "rank 0 lost contact with another rank" in log, log[-3000:]

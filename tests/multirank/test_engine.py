@@ -1,0 +1,102 @@
+"""The decode step (llama_dist.engine.decode_step): compiled equals eager, is traced once, and decodes rows at their own
+positions, at 1 and 2 gloo ranks (the compiled step's collectives are functional ones inside the graph)."""
+
+import shutil
+
+import pytest
+import torch
+from helpers import SPM_VOCAB, rel_diff, tiny_args, write_checkpoint
+
+from llama_dist.dist.local_launch import run_local
+from llama_dist.engine.decode_step import DecodeStep, compiles_by_default
+from llama_dist.llm import Llama
+
+MAX_SEQ_LEN, MAX_BATCH = 48, 3
+ARGS = tiny_args(vocab_size=SPM_VOCAB, n_kv_heads=2, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH)
+RAGGED = [[1, 17, 42, 99, 7, 250], [1, 5], [1, 300, 301, 302]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, spm_model_path) -> str:
+    out = tmp_path_factory.mktemp("engine") / "ckpt"
+    write_checkpoint(out, ARGS, seed=5)
+    shutil.copy(spm_model_path, out / "tokenizer.model")
+    return str(out)
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def engine_worker(ckpt: str) -> dict:
+    torch._dynamo.reset()
+    llm = Llama.build(ckpt, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, dtype="float32", compile=False)
+    eager_step, compiled_step = llm.decode_step, DecodeStep(llm.model, compile=True)
+    out = {"default_compiled": llm.decode_step.compiled}
+
+    # Greedy generation, eager then compiled: ragged prompts, then batches of 1 and 2 rows, 40 decode steps.
+    def generations():
+        return [llm.generate(RAGGED, 40, temperature=0)[0], llm.generate(RAGGED[:1], 10, temperature=0)[0],
+                llm.generate(RAGGED[1:], 12, temperature=0, logprobs=True)]
+
+    out["eager"] = generations()
+    llm.decode_step = compiled_step
+    graphs_before = _unique_graphs()
+    out["compiled"] = generations()
+    out["graphs"] = _unique_graphs() - graphs_before
+    out["compile_s"] = compiled_step.compile_s
+
+    # One step of rows at different positions (the server's case): the same logits eager and compiled.
+    with torch.inference_mode():
+        tokens = torch.tensor([[5, 6, 7, 8, 9, 10, 11]] * MAX_BATCH)
+        llm.model(tokens, 0)  # fill the cache of every slot up to position 6
+        step_tokens, positions = torch.tensor([3, 4, 5]), torch.tensor([2, 6, 4])
+        out["step_eager"] = eager_step(step_tokens, positions, length=7)
+        out["step_compiled"] = compiled_step(step_tokens, positions)
+        # What the eager step means, written out: row i's forward over its own prefix with the new token last.
+        prefix = [torch.cat((tokens[i, : positions[i]], step_tokens[i : i + 1])) for i in range(MAX_BATCH)]
+        out["step_reference"] = [llm.model(p[None], 0, last_only=True).logits[0, -1] for p in prefix]
+    out["graphs_after_step"] = _unique_graphs() - graphs_before
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(ckpt):
+    return {n: run_local(engine_worker, n, ckpt, timeout_s=600) for n in (1, 2)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_compiled_greedy_generation_equals_eager(results, world_size):
+    for rank_out in results[world_size]:
+        assert rank_out["compiled"][:2] == rank_out["eager"][:2]
+        (tokens_e, logprobs_e), (tokens_c, logprobs_c) = rank_out["eager"][2], rank_out["compiled"][2]
+        assert tokens_c == tokens_e
+        for a, b in zip(logprobs_c, logprobs_e):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_compiled_step_is_traced_once_across_steps_and_ragged_batches(results, world_size):
+    for rank_out in results[world_size]:
+        # 40 + 10 + 12 decode steps at batch 3, 1 and 2, then rows at three different positions: one graph.
+        assert rank_out["graphs"] == 1
+        assert rank_out["graphs_after_step"] == 1
+        assert rank_out["compile_s"] > 0
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_rows_at_their_own_positions_match_a_plain_forward(results, world_size):
+    main = results[world_size][0]
+    assert main["step_compiled"].shape == (MAX_BATCH, SPM_VOCAB)
+    assert rel_diff(main["step_compiled"], main["step_eager"]) <= 1e-5
+    for i, reference in enumerate(main["step_reference"]):
+        assert rel_diff(main["step_eager"][i], reference) <= 1e-5
+    if world_size > 1:  # eager, only rank 0 receives the logits it samples from
+        assert results[world_size][1]["step_eager"] is None
+
+
+def test_compiles_by_default_on_cuda_only(results):
+    assert results[1][0]["default_compiled"] is False
+    assert compiles_by_default(torch.device("cuda", 0)) and not compiles_by_default(torch.device("cpu"))

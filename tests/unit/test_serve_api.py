@@ -1,0 +1,404 @@
+"""The OpenAI-compatible HTTP layer (serve/api.py, serve/http_server.py), over real HTTP on 127.0.0.1, with the
+official `openai` client (and httpx for raw error shapes and streams), against a deterministic fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is the test client (pip install -e '.[test]')")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from llama_dist.dist.launch_env import free_port  # noqa: E402
+from llama_dist.errors import ConfigError  # noqa: E402
+from llama_dist.serve.api import make_app  # noqa: E402
+from llama_dist.serve.completion_text import CompletionText  # noqa: E402
+from llama_dist.serve.http_server import HttpServer  # noqa: E402
+from llama_dist.serve.requests import Finished, RequestHandle, ServerBusy, TokenEvent  # noqa: E402
+from llama_dist.text.chat import format_dialog  # noqa: E402
+from llama_dist.text.tokenizer import load_tokenizer  # noqa: E402
+
+# What the fake model "generates" for any prompt, then its end-of-sequence token. The llama emoji is not in the
+# test tokenizer's vocabulary: it comes out as four byte tokens, so the server must hold back partial characters.
+SCRIPT = "hello world, the llama answer: café 🦙 naïve model. the end"
+# A text completion continues its prompt: SentencePiece spells the space before the first word (a chat reply
+# starts at its first word, as Meta's chat_completion gives it).
+CONTINUATION = " " + SCRIPT
+MAX_SEQ_LEN = 96
+WAIT_S = 10.0  # upper bound for anything the tests wait on
+
+
+class FakeEngine:
+    """The engine interface the API uses, generating SCRIPT's tokens (then EOS) on a thread per request. Honours
+    max_tokens, stop tokens and cancel(); knobs make it slow, endless, busy or failing."""
+
+    model_name = "fake-llama"
+    max_batch_size = 4
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.n_words
+        self.max_seq_len = MAX_SEQ_LEN
+        self.script = tokenizer.encode(SCRIPT, bos=False, eos=False)
+        self.submitted = []
+        self.handles: dict[int, RequestHandle] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.busy = False  # submit raises ServerBusy
+        self.endless = False  # cycle the script with no EOS
+        self.token_delay_s = 0.0
+        self.fail_after: int | None = None  # end with Finished("error") after this many tokens
+        self.status = "ok"
+
+    def cancelled(self, request) -> bool:
+        """Whether the HTTP side called cancel() on the request's handle."""
+        return self.handles[request.id].cancelled
+
+    def health(self) -> dict:
+        return {"status": self.status, "running": 0, "waiting": 0}
+
+    def submit(self, request) -> RequestHandle:
+        if self.busy:
+            raise ServerBusy("the waiting queue is full")
+        handle = RequestHandle(request, asyncio.get_running_loop())
+        self.submitted.append(request)
+        self.handles[request.id] = handle
+        threading.Thread(target=self._generate, args=(handle,), daemon=True).start()
+        return handle
+
+    def _generate(self, handle: RequestHandle) -> None:
+        request = handle.request
+        tokens = self.script if self.endless else self.script + [self.tokenizer.eos_id]
+        n = 0
+        for step in range(10_000):  # bounded even when endless: 10k tokens at most
+            end = None
+            if handle.cancelled:
+                end = Finished("cancelled", len(request.prompt_tokens), n)
+            elif self.fail_after is not None and n == self.fail_after:
+                end = Finished("error", len(request.prompt_tokens), n, error="the fake engine failed")
+            elif n == request.max_tokens:
+                end = Finished("length", len(request.prompt_tokens), n)
+            elif tokens[step % len(tokens)] in request.stop_tokens:
+                end = Finished("stop", len(request.prompt_tokens), n)
+            if end is not None:
+                handle.push(end)
+                return
+            handle.push(TokenEvent(tokens[step % len(tokens)], -0.5 - 0.1 * (n % 3) if request.logprobs else None))
+            n += 1
+            time.sleep(self.token_delay_s)
+        handle.push(Finished("length", len(request.prompt_tokens), n))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spm_model_path):
+    tok = load_tokenizer(spm_model_path)
+    assert tok.decode(tok.encode(SCRIPT, bos=False, eos=False)) == SCRIPT
+    return tok
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    engine = FakeEngine(tokenizer)
+    server = HttpServer()
+    server.start(make_app(engine), "127.0.0.1", free_port())
+    yield engine, f"http://127.0.0.1:{server.port}"
+    assert server.stop(timeout_s=WAIT_S), "the HTTP server thread did not end"
+
+
+@pytest.fixture
+def engine(served):
+    served[0].reset()
+    yield served[0]
+    served[0].reset()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[1] + "/v1", api_key="unused", max_retries=0, timeout=WAIT_S)
+
+
+@pytest.fixture
+def http(served):
+    with httpx.Client(base_url=served[1], timeout=WAIT_S) as c:
+        yield c
+
+
+def _wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _sse_payloads(response) -> list:
+    """The JSON payloads of a raw SSE response, checking it ends with [DONE]."""
+    lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+# ---- the good paths ---------------------------------------------------------------------------------------------
+
+def test_models_and_health(client, http, engine):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["fake-llama"]
+    response = http.get("/health")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    engine.status = "shutting down"
+    assert http.get("/health").status_code == 503
+
+
+def test_completion_stream_and_non_stream_agree(client, engine, tokenizer):
+    prompt = "hello llama"
+    full = client.completions.create(model="fake-llama", prompt=prompt, max_tokens=None, temperature=0, seed=7)
+    choice = full.choices[0]
+    assert full.object == "text_completion" and full.id.startswith("cmpl-") and full.model == "fake-llama"
+    assert choice.text == CONTINUATION and choice.finish_reason == "stop"
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    assert prompt + choice.text == tokenizer.decode(prompt_ids + engine.script)
+    request = engine.submitted[-1]
+    assert request.prompt_tokens == prompt_ids and request.max_tokens == MAX_SEQ_LEN - len(prompt_ids)
+    assert (request.temperature, request.top_p, request.seed, request.logprobs) == (0.0, 1.0, 7, False)
+    assert request.stop_tokens == tuple(tokenizer.stop_tokens)
+    assert full.usage.prompt_tokens == len(prompt_ids)
+    assert full.usage.completion_tokens == len(engine.script)
+    assert full.usage.total_tokens == len(prompt_ids) + len(engine.script)
+
+    chunks = list(client.completions.create(model="fake-llama", prompt=prompt, max_tokens=None, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == CONTINUATION
+    assert not any("\ufffd" in t for t in texts), "a partial UTF-8 character was streamed"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+
+def test_completion_token_prompt_length_limit_and_echo(client, engine, tokenizer):
+    ids = tokenizer.encode("the model", bos=True, eos=False)
+    for prompt in (ids, [ids]):
+        out = client.completions.create(model="m", prompt=prompt, max_tokens=3)
+        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+        assert engine.submitted[-1].prompt_tokens == ids
+    assert out.choices[0].text == " " + tokenizer.decode(engine.script[:3])
+    echoed = client.completions.create(model="m", prompt=["the model"], max_tokens=3, echo=True)
+    assert echoed.choices[0].text == "the model" + out.choices[0].text
+    default = client.completions.create(model="m", prompt="the model")
+    assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+
+
+def test_chat_stream_and_non_stream_agree(client, engine, tokenizer):
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}]
+    full = client.chat.completions.create(model="fake-llama", messages=messages)
+    assert full.object == "chat.completion" and full.id.startswith("chatcmpl-")
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == SCRIPT
+    assert choice.finish_reason == "stop"
+    expected_prompt = format_dialog(tokenizer, [{"role": "system", "content": "be brief"},
+                                                {"role": "user", "content": "hello\nworld"}])
+    assert engine.submitted[-1].prompt_tokens == expected_prompt
+    assert full.usage.prompt_tokens == len(expected_prompt)
+
+    chunks = list(client.chat.completions.create(model="fake-llama", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == SCRIPT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+    short = client.chat.completions.create(model="m", messages=messages[1:], max_completion_tokens=2)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("stop", ["llama", ["zzz", "é 🦙"], ["d, the", "world"]])
+def test_stop_strings_cut_the_text(client, engine, stop):
+    stops = [stop] if isinstance(stop, str) else stop
+    expected = CONTINUATION[:min(CONTINUATION.find(s) for s in stops if s in CONTINUATION)]
+    out = client.completions.create(model="m", prompt="hi", max_tokens=None, stop=stop)
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    assert 0 < out.usage.completion_tokens < len(engine.script)
+    assert engine.cancelled(engine.submitted[-1]), "the stop string did not cancel the request"
+
+    texts, reasons = [], []
+    for chunk in client.completions.create(model="m", prompt="hi", max_tokens=None, stop=stop, stream=True):
+        texts.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(texts) == expected and reasons[-1] == "stop"
+
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stop=stop)
+    assert chat.choices[0].message.content == expected.lstrip(" ") and chat.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client, engine):
+    out = client.completions.create(model="m", prompt="hi", max_tokens=8, logprobs=0)
+    logprobs = out.choices[0].logprobs
+    assert "".join(logprobs.tokens) == out.choices[0].text
+    assert len(logprobs.token_logprobs) == 8 and all(lp < 0 for lp in logprobs.token_logprobs)
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    assert logprobs.top_logprobs is None
+    assert engine.submitted[-1].logprobs is True
+
+    streamed = [c.choices[0].logprobs for c in
+                client.completions.create(model="m", prompt="hi", max_tokens=8, logprobs=0, stream=True)]
+    assert sum((lp.tokens for lp in streamed if lp), []) == logprobs.tokens
+
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          logprobs=True)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content == out.choices[0].text.lstrip(" ")
+    assert [t.logprob for t in content] == logprobs.token_logprobs
+    assert [t.bytes for t in content] == [list(t.token.encode()) for t in content]
+
+    plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert plain.choices[0].logprobs is None and engine.submitted[-1].logprobs is False
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------
+
+BAD_COMPLETIONS = {
+    "n=2": {"n": 2},
+    "temperature above 2": {"temperature": 2.5},
+    "negative temperature": {"temperature": -0.1},
+    "top_p 0": {"top_p": 0},
+    "top_p above 1": {"top_p": 1.5},
+    "max_tokens 0": {"max_tokens": 0},
+    "prompt too long": {"max_tokens": MAX_SEQ_LEN},
+    "token id beyond the vocabulary": {"prompt": [1, 5, 100_000]},
+    "negative token id": {"prompt": [-1]},
+    "empty prompt": {"prompt": []},
+    "two prompts": {"prompt": ["a", "b"]},
+    "temperature of the wrong type": {"temperature": "hot"},
+    "max_tokens of the wrong type": {"max_tokens": 1.5},
+    "stream of the wrong type": {"stream": "yes"},
+    "five stop strings": {"stop": ["a", "b", "c", "d", "e"]},
+    "a presence penalty": {"presence_penalty": 0.5},
+    "no prompt": {"prompt": None},
+}
+BAD_CHATS = {
+    "empty messages": {"messages": []},
+    "unknown role": {"messages": [{"role": "wizard", "content": "hi"}]},
+    "a Llama 2 dialog out of order": {"messages": [{"role": "assistant", "content": "hi"}]},
+    "messages of the wrong type": {"messages": "hi"},
+    "content of the wrong type": {"messages": [{"role": "user", "content": 5}]},
+    "top_logprobs": {"logprobs": True, "top_logprobs": 3},
+    "n=2": {"n": 2},
+    "dialog too long": {"messages": [{"role": "user", "content": "the llama model " * 40}]},
+    "max_completion_tokens 0": {"max_completion_tokens": 0},
+}
+
+
+@pytest.mark.parametrize("path, body", [
+    *[("/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4, **bad}) for bad in BAD_COMPLETIONS.values()],
+    *[("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], **bad})
+      for bad in BAD_CHATS.values()],
+], ids=[*(f"completions: {k}" for k in BAD_COMPLETIONS), *(f"chat: {k}" for k in BAD_CHATS)])
+def test_bad_request_gets_400_and_the_server_keeps_serving(http, engine, path, body):
+    submitted = len(engine.submitted)
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and isinstance(error["message"], str) and error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert len(engine.submitted) == submitted, "a refused request reached the engine"
+    good = http.post(path, json={"model": "m", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 2})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+
+
+def test_malformed_json_gets_400(http):
+    response = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_openai_client_sees_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="m", prompt="hi", max_tokens=4, temperature=3)
+    assert info.value.status_code == 400 and "temperature" in str(info.value)
+
+
+def test_busy_engine_gets_429(client, http, engine):
+    engine.busy = True
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model="m", prompt="hi", max_tokens=2)
+    response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
+    engine.busy = False
+    assert client.completions.create(model="m", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_engine_failure_is_a_500_or_an_error_event(http, engine):
+    engine.fail_after = 2
+    response = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    with http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 8, "stream": True}) as response:
+        assert response.status_code == 200
+        payloads = _sse_payloads(response)
+    assert "fake engine failed" in payloads[-1]["error"]["message"]
+    engine.fail_after = None
+    assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_raw_stream_shape(http):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        payloads = _sse_payloads(response)
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[-1]["choices"][0]["finish_reason"] == "length" and payloads[-1]["choices"][0]["delta"] == {}
+
+
+# ---- clients that go away -------------------------------------------------------------------------------------
+
+def test_closing_a_stream_cancels_the_request(served, engine):
+    engine.endless, engine.token_delay_s = True, 0.01
+    body = {"prompt": "hi", "max_tokens": MAX_SEQ_LEN - 10, "stream": True}
+    with httpx.Client(base_url=served[1], timeout=WAIT_S) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            events = (line for line in response.iter_lines() if line)
+            for _ in range(3):
+                assert next(events).startswith("data: ")
+            request = engine.submitted[-1]
+            assert not engine.cancelled(request)
+    _wait_for(lambda: engine.cancelled(request), "the closed stream to cancel its request")
+
+
+def test_a_client_that_times_out_cancels_the_request(served, engine):
+    engine.endless, engine.token_delay_s = True, 0.05  # 86 tokens: over 4 s, far longer than the client waits
+    with httpx.Client(base_url=served[1], timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={"prompt": "hi", "max_tokens": MAX_SEQ_LEN - 10})
+    request = engine.submitted[-1]
+    _wait_for(lambda: engine.cancelled(request), "the vanished client to cancel its request")
+
+
+# ---- the pieces -----------------------------------------------------------------------------------------------
+
+def test_busy_port_is_a_config_error(served):
+    port = int(served[1].rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
+        HttpServer().start(make_app(served[0]), "127.0.0.1", port)
+
+
+def test_completion_text_holds_back_possible_stops_and_partial_characters(tokenizer):
+    ids = tokenizer.encode(SCRIPT, bos=False, eos=False)
+    completion = CompletionText(tokenizer, stop=["naïve model!"])  # starts to match, then does not
+    released = []
+    for token in ids:
+        completion.add(token, None)
+        text, _ = completion.release()
+        assert "\ufffd" not in text
+        released.append(text)
+        assert not "".join(released).endswith("naïve")  # held while it may still become the stop string
+    completion.end()
+    released.append(completion.release()[0])
+    assert "".join(released) == SCRIPT == completion.text == "".join(t.text for t in completion.tokens)
+    assert not completion.stopped
