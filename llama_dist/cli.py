@@ -33,6 +33,7 @@ from llama_dist.dist.launch_env import read_launch_env
 from llama_dist.engine.sampling import check_sampling
 from llama_dist.errors import (
     ConfigError,
+    DialogError,
     LlamaDistError,
     PromptTooLongError,
     RequestError,
@@ -42,6 +43,7 @@ from llama_dist.errors import (
 from llama_dist.llm import Llama
 from llama_dist.model.quant import DEFAULT_INT4_GROUP_SIZE
 from llama_dist.serve.engine_loop import DEFAULT_MAX_QUEUE, ServingEngine
+from llama_dist.text.chat import format_dialog
 from llama_dist.text.user_input import read_dialogs, read_prompts, read_user_turn
 
 # Errors a user can fix from the message alone: shown as one line on rank 0 instead of a traceback. Besides
@@ -154,8 +156,14 @@ def _as_text(name: str, value, parameter: inspect.Parameter):
 def check_flags(argv: list[str]) -> None:
     """Refuse a flag the command does not take before anything runs (fire would only complain about leftover
     flags after the command returned: after the whole job ran with defaults), naming the closest valid one."""
-    if not argv or argv[0] not in COMMANDS:
-        return  # fire explains a missing or unknown command
+    if not argv:
+        raise ConfigError(f"give a command: {', '.join(COMMANDS)} (llama-dist COMMAND --help lists its flags)")
+    if argv[0] not in COMMANDS:
+        if argv[0].startswith("-"):
+            return  # fire's own flags (--help)
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f": did you mean {close[0]}?" if close else f"; the commands are {', '.join(COMMANDS)}"
+        raise ConfigError(f"no command {argv[0]!r}{hint}")
     known = sorted(inspect.signature(COMMANDS[argv[0]]).parameters)
     for token in argv[1:]:
         if token == "--":
@@ -205,6 +213,18 @@ def _check_prompt_lengths(llm: Llama, prompts: list[tuple[str, str]]) -> None:
             raise RequestError(f"{where}: the prompt has {count} tokens, more than --max_seq_len={limit}")
 
 
+def _check_dialogs(llm: Llama, dialogs: list, dialogs_file: str) -> None:
+    """Every dialog of --dialogs_file formats and fits max_seq_len, checked before the first is answered."""
+    limit = llm.model.args.max_seq_len
+    for i, dialog in enumerate(dialogs):
+        try:
+            count = len(format_dialog(llm.tokenizer, dialog))
+        except LlamaDistError as exc:
+            raise DialogError(f"{dialogs_file}: dialog {i}: {exc}") from None
+        if count >= limit:
+            raise DialogError(f"{dialogs_file}: dialog {i} has {count} tokens, more than --max_seq_len={limit} allows")
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -237,7 +257,11 @@ def generate(prompt: str | None = None, prompts_file: str | None = None, logprob
                 pairs = " ".join(f"{tok!r}:{lp:.3f}" for tok, lp in zip(result["tokens"], result["logprobs"]))
                 print0(f"  logprobs: {pairs}")
             print0()
-    print0(f"[{len(prompts)} prompt(s), {generated} tokens in {seconds:.2f} s, {generated / max(seconds, 1e-9):.1f} tok/s]")
+    compile_s = llm.decode_step.compile_s or 0.0  # spent once, inside the first decode step
+    compiled = f"; compiling the decode step took {compile_s:.1f} s more" if compile_s else ""
+    seconds -= compile_s
+    print0(f"[{len(prompts)} prompt(s), {generated} tokens in {seconds:.2f} s, "
+           f"{generated / max(seconds, 1e-9):.1f} tok/s{compiled}]")
 
 
 @command
@@ -253,6 +277,7 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
     """
     llm, dialogs = start(options, read_dialogs, dialogs_file)
     if dialogs is not None:
+        on_main_then_share(_check_dialogs, llm, dialogs, dialogs_file)
         for batch in _batches(dialogs, options.max_batch_size):
             for dialog, result in zip(batch, llm.chat_completion(batch, **options.sampling())):
                 for message in dialog:
@@ -297,11 +322,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
     from llama_dist.serve.api import make_app  # the HTTP stack loads only for serving
     from llama_dist.serve.http_server import HttpServer
 
-    llm, _ = start(options, lambda: None)
+    http = HttpServer() if is_main_process() else None
+    # The port is the input of serve: bound before loading (a taken port fails at once, not after minutes of
+    # loading), listened on only once the engine is ready.
+    llm, _ = start(options, lambda: http.bind(host, port))
     name = model_name or (Path(options.ckpt_dir) if options.ckpt_dir else default_checkpoint()).resolve().name
     engine = ServingEngine(llm, name, max_queue=max_queue, seed=options.seed)
-    http = HttpServer() if is_main_process() else None
-    on_main_then_share(lambda: http.start(make_app(engine), host, port))  # a busy port stops every rank
+    on_main_then_share(lambda: http.start(make_app(engine)))
     _stop_on_signals(engine)
     url = f"http://{host}:{http.port}/v1" if http else ""
     print0(f"Serving {name} at {url} ({dist.get_world_size()} rank(s), {options.max_batch_size} slots); "

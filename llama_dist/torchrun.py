@@ -1,10 +1,13 @@
-"""`python -m llama_dist.torchrun [torchrun flags] -m llama_dist ...`: torchrun, ending in one line on Ctrl-C.
+"""`python -m llama_dist.torchrun [torchrun flags] -m llama_dist ...`: torchrun, ending in one line on Ctrl-C or
+a user error.
 
 torchrun starts each rank in a session of its own, so a Ctrl-C in the terminal reaches only the agent; the agent
 passes it on to the ranks (rank 0 says "llama-dist: interrupted") and then re-raises it as a SignalException,
 whose traceback would bury that line. A rank interrupted on its own (exit status 130) ends torchrun with its
-failure report. Through this entry point both end with one line and status 130 (128 + the signal number);
-every other outcome is torchrun's own.
+failure report. Through this entry point both end with one line and status 130 (128 + the signal number).
+A user error (a bad flag, a missing file) ends every rank with status 2 after rank 0 printed its one line
+(`llama-dist: error: ...`); torchrun would bury that line under its traceback and failure report (~40 lines):
+here the job ends with status 2 and that line alone. Every other outcome is torchrun's own.
 """
 
 from __future__ import annotations
@@ -14,17 +17,28 @@ import signal
 import sys
 
 INTERRUPTED = 128 + signal.SIGINT
+USER_ERROR = 2  # llama_dist.cli's exit status for an error the user can fix, already told on rank 0
 # torchrun's loggers that narrate passing a Ctrl-C on (the one line printed here says it instead).
 _AGENT_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
 
 
 class _QuietInterrupt(logging.Filter):
-    """Drops torchrun's log lines about a Ctrl-C: the death signal received, SIGINT passed on, a rank's status
-    130. Its lines about anything else (a rank that crashed, SIGTERM sent to the survivors) stay."""
+    """Drops torchrun's log lines about a Ctrl-C (the death signal received, SIGINT passed on, a rank's status
+    130) and about a rank's user error (status 2, its line already printed). Its lines about anything else (a rank
+    that crashed, SIGTERM sent to the survivors) stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(part in message for part in ("death signal", "closing signal SIGINT", "exitcode: 130"))
+        quiet = ("death signal", "closing signal SIGINT", "exitcode: 130", f"exitcode: {USER_ERROR})")
+        return not any(part in message for part in quiet)
+
+
+def _user_error(exc) -> bool:
+    """The ranks ended on a user error: the first failure exited with USER_ERROR, the rest with it too or stopped
+    by torchrun (SIGTERM) before they got there."""
+    codes = {failure.exitcode for failure in exc.failures.values()}
+    _, first = exc.get_first_failure()
+    return first.exitcode == USER_ERROR and codes <= {USER_ERROR, -signal.SIGTERM}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print("llama-dist: interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED
     except ChildFailedError as exc:
+        if _user_error(exc):
+            return USER_ERROR
         interrupted = sorted(rank for rank, failure in exc.failures.items() if failure.exitcode == INTERRUPTED)
         if not interrupted:
             raise

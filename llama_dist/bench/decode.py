@@ -35,13 +35,14 @@ from llama_dist.bench.hf import compare_with_transformers
 from llama_dist.checkpoint.consolidated import write_consolidated
 from llama_dist.checkpoint.formats import find_tokenizer
 from llama_dist.checkpoint.loader import load_model, open_checkpoint
+from llama_dist.checkpoint.progress import Progress, human_size
 from llama_dist.config import ModelArgs, resolve_dtype
 from llama_dist.dist.groups import init_distributed, print0
 from llama_dist.errors import ConfigError
 from llama_dist.llm import Llama
 from llama_dist.model.kernels import local_linear
 from llama_dist.model.quant import DEFAULT_INT4_GROUP_SIZE, Int4Weight, Int8Weight, QuantScheme, make_scheme
-from llama_dist.model.weights import random_weights
+from llama_dist.model.weights import random_weights, weight_shapes
 from llama_dist.text.tokenizer import TokenizerInterface, load_tokenizer
 
 # The reference workload of the performance issue: shaped like Llama-3.2-1B (untied output), random weights.
@@ -78,11 +79,15 @@ def make_checkpoint(out: str | None = None, shape: str = "llama32_1b", dtype: st
         raise ConfigError(f"unknown shape field(s) {unknown}; known: {sorted(SHAPES[shape])}")
     out = out or f"bench_out/{shape}_shape"
     args = ModelArgs(**{**SHAPES[shape], **overrides})
-    weights = random_weights(args, seed=seed, dtype=resolve_dtype(dtype, torch.device("cpu")), device=device)
+    dtype = resolve_dtype(dtype, torch.device("cpu"))
+    progress = Progress(f"Drawing {shape}", sum(map(math.prod, weight_shapes(args).values())) * dtype.itemsize,
+                        "Drew {count} tensors ({size}) in {seconds:.1f} s")
+    weights = random_weights(args, seed=seed, dtype=dtype, device=device, on_tensor=progress.advance)
+    progress.done()
     params = {k: v for k, v in dataclasses.asdict(args).items() if k in SHAPES[shape]}
     write_consolidated(weights, params, out)
     total = sum(w.numel() for w in weights.values())
-    print(f"wrote {out}: {total / 1e9:.2f}B parameters, {sum(w.nbytes for w in weights.values()) / 2**30:.2f} GiB")
+    print(f"wrote {out}: {total / 1e9:.2f}B parameters, {human_size(sum(w.nbytes for w in weights.values()))}")
 
 
 def listed(value, convert=int) -> list:

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import torch
 
-from llama_dist.checkpoint.consolidated import SHARD_PATTERN, ConsolidatedReader
 from llama_dist.checkpoint import hf
+from llama_dist.checkpoint.consolidated import SHARD_PATTERN, ConsolidatedReader
 from llama_dist.config import ModelArgs
 from llama_dist.errors import CheckpointError
 from llama_dist.model.parallel import ShardSpec

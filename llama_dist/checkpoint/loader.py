@@ -13,19 +13,17 @@ itself); loading itself uses no collectives.
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from llama_dist.checkpoint.formats import CheckpointReader, open_reader
 from llama_dist.checkpoint.memory import check_fits_in_memory
 from llama_dist.checkpoint.pages import give_back_freed_heap
+from llama_dist.checkpoint.progress import Progress
 from llama_dist.config import RUNTIME_FIELDS, ModelArgs, resolve_dtype, transformer_configs
-from llama_dist.dist.groups import init_distributed, is_main_process, model_parallel_world_size, print0
+from llama_dist.dist.groups import init_distributed, model_parallel_started, model_parallel_world_size
 from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.model.kernels import packs_int4
 from llama_dist.model.llama import Transformer
@@ -119,8 +117,16 @@ def load_model(
     stored = reader.stored_quantization()
     scheme = _resolve_scheme(make_scheme(quantize), stored, reader.config_path)
     check_fits_in_memory(args, world, torch.device(device), dtype, reader.config_path, scheme)
+    # The checkpoint's own errors first (they need no group); building the split layers needs one.
+    if not model_parallel_started():
+        raise ConfigError(
+            "load_model needs a process group: call llama_dist.init_distributed() first (Llama.build and "
+            "Transformer.from_pretrained start one themselves)"
+        )
     model, quantized = _empty_model(args, device, dtype, scheme)
-    progress = _Progress(reader, _slice_bytes(model, quantized, dtype))
+    # The bar counts what this rank reads (~1/N of the checkpoint, like every rank); the line, what it read.
+    progress = Progress(f"Loading {reader.location.name}", _slice_bytes(model, quantized, dtype, stored),
+                        "Read {count} tensors ({size} on rank 0) from " + f"{reader.location}" + " in {seconds:.2f} s")
     used = _fill(model, reader, progress)
     if quantized:
         used |= _fill_quantized(quantized, reader, scheme, stored is not None, device, dtype, progress)
@@ -153,16 +159,17 @@ def from_pretrained(
 Transformer.from_pretrained = staticmethod(from_pretrained)
 
 
-def _slice_bytes(model: Transformer, quantized: "_Quantized", dtype: torch.dtype) -> int:
-    """What this rank reads: its float parameters, and its slices of the weights it quantizes (as stored in
-    float; a quantized checkpoint's are smaller, so the bar may end short)."""
+def _slice_bytes(model: Transformer, quantized: "_Quantized", dtype: torch.dtype, stored: QuantScheme | None) -> int:
+    """What this rank reads: its float parameters, and its slices of the weights it quantizes (in `dtype` when
+    they are quantized now, one byte a value from an int8 checkpoint)."""
+    itemsize = 1 if stored is not None else dtype.itemsize
     total = sum(p.nbytes for p in model.parameters())
     for _, _, _, linears in quantized:
         for linear in linears:
             spec = linear.shard
             rows_or_columns = spec.stop - spec.start
             other = spec.full_shape[1 - spec.dim]
-            total += rows_or_columns * other * dtype.itemsize
+            total += rows_or_columns * other * itemsize
     return total
 
 
@@ -213,32 +220,7 @@ def _checked_read(reader: CheckpointReader, name: str, spec: ShardSpec | None, f
     return value
 
 
-class _Progress:
-    """Rank 0's loading progress: a bar on stderr (bytes of its slices, ~1/N of the checkpoint like every rank's)
-    when that is a terminal, else one line on stdout once done (stderr stays for errors alone)."""
-
-    def __init__(self, reader: CheckpointReader, total_bytes: int):
-        self.reader, self.total, self.tensors = reader, total_bytes, 0
-        self.main = is_main_process()
-        self.show_bar = self.main and sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=f"Loading {reader.location.name}", disable=not self.show_bar)
-
-    def advance(self, nbytes: int) -> None:
-        self.tensors += 1
-        self.bar.update(nbytes)
-
-    def done(self) -> None:
-        self.bar.close()
-        if self.main and not self.show_bar:
-            print0(
-                f"Read {self.tensors} tensors ({self.total / 2**20:.1f} MiB on rank 0) from {self.reader.location} "
-                f"in {time.perf_counter() - self.started:.2f} s"
-            )
-
-
-def _fill(model: Transformer, reader: CheckpointReader, progress: _Progress) -> set[str]:
+def _fill(model: Transformer, reader: CheckpointReader, progress: Progress) -> set[str]:
     """Copy this rank's slice of every (float) parameter from `reader` into `model`, releasing each tensor once
     copied; returns the names read. A tied output weight is the embedding: listed, and read, once."""
     specs = shard_specs(model)
@@ -252,7 +234,7 @@ def _fill(model: Transformer, reader: CheckpointReader, progress: _Progress) -> 
 
 
 def _fill_quantized(
-    quantized: _Quantized, reader, scheme: QuantScheme, prequantized: bool, device, dtype, progress: _Progress
+    quantized: _Quantized, reader, scheme: QuantScheme, prequantized: bool, device, dtype, progress: Progress
 ) -> set[str]:
     """Read each stack's rows of this rank's slice and set it quantized on its owner; returns the names read."""
     used = set()

@@ -299,6 +299,11 @@ def model_parallel_rank() -> int:
     return fs_init.get_model_parallel_rank() if fs_init.model_parallel_is_initialized() else 0
 
 
+def model_parallel_started() -> bool:
+    """Whether init_distributed has started the model-parallel group (loading and forwards need it)."""
+    return fs_init.model_parallel_is_initialized()
+
+
 def model_parallel_world_size() -> int:
     return fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
 

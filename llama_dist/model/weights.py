@@ -4,6 +4,7 @@ and the memory check read this table; `random_weights` fills it for tests and be
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,11 +115,12 @@ def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {name: spec.shape for name, spec in weight_inventory(args).items()}
 
 
-def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32, device="cpu",
+                   on_tensor: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Full random weights for `args`, scaled so activations keep their size through the layers, on the CPU.
 
     device: where they are drawn (a GPU draws an 8B model in seconds, the CPU in minutes); each seed's values
-    depend on it.
+    depend on it. on_tensor: called with each tensor's size in bytes once drawn (a progress bar).
     """
     gen = torch.Generator(device).manual_seed(seed)
     weights = {}
@@ -128,4 +130,6 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32, device="
         else:
             weight = torch.randn(shape, generator=gen, device=device) * shape[-1] ** -0.5
         weights[name] = weight.to(dtype).cpu()
+        if on_tensor is not None:
+            on_tensor(weights[name].nbytes)
     return weights

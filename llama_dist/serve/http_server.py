@@ -42,6 +42,7 @@ class HttpServer:
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
         self._failure: BaseException | None = None
+        self._address = ""
 
     @property
     def port(self) -> int:
@@ -50,12 +51,23 @@ class HttpServer:
             raise RuntimeError("the HTTP server is not started")
         return self._socket.getsockname()[1]
 
-    def start(self, app, host: str, port: int, timeout_s: float = 30.0) -> None:
-        """Serve `app` on host:port; returns once it accepts connections. ConfigError if the address cannot be
-        listened on (the port is busy, the host is not this machine's)."""
+    def bind(self, host: str, port: int) -> None:
+        """Take host:port now, without listening yet (connections are refused until `start`). ConfigError if it
+        cannot be had (the port is busy, the host is not this machine's)."""
+        if self._socket is not None:
+            raise RuntimeError("the HTTP server is already bound")
+        self._socket = _bind(host, port)
+        self._address = f"{host}:{port}"
+
+    def start(self, app, host: str | None = None, port: int | None = None, timeout_s: float = 30.0) -> None:
+        """Serve `app` on the address `bind` took (or bind host:port now); returns once it accepts connections.
+        ConfigError if the address cannot be listened on."""
         if self._thread is not None:
             raise RuntimeError("the HTTP server is already started")
-        self._socket = _bind(host, port)
+        if self._socket is None:
+            self.bind(host, port)
+        host, port = self._address.rsplit(":", 1)
+        _listen(self._socket, self._address)
         config = uvicorn.Config(app, log_level=self.log_level, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=self.graceful_timeout_s)
         self._server = _ServerWithoutSignals(config)
@@ -79,6 +91,8 @@ class HttpServer:
         """Ask uvicorn to finish (open streams get `graceful_timeout_s`) and wait for its thread at most
         `timeout_s`; True if it ended."""
         if self._thread is None:
+            if self._socket is not None:  # bound, never served (the model failed to load)
+                self._socket.close()
             return True
         self._server.should_exit = True
         self._thread.join(timeout_s)
@@ -98,16 +112,26 @@ def _bind(host: str, port: int) -> socket.socket:
                                                              flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise _cannot_listen(f"{host}:{port}", e) from None
     # As uvicorn does: a restarted server may take the port over from connections still in TIME_WAIT (a port
     # another process listens on stays refused).
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
-        sock.listen(2048)  # here rather than in uvicorn, so a port someone else bound is refused now
+        sock.bind(address)  # a port another process listens on is refused here, before the model loads
     except OSError as e:
         sock.close()
-        hint = " (is another server using it?)" if e.errno == errno.EADDRINUSE else ""
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+        raise _cannot_listen(f"{host}:{port}", e) from None
     sock.set_inheritable(False)
     return sock
+
+
+def _listen(sock: socket.socket, address: str) -> None:
+    try:
+        sock.listen(2048)  # here rather than in uvicorn, so a port taken since `bind` is refused now
+    except OSError as e:
+        raise _cannot_listen(address, e) from None
+
+
+def _cannot_listen(address: str, e: OSError) -> ConfigError:
+    hint = " (is another server using it?)" if e.errno == errno.EADDRINUSE else ""
+    return ConfigError(f"cannot listen on {address}: {e.strerror or e}{hint}")

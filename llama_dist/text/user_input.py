@@ -105,4 +105,5 @@ def read_user_turn() -> str | None:
             print(f"llama-dist: that line is not valid UTF-8 text ({exc.reason}); type it again", file=sys.stderr)
             continue
         return None if line.strip() in ("exit", "quit") else line
+    print(flush=True)  # Ctrl-D ends the input where the prompt is: the shell's prompt goes on a line of its own
     return None

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from llama_dist import cli
-from llama_dist.text import user_input
 from llama_dist.checkpoint.checklist import file_md5
 from llama_dist.errors import RequestError
 from llama_dist.llm import Llama
+from llama_dist.text import user_input
 from llama_dist.text.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hf_tokenizer import LLAMA3_STYLE_TEMPLATE, write_json
 from helpers import raises_naming, tiny_args, write_checkpoint
+from hf_tokenizer import LLAMA3_STYLE_TEMPLATE, write_json
 from tokenizer_texts import TEXTS as COMMON_TEXTS
 
 from llama_dist.checkpoint.formats import find_tokenizer
