@@ -20,13 +20,18 @@ from llama_dist.dist.groups import init_distributed, shutdown_distributed
 from llama_dist.dist.local_launch import run_local
 from llama_dist.model import kernel_choice
 from llama_dist.model.kernel_choice import choose_kernels
-from llama_dist.model.kernels import KERNELS, ROW_BUCKETS, candidates, install_kernel_table, installed_kernel_table
+from llama_dist.model.kernels import (
+    KERNELS,
+    candidates,
+    install_kernel_table,
+    installed_kernel_table,
+)
 
 # Five distinct weight shapes: wqkv 128x64, wo 64x64, w13 384x64, w2 64x192, output 256x64.
 ARGS = tiny_args(dim=64, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
 OTHER_SHAPES = tiny_args(dim=96, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32)
 TOKENS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
-RUNTIME = dict(max_seq_len=16, max_batch_size=2)  # rows up to 32: buckets 1, 2-7 and 8-63
+RUNTIME = {"max_seq_len": 16, "max_batch_size": 2}  # rows up to 32: buckets 1, 2-7 and 8-63
 
 
 @pytest.fixture(scope="module")

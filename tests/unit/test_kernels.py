@@ -11,7 +11,14 @@ from helpers import raises_naming, rel_diff
 
 from llama_dist.errors import ConfigError
 from llama_dist.model import kernel_choice, kernels
-from llama_dist.model.kernels import KERNELS, ROW_BUCKETS, install_kernel_table, local_linear, row_bucket, weight_key
+from llama_dist.model.kernels import (
+    KERNELS,
+    ROW_BUCKETS,
+    install_kernel_table,
+    local_linear,
+    row_bucket,
+    weight_key,
+)
 from llama_dist.model.quant import Int4Weight, Int8Weight
 
 OUT, IN = 96, 160  # out: a multiple of 16 (the packed int4 layout); in: five groups of 32
