@@ -111,9 +111,9 @@ def timing_items(model) -> list[tuple[tuple, int, list]]:
         rows = args.max_batch_size if is_output else args.max_batch_size * args.max_seq_len
         limit[key] = max(limit.get(key, 0), rows)
     output_key = weight_key(model.output.weight, dtype)
+    ordered = sorted(shapes, key=lambda k: (k != output_key, -k[1] * k[2]))
     items = []
     for bucket, (first, timed) in enumerate(ROW_BUCKETS):
-        ordered = sorted(shapes, key=lambda k: (k != output_key, -k[1] * k[2]))
         for key in ordered:
             if first <= limit[key] and len(candidates(key[0], dtype, min(timed, limit[key]))) > 1:
                 items.append(((*key, bucket), min(timed, limit[key]), shapes[key][:_INSTANCES]))
