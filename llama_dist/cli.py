@@ -72,6 +72,7 @@ class RunOptions:
     int4_group_size: int = DEFAULT_INT4_GROUP_SIZE
     keep_output_precision: bool = False
     compile: bool | None = None
+    kernel_choice: str | None = None
 
     def __post_init__(self):
         """Refuse a flag of the wrong kind before anything starts (fire passes `--seed abc` as the text "abc" and
@@ -117,6 +118,9 @@ RUN_OPTIONS_HELP = """\
         keep_output_precision: keep the output projection in the model dtype when quantizing
         compile: decode through a compiled step (CUDA graphs on GPUs): --compile / --nocompile (default: on CUDA
             only; the first decode step takes the compile time)
+        kernel_choice: measure or static: time the matmul kernels of each weight shape at start (CPU, about 2 s
+            at most, cached in $LLAMA_DIST_CACHE or ~/.cache/llama_dist for the next start) and run the fastest, or
+            keep the fixed rules (default: $LLAMA_DIST_KERNEL_CHOICE, else measure)
 """
 
 
@@ -196,7 +200,7 @@ def start(options: RunOptions, read_input, *args):
         ckpt, options.tokenizer_path, options.max_seq_len, options.max_batch_size, dtype=options.dtype,
         seed=options.seed, verify_checksums=options.verify_checksums, context=context, quantize=options.quantize,
         int4_group_size=options.int4_group_size, keep_output_precision=options.keep_output_precision,
-        compile=options.compile,
+        compile=options.compile, kernel_choice=options.kernel_choice,
     )
     return llm, user_input
 

@@ -20,6 +20,7 @@ from llama_dist.dist.groups import DistContext, checked_on_all_ranks, init_distr
 from llama_dist.dist.launch_env import local_world_size
 from llama_dist.engine.generation import GenerationStats, Generator, StreamStep
 from llama_dist.errors import CheckpointError, ConfigError, RequestError
+from llama_dist.model.kernel_choice import choose_kernels, resolve_mode
 from llama_dist.model.llama import Transformer
 from llama_dist.model.quant import DEFAULT_INT4_GROUP_SIZE, QuantizedWeight, QuantScheme, make_scheme
 from llama_dist.text.chat import Dialog, format_dialog
@@ -56,6 +57,7 @@ class Llama(Generator):
         int4_group_size: int = DEFAULT_INT4_GROUP_SIZE,
         keep_output_precision: bool = False,
         compile: bool | None = None,
+        kernel_choice: str | None = None,
     ) -> "Llama":
         """Load the tokenizer and this rank's slice of the model, on a process group started once.
 
@@ -75,6 +77,9 @@ class Llama(Generator):
         (`python -m llama_dist quantize`) loads quantized as saved.
         compile: decode through a compiled step (`engine.decode_step.DecodeStep`; CUDA graphs on GPUs); None compiles on CUDA
         only. The first decode step then takes the compile time (printed once); prefill stays eager.
+        kernel_choice: "measure" times the candidate matmul kernels of each weight shape on every rank at once
+        (about 2 s at most, cached on disk for the next start: `model.kernel_choice`) and runs the fastest; "static"
+        keeps the fixed rules; None: $LLAMA_DIST_KERNEL_CHOICE, else "measure". CPU only (CUDA keeps its rules).
         """
         if context is None:
             context = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
@@ -82,6 +87,7 @@ class Llama(Generator):
             raise ConfigError(
                 "pass either context (a started process group) or backend/device/timeout_s to start one, not both"
             )
+        kernel_choice = resolve_mode(kernel_choice)  # a bad value fails before anything loads
         torch.manual_seed(seed)
         dtype = resolve_dtype(dtype, context.device)
         start = time.perf_counter()
@@ -114,6 +120,7 @@ class Llama(Generator):
             f"{str(dtype).removeprefix('torch.')}{_describe_quantization(model)}) "
             f"in {time.perf_counter() - start:.2f} s"
         )
+        choose_kernels(model, kernel_choice)  # collective: after loading, which must not be
         return Llama(model, tokenizer, context, seed, compile)
 
     def text_completion(

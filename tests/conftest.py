@@ -7,6 +7,11 @@ import pytest
 if os.environ.get("LLAMA_DIST_GPU_TESTS") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+# Models build with the static kernel rule (spawned ranks and CLI subprocesses inherit it): measuring at every
+# build would add up to seconds to each test and write to the user's cache. The kernel-choice tests opt in
+# (tests/multirank/test_kernel_choice.py).
+os.environ.setdefault("LLAMA_DIST_KERNEL_CHOICE", "static")
+
 
 # ---- tokenizer fixtures (tests/test_tokenizer.py, tests/test_chat.py) -------------------------------
 

@@ -40,6 +40,7 @@ from llama_dist.config import ModelArgs, resolve_dtype
 from llama_dist.dist.groups import init_distributed, print0
 from llama_dist.errors import ConfigError
 from llama_dist.llm import Llama
+from llama_dist.model.kernel_choice import choose_kernels, resolve_mode
 from llama_dist.model.kernels import local_linear
 from llama_dist.model.quant import DEFAULT_INT4_GROUP_SIZE, Int4Weight, Int8Weight, QuantScheme, make_scheme
 from llama_dist.model.weights import random_weights, weight_shapes
@@ -165,14 +166,17 @@ def run(
     keep_output_precision: bool = False,
     compile: bool | None = None,
     hf_compile: bool = False,
+    kernel_choice: str | None = None,
 ) -> None:
     """Benchmark greedy generation on `ckpt_dir` at each batch size; run under torchrun for N ranks.
 
     quantize / int4_group_size / keep_output_precision: as for every llama-dist command (weight-only int8 / int4,
     quantized by each rank at load; the load time includes it). compile: decode through the compiled step (None:
     on CUDA only, as Llama.build). hf_compile: with --compare_hf, also transformers' static cache + torch.compile
-    mode (CUDA graphs: meant for a GPU)."""
+    mode (CUDA graphs: meant for a GPU). kernel_choice: measure or static, as for every llama-dist command (None:
+    $LLAMA_DIST_KERNEL_CHOICE, else measure); the load time excludes the measuring, which prints its own line."""
     scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
+    kernel_choice = resolve_mode(kernel_choice)
     sizes = listed(batch_sizes)
     ctx = init_distributed()
     device, on_gpu = ctx.device, ctx.device.type == "cuda"
@@ -188,6 +192,7 @@ def run(
     if on_gpu:
         torch.cuda.synchronize(device)  # the copies to the GPU are part of the load
     load_s = time.perf_counter() - start
+    choose_kernels(model, kernel_choice)
     llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx, compile=compile)
     step_bytes = _streamed_bytes_per_step(model)
     where = f"{describe_device(device)}, " if on_gpu else f"{torch.get_num_threads()} threads/rank, "
