@@ -30,7 +30,8 @@ from llama_dist.dist.groups import (
     shutdown_distributed,
 )
 from llama_dist.dist.launch_env import read_launch_env
-from llama_dist.engine.sampling import check_sampling
+from llama_dist.engine.llm_engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from llama_dist.engine.sampling_params import check_sampling
 from llama_dist.errors import (
     ConfigError,
     DialogError,
@@ -61,6 +62,8 @@ class RunOptions:
     tokenizer_path: str | None = None
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_num_seqs: int | None = None  # vLLM's name for max_batch_size
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     dtype: str | None = None
     seed: int = 1
     verify_checksums: bool = False
@@ -93,6 +96,8 @@ class RunOptions:
                 expected = {"b": "True or False (or --flag / --noflag)", "i": "an integer", "f": "a number"}[kind[0]]
                 raise ConfigError(f"--{spec.name} must be {expected}, got {value!r}")
         check_sampling(self.temperature, self.top_p, self.max_gen_len)
+        if self.max_num_seqs is not None:  # vLLM's name: the one limit is max_batch_size
+            object.__setattr__(self, "max_batch_size", self.max_num_seqs)
 
     def sampling(self) -> dict:
         return dict(temperature=self.temperature, top_p=self.top_p, max_gen_len=self.max_gen_len)
@@ -103,7 +108,11 @@ RUN_OPTIONS_HELP = """\
         ckpt_dir: a Meta or Hugging Face checkpoint directory (default: the bundled tiny model)
         tokenizer_path: default: the tokenizer.model or tokenizer.json in or beside the checkpoint directory
         max_seq_len: positions per sequence, prompt + generation; generation is cut where it ends
-        max_batch_size: sequences decoded together
+        max_batch_size: sequences running at once (the KV cache holds this many of max_seq_len positions)
+        max_num_seqs: the same as --max_batch_size (vLLM's name); it wins when both are given
+        max_num_batched_tokens: tokens computed in one step: running sequences decode first, prompts are
+            prefilled in chunks filling the rest (smaller: shorter stalls of the running streams while a long
+            prompt is admitted; larger: faster prefill)
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)
         seed: rank 0's sampling seed
         verify_checksums: check the files against the checkpoint's checklist.chk (md5) before loading
@@ -201,6 +210,7 @@ def start(options: RunOptions, read_input, *args):
         seed=options.seed, verify_checksums=options.verify_checksums, context=context, quantize=options.quantize,
         int4_group_size=options.int4_group_size, keep_output_precision=options.keep_output_precision,
         compile=options.compile, kernel_choice=options.kernel_choice,
+        max_num_batched_tokens=options.max_num_batched_tokens,
     )
     return llm, user_input
 

@@ -7,6 +7,7 @@ describing this rank, which is then handed to whatever needs it (`Llama.build(co
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import functools
@@ -69,6 +70,14 @@ def describe_backend(backend: str) -> str:
     """A backend (or torch's "device:backend,..." form) as people name it: "nccl+gloo", "gloo", "nccl"."""
     names = sorted(set(_carriers(backend).values()), key=lambda name: (name != "nccl", name))
     return "+".join(names)
+
+
+def cuda_collectives_on_nccl() -> bool:
+    """Whether the model's collectives on CUDA tensors run over NCCL (or there are none: one rank): only those may
+    be captured in a CUDA graph; gloo's run on the host."""
+    if not dist.is_initialized() or model_parallel_world_size() == 1:
+        return True
+    return _carriers(dist.get_backend_config(model_parallel_group())).get("cuda") == "nccl"
 
 
 def _rank_device(device: str | torch.device, local_rank: int) -> torch.device:
@@ -224,6 +233,9 @@ def init_distributed(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         _start_default_group(launch, backend, device, seconds, set_threads)
+        # A script that ends without shutting the group down would leave gloo's threads running into the
+        # interpreter's teardown, which can abort the process ("terminate called without an active exception").
+        atexit.register(shutdown_distributed)
     if not fs_init.model_parallel_is_initialized():
         _start_model_parallel_groups(timeout)
         global _shm_allreduce

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from llama_dist.dist.groups import print0
+from llama_dist.dist.groups import cuda_collectives_on_nccl, print0
 from llama_dist.model.llama import Transformer
 
 
@@ -37,7 +37,8 @@ class DecodeStep:
         device = model.tok_embeddings.weight.device
         self.compiled = compiles_by_default(device) if compile is None else bool(compile)
         self.compile_s: float | None = None  # measured on the first compiled call
-        self._cuda_graphs = device.type == "cuda"
+        # CUDA graphs replay kernels without the host: a gloo collective (ranks sharing a GPU) cannot be in one.
+        self._cuda_graphs = device.type == "cuda" and cuda_collectives_on_nccl()
         if self.compiled:
             # fullgraph: a graph break would silently fall back to slow eager pieces; dynamic=False: every shape is
             # fixed by the model's max_batch_size and max_seq_len.

@@ -1,4 +1,4 @@
-"""The Llama transformer as math: RMSNorm, RoPE, grouped-query attention with a KV cache, SwiGLU.
+"""The Llama transformer as math: RMSNorm, RoPE, grouped-query attention over a given KV cache, SwiGLU.
 
 Every module here holds this rank's slice only; which slice, and the collectives that join the slices, live
 in `parallel.py`. Models are built and filled from checkpoints by `llama_dist.checkpoint.loader.load_model`.
@@ -6,7 +6,6 @@ in `parallel.py`. Models are built and filled from checkpoints by `llama_dist.ch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from llama_dist.config import ModelArgs
 from llama_dist.dist.groups import model_parallel_world_size
+from llama_dist.model.attention import KVCache, StepLayout, attend, write_cache
 from llama_dist.model.kernels import local_linear
 from llama_dist.model.parallel import (
     ColumnParallelLinear,
@@ -53,25 +53,9 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-@dataclass(frozen=True)
-class CacheWindow:
-    """The KV-cache entries one forward writes and then attends over.
-
-    rows: the cache slots of the batch's rows: a (bsz,) tensor, or slice(0, bsz) for slots 0..bsz-1.
-    Prefill (`decoded_at` None): every row writes its tokens at positions [start, start + seqlen).
-    Decode (`decoded_at` the paired (slot, position) index tensors, seqlen 1): row i writes its token at
-    position decoded_at[1][i] of slot decoded_at[0][i]; rows may sit at different positions (the server's slots),
-    and none of it is a Python number that changes from step to step, so a compiled decode step is traced once.
-    Either way every row attends over cache positions [0, length); `mask` hides what each query may not see.
-    """
-
-    rows: torch.Tensor | slice
-    length: int
-    start: int = 0
-    decoded_at: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
 class Attention(nn.Module):
+    """Grouped-query attention of this rank's heads over the KV cache it is given (`attention.attend`)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
@@ -82,73 +66,26 @@ class Attention(nn.Module):
         self.wv = KVParallelLinear(args.dim, args.n_kv_heads, self.head_dim)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
         self.wqkv: torch.Tensor | None = None  # wq, wk, wv stacked, set by fuse() for inference
-        self.cache_k: torch.Tensor | None = None
-        self.cache_v: torch.Tensor | None = None
 
     def fuse(self) -> None:
         self.wqkv = fuse_weights(self.wq, self.wk, self.wv)
 
-    def allocate_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
-        shape = (max_batch_size, max_seq_len, self.n_local_kv_heads, self.head_dim)
-        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
-        if torch.device(device).type == "cuda":
-            # Written in place by every step: a CUDA graph may keep their addresses instead of copying them in.
-            torch._dynamo.mark_static_address(self.cache_k)
-            torch._dynamo.mark_static_address(self.cache_v)
-
-    def _write_and_read_cache(self, k, v, window: CacheWindow):
-        """Store this forward's keys and values, return (keys, values) over the window, (bsz, heads, positions,
-        head_dim)."""
-        if window.decoded_at is None:
-            end = window.start + k.shape[1]
-            self.cache_k[window.rows, window.start : end] = k
-            self.cache_v[window.rows, window.start : end] = v
-        else:  # one token a row, each at its own position
-            self.cache_k[window.decoded_at] = k[:, 0]
-            self.cache_v[window.decoded_at] = v[:, 0]
-        # Views when the rows are slots 0..bsz-1 (offline generation, the server's decode over every slot).
-        keys = self.cache_k[window.rows, : window.length].transpose(1, 2)
-        values = self.cache_v[window.rows, : window.length].transpose(1, 2)
-        return keys, values
-
-    def forward(self, x, window: CacheWindow | None, cos, sin, mask, need_weights: bool = False):
-        bsz, seqlen, _ = x.shape
+    def forward(self, x, layout: StepLayout, cos, sin, cache: tuple[torch.Tensor, torch.Tensor] | None,
+                need_weights: bool = False):
+        """x: (..., dim), the step's tokens in flat order; cos/sin: (tokens, head_dim // 2) of their positions;
+        cache: this layer's (keys, values), written at the layout's slots before attending (None: training)."""
         if self.wqkv is not None:
             kv_width = self.n_local_kv_heads * self.head_dim
             q, k, v = local_linear(x, self.wqkv).split([self.n_local_heads * self.head_dim, kv_width, kv_width], -1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if self.cache_k is None:  # training: the whole sequence is here, nothing to remember
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)
-        else:
-            keys, values = self._write_and_read_cache(k, v, window)
-        q = q.transpose(1, 2)
-
-        n_rep = self.n_local_heads // self.n_local_kv_heads
-        weights = None
-        if need_weights:
-            keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
-            scores = (q @ keys.transpose(2, 3)).float() / math.sqrt(self.head_dim)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            weights = F.softmax(scores, dim=-1)
-            out = weights.type_as(q) @ values
-        elif q.device.type == "cpu" and q.dtype != torch.float32:
-            # On CPU, oneDNN compiles a kernel for every new low-precision shape, and the key length grows
-            # by one each decode step: attention in float32 (small next to the weights) avoids a compile per step.
-            out = F.scaled_dot_product_attention(
-                q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=n_rep > 1
-            ).type_as(q)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=n_rep > 1)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
-        return self.wo(out), weights
+        q = apply_rope(q.reshape(1, -1, self.n_local_heads, self.head_dim), cos[None], sin[None])[0]
+        k = apply_rope(k.reshape(1, -1, self.n_local_kv_heads, self.head_dim), cos[None], sin[None])[0]
+        v = v.reshape(-1, self.n_local_kv_heads, self.head_dim)
+        if cache is not None:
+            write_cache(cache[0], cache[1], k, v, layout.slot_mapping)
+        out, weights = attend(q, k, v, layout, cache, need_weights)
+        return self.wo(out.view(*x.shape[:-1], -1)), weights
 
 
 class FeedForward(nn.Module):
@@ -179,8 +116,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, window, cos, sin, mask, need_weights=False):
-        attn_out, weights = self.attention(self.attention_norm(x), window, cos, sin, mask, need_weights)
+    def forward(self, x, layout, cos, sin, cache, need_weights=False):
+        attn_out, weights = self.attention(self.attention_norm(x), layout, cos, sin, cache, need_weights)
         h = x + attn_out
         return h + self.feed_forward(self.ffn_norm(h)), weights
 
@@ -230,6 +167,9 @@ class Transformer(nn.Module):
         self.tie_embeddings()
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        # The cache Meta's `model(tokens, start_pos)` and the seed's `model(ids, input_pos)` use: max_batch_size rows
+        # of max_seq_len positions, set up by post_init. The engine passes its own (or this one) to forward_step.
+        self.cache: KVCache | None = None
 
     @property
     def params(self) -> ModelArgs:
@@ -271,7 +211,7 @@ class Transformer(nn.Module):
         return weights + [(self.output, "weight", [self.output])]
 
     def post_init(self, kv_cache: bool = True) -> None:
-        """Set up what is derived rather than loaded: RoPE tables (float32) and the KV cache (model dtype).
+        """Set up what is derived rather than loaded: RoPE tables (float32) and the default KV cache (model dtype).
 
         Call it after the weights have their final device and dtype (the tables and cache follow
         `tok_embeddings.weight`, which is never quantized); the loader calls it. The cache holds
@@ -281,8 +221,13 @@ class Transformer(nn.Module):
         self.tie_embeddings()  # again: moving the model between devices makes new, separate parameters
         param = self.tok_embeddings.weight
         self.rope_cos, self.rope_sin = rope_tables(self.args, param.device)
-        for layer in self.layers if kv_cache else ():
-            layer.attention.allocate_cache(self.args.max_batch_size, self.args.max_seq_len, param.dtype, param.device)
+        self.cache = self.new_cache(self.args.max_batch_size, self.args.max_seq_len) if kv_cache else None
+
+    def new_cache(self, rows: int, max_seq_len: int) -> KVCache:
+        """An empty KV cache of `rows` sequences of up to `max_seq_len` positions for this rank's KV heads."""
+        param, attention = self.tok_embeddings.weight, self.layers[0].attention
+        return KVCache.allocate(self.args.n_layers, rows, max_seq_len, attention.n_local_kv_heads,
+                                attention.head_dim, param.dtype, param.device)
 
     def forward(
         self,
@@ -293,15 +238,12 @@ class Transformer(nn.Module):
         *,
         last_only: bool = False,
         gather: str = "all",
-        slots: torch.Tensor | None = None,
-        logits_at: torch.Tensor | None = None,
     ) -> TransformerOutput:
-        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of each sequence's cache.
+        """Logits for `tokens` (bsz, seqlen) placed at positions start_pos.. of rows 0..bsz-1 of the default cache.
 
         start_pos: the first position (Meta's `model(tokens, start_pos)`), or the positions themselves as a 1-D
         LongTensor shared by the rows (the seed's and gpt-fast's `model(ids, input_pos)`): consecutive,
         `torch.arange(start_pos, start_pos + seqlen)`; both give identical logits.
-
         output_hidden_states / output_attentions: also return them (see TransformerOutput); None takes the
         config's default. Attentions are computed with explicit softmax instead of the fused kernel and all-gathered
         across the model-parallel group, so every rank receives every head. Both cover all `seqlen` positions,
@@ -309,56 +251,46 @@ class Transformer(nn.Module):
         last_only: project only the last position onto the vocabulary (all that sampling needs).
         gather: "all" returns the full-vocabulary logits on every rank; "rank0" only on rank 0 (others get
         None), which is what rank-0 sampling needs and moves 1/N of the bytes.
-        slots: the cache slots of the rows, a (bsz,) tensor (default: slots 0..bsz-1); the server prefills
-        requests into the slots it gave them.
-        logits_at: a (bsz,) tensor: project only row i's position logits_at[i] (relative to start_pos) onto the
-        vocabulary, e.g. the last token of each right-padded prompt; logits are then (bsz, 1, vocab).
         """
         self._check_ready(gather)
         bsz, seqlen = tokens.shape
         start_pos = _first_position(start_pos, seqlen)
         end = start_pos + seqlen
-        if bsz > self.args.max_batch_size or end > self.args.max_seq_len:
+        rows, max_seq_len = (self.cache.rows, self.cache.max_seq_len) if self.cache is not None else (bsz, end)
+        if bsz > rows or end > max_seq_len:
             raise ValueError(
                 f"batch {bsz} x positions {start_pos}..{end} exceeds the cache "
-                f"(max_batch_size={self.args.max_batch_size}, max_seq_len={self.args.max_seq_len})"
+                f"(max_batch_size={rows}, max_seq_len={max_seq_len})"
             )
         want_hidden = self.args.output_hidden_states if output_hidden_states is None else output_hidden_states
         want_attentions = self.args.output_attentions if output_attentions is None else output_attentions
 
-        window = CacheWindow(rows=slice(0, bsz) if slots is None else slots, length=end, start=start_pos)
-        cos, sin = self.rope_cos[None, start_pos:end], self.rope_sin[None, start_pos:end]
-        mask = None
-        if seqlen > 1:
-            # Query i sits at position start_pos + i and may look at every cached position up to itself.
-            positions = torch.arange(end, device=tokens.device)
-            mask = positions[None, :] <= positions[start_pos:, None]
+        layout = StepLayout.uniform(bsz, seqlen, start_pos, max_seq_len, tokens.device)
         h = self.tok_embeddings(tokens)
         hidden = [h] if want_hidden else None
         attentions = [] if want_attentions else None
-        for layer in self.layers:
-            h, weights = layer(h, window, cos, sin, mask, want_attentions)
-            if hidden is not None:
-                hidden.append(h)
-            if attentions is not None:
-                attentions.append(weights)
-
-        def projected(h):  # the positions whose logits are asked for
-            if logits_at is not None:
-                return h[torch.arange(bsz, device=h.device), logits_at][:, None]
-            return h[:, -1:] if last_only else h
-
+        h = self._layers(h, layout, self.cache, hidden, attentions)
         if hidden is None:
-            h = self.norm(projected(h))
+            h = self.norm(h[:, -1:] if last_only else h)
         else:  # the last hidden state is the final norm's output, as in transformers
             h = hidden[-1] = self.norm(h)
-            h = projected(h)
-        logits = self._logits(h, gather)
+            h = h[:, -1:] if last_only else h
         return TransformerOutput(
-            logits=logits,
+            logits=self._logits(h, gather),
             hidden_states=None if hidden is None else tuple(hidden),
             attentions=None if attentions is None else gather_heads(attentions),
         )
+
+    def forward_step(self, tokens: torch.Tensor, layout: StepLayout, cache: KVCache, logits_indices: torch.Tensor,
+                     gather: str = "rank0") -> torch.Tensor | None:
+        """One engine step: `tokens` (total tokens,), a flat batch of rows laid out by `layout` in `cache`;
+        float32 logits (len(logits_indices), vocab) of the tokens at `logits_indices` (None on ranks > 0 with
+        gather="rank0")."""
+        self._check_ready(gather)
+        h = self._layers(self.tok_embeddings(tokens), layout, cache)
+        if logits_indices.numel() == 0:  # a step of prompt chunks that sample nothing yet (the same on every rank)
+            return h.new_empty((0, self.args.vocab_size), dtype=torch.float32)
+        return self._logits(self.norm(h[logits_indices]), gather)
 
     def decode(
         self,
@@ -367,30 +299,38 @@ class Transformer(nn.Module):
         length: int | None = None,
         gather: str = "rank0",
         slots: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor | None:
-        """One decode step: token i (of `tokens`, (bsz,)) at position positions[i] of cache slot i (of slots[i]
-        when given); float32 logits (bsz, vocab) of the next token (None on ranks > 0 with gather="rank0").
+        """One decode step: token i (of `tokens`, (bsz,)) at position positions[i] of cache row i (of slots[i]
+        when given) of `cache` (default: the model's); float32 logits (bsz, vocab) of the next token (None on
+        ranks > 0 with gather="rank0").
 
         Each row attends over cache positions [0, length) up to its own (length None: the whole cache, so
         nothing here depends on the positions' values: what a compiled step needs). The caller keeps positions
         below max_seq_len and length above them: checking would cost a device sync per step.
         """
         self._check_ready(gather)
-        bsz = tokens.shape[0]
-        if bsz > self.args.max_batch_size:
-            raise ValueError(f"batch {bsz} exceeds the cache (max_batch_size={self.args.max_batch_size})")
-        length = self.args.max_seq_len if length is None else length
-        rows = torch.arange(bsz, device=tokens.device) if slots is None else slots
-        # Reading slots 0..bsz-1 through a slice keeps the cache reads views rather than gathers.
-        window = CacheWindow(rows=slice(0, bsz) if slots is None else slots, length=length,
-                             decoded_at=(rows, positions))
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        h = self.tok_embeddings(tokens[:, None])
-        for layer in self.layers:
-            h, _ = layer(h, window, cos, sin, mask)
-        logits = self._logits(self.norm(h), gather)
-        return None if logits is None else logits[:, -1]
+        cache = self.cache if cache is None else cache
+        if tokens.shape[0] > cache.rows:
+            raise ValueError(f"batch {tokens.shape[0]} exceeds the cache (max_batch_size={cache.rows})")
+        length = cache.max_seq_len if length is None else length
+        layout = StepLayout.decoding(positions, length, cache.max_seq_len, slots)
+        h = self._layers(self.tok_embeddings(tokens), layout, cache)
+        return self._logits(self.norm(h), gather)
+
+    def _layers(self, h, layout: StepLayout, cache: KVCache | None, hidden=None, attentions=None):
+        """Every block over the step's tokens h (..., dim); records each block's output in `hidden` and its
+        attention probabilities in `attentions` when given."""
+        positions = layout.positions
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            h, weights = layer(h, layout, cos, sin, layer_cache, attentions is not None)
+            if hidden is not None:
+                hidden.append(h)
+            if attentions is not None:
+                attentions.append(weights)
+        return h
 
     def _check_ready(self, gather: str) -> None:
         if self.rope_cos is None:

@@ -21,9 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_dist.engine.sampling import check_sampling
+from llama_dist.engine.sampling_params import check_sampling
 from llama_dist.errors import DialogError, RequestError, TokenizerError
-from llama_dist.serve.completion_text import CompletionText, GeneratedToken, IncrementalDecoder
 from llama_dist.serve.openai_schema import (
     ApiError,
     ChatCompletionRequest,
@@ -35,6 +34,7 @@ from llama_dist.serve.openai_schema import (
 )
 from llama_dist.serve.requests import Finished, GenerationRequest, RequestHandle, ServerBusy, TokenEvent
 from llama_dist.text.chat import format_dialog
+from llama_dist.text.detokenizer import CompletionText, GeneratedToken, IncrementalDecoder
 
 __all__ = ["make_app"]
 

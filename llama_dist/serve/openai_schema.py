@@ -14,7 +14,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from llama_dist.serve.completion_text import GeneratedToken
+from llama_dist.text.detokenizer import GeneratedToken
 
 __all__ = [
     "ApiError", "CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "error_body",

@@ -26,7 +26,7 @@ class ServerBusy(RequestError):
 @dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate, checked by the HTTP side: ids in the vocabulary, len(prompt) + max_tokens within
-    max_seq_len, sampling settings valid (`sampling.check_sampling`)."""
+    max_seq_len, sampling settings valid (`sampling_params.check_sampling`)."""
 
     prompt_tokens: list[int]
     max_tokens: int

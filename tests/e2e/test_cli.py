@@ -212,16 +212,16 @@ CRASHING_JOB = """
 import os, sys, time
 os.dup2(os.open(f"{sys.argv[1]}/rank{os.environ['RANK']}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
 import llama_dist.cli, llama_dist.model.llama
-if os.environ["RANK"] == "1":  # rank 1 breaks after a few decode steps
-    decode, calls = llama_dist.model.llama.Transformer.decode, [0]
+if os.environ["RANK"] == "1":  # rank 1 breaks after a few engine steps
+    step, calls = llama_dist.model.llama.Transformer.forward_step, [0]
 
-    def breaking_decode(self, *args, **kwargs):
+    def breaking_step(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] > 3:
             os._exit(0) if sys.argv[2] == "exit" else time.sleep(1000)
-        return decode(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
 
-    llama_dist.model.llama.Transformer.decode = breaking_decode
+    llama_dist.model.llama.Transformer.forward_step = breaking_step
 sys.exit(llama_dist.cli.main(sys.argv[3:]))
 """
 

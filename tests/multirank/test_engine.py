@@ -33,8 +33,9 @@ def _unique_graphs() -> int:
 def engine_worker(ckpt: str) -> dict:
     torch._dynamo.reset()
     llm = Llama.build(ckpt, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, dtype="float32", compile=False)
-    eager_step, compiled_step = llm.decode_step, DecodeStep(llm.model, compile=True)
-    out = {"default_compiled": llm.decode_step.compiled}
+    runner = llm.engine.runner  # it owns the eager/compiled choice of decode-only steps
+    eager_step, compiled_step = runner.decode_step, DecodeStep(llm.model, compile=True)
+    out = {"default_compiled": runner.compiled}
 
     # Greedy generation, eager then compiled: ragged prompts, then batches of 1 and 2 rows, 40 decode steps.
     def generations():
@@ -42,7 +43,7 @@ def engine_worker(ckpt: str) -> dict:
                 llm.generate(RAGGED[1:], 12, temperature=0, logprobs=True)]
 
     out["eager"] = generations()
-    llm.decode_step = compiled_step
+    runner.decode_step, runner.compiled = compiled_step, True
     graphs_before = _unique_graphs()
     out["compiled"] = generations()
     out["graphs"] = _unique_graphs() - graphs_before

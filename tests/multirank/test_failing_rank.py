@@ -38,15 +38,15 @@ def worker(mode: str, ckpt: str) -> None:
                       timeout_s=timeout_s)
     llm.generate([[1, 2, 3]], 4, temperature=0)  # both ranks are up and in step
     if rank == 1 and mode.startswith("exit"):
-        decode, calls = llm.model.decode, [0]
+        step, calls = llm.model.forward_step, [0]
 
-        def dying_decode(*args, **kwargs):  # every step after the prefill decodes through model.decode
+        def dying_step(*args, **kwargs):  # every engine step runs through model.forward_step
             calls[0] += 1
             if calls[0] > FORWARDS_BEFORE_EXIT:
                 os._exit(int(mode.removeprefix("exit")))  # no cleanup, no goodbye to the other rank
-            return decode(*args, **kwargs)
+            return step(*args, **kwargs)
 
-        llm.model.decode = dying_decode
+        llm.model.forward_step = dying_step
     if rank == 1 and mode == "stall":
         time.sleep(1000)  # alive, but never reaches the next collective
     start = time.monotonic()

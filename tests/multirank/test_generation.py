@@ -117,13 +117,15 @@ class _StopAt:
 
 
 class _EndsInsideACharacter:
-    """The real tokenizer, except that 6 tokens decode to text ending in a partial character (U+FFFD)."""
+    """The real tokenizer, except that text ending in one of `partial` (each prompt's 6th generated token) ends in
+    a partial character (U+FFFD): as a byte token starting a multi-byte character decodes, whatever precedes it
+    (the streaming detokenizer decodes short windows, not the whole output)."""
 
-    def __init__(self, tokenizer):
-        self._tok = tokenizer
+    def __init__(self, tokenizer, partial):
+        self._tok, self._partial = tokenizer, set(partial)
 
     def decode(self, ids):
-        return self._tok.decode(ids) + ("\ufffd" if len(ids) == 6 else "")
+        return self._tok.decode(ids) + ("\ufffd" if ids and ids[-1] in self._partial else "")
 
     def __getattr__(self, name):
         return getattr(self._tok, name)
@@ -145,7 +147,7 @@ def generation_worker(ckpts: dict) -> dict:
     llm.tokenizer = llm.tokenizer._tok
 
     out["stream"] = [(s.tokens, s.texts) for s in llm.generate_stream(PROMPTS, 6, temperature=0)]
-    llm.tokenizer = _EndsInsideACharacter(llm.tokenizer)
+    llm.tokenizer = _EndsInsideACharacter(llm.tokenizer, [a[5] for a in out["alone"]])
     out["stream_partial"] = [s.texts for s in llm.generate_stream(PROMPTS, 6, temperature=0)]
     out["stream_expected_text"] = [llm.tokenizer.decode(a[:6]) for a in out["alone"]]
     llm.tokenizer = llm.tokenizer._tok
@@ -393,20 +395,21 @@ def two_rank_worker(ckpts: dict) -> dict:
 
     # Rank 0's sampling fails at the third step (a bug, a device error): every rank must end at once, not wait
     # for a token that never comes until the timeout.
+    sampler = llm.engine.sampler
     if rank == 0:
         sampled = {"steps": 0}
 
-        def failing_choose(*args):
+        def failing_sampler(*args):
             sampled["steps"] += 1
             if sampled["steps"] == 3:
                 raise ZeroDivisionError("sampling broke")
-            return Llama._choose(llm, *args)
+            return sampler(*args)
 
-        llm._choose = failing_choose
+        llm.engine.sampler = failing_sampler
     started = time.monotonic()
     out["rank0_failure"] = _outcome(llm.generate, GOOD, 8, temperature=0)
     out["rank0_failure_s"] = time.monotonic() - started
-    llm.__dict__.pop("_choose", None)
+    llm.engine.sampler = sampler
     out["after_rank0_failure"] = llm.generate(GOOD, 4, temperature=0)[0] == baseline
     return out
 

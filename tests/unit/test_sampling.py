@@ -1,8 +1,22 @@
-"""Greedy and top-p sampling statistics on fixed logits."""
+"""Greedy and top-p sampling statistics on fixed logits, through the engine's batched Sampler (every row from one
+generator, as rows without a seed of their own draw)."""
 
 import torch
 
-from llama_dist.engine.sampling import sample_next, sample_top_p
+from llama_dist.engine.sampler import Sampler
+from llama_dist.engine.sampling_params import SamplingParams
+
+
+def sample_next(logits, temperature, top_p, generator=None):
+    sampler = Sampler("cpu")
+    if generator is not None:
+        sampler.generator = generator
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    return sampler(logits.float(), [params] * logits.shape[0], [None] * logits.shape[0]).tokens
+
+
+def sample_top_p(probs, top_p, generator=None):
+    return sample_next(torch.log(probs), 1.0, top_p, generator)
 
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
 

@@ -18,10 +18,10 @@ pytest.importorskip("uvicorn")
 from llama_dist.dist.launch_env import free_port  # noqa: E402
 from llama_dist.errors import ConfigError  # noqa: E402
 from llama_dist.serve.api import make_app  # noqa: E402
-from llama_dist.serve.completion_text import CompletionText  # noqa: E402
 from llama_dist.serve.http_server import HttpServer  # noqa: E402
 from llama_dist.serve.requests import Finished, RequestHandle, ServerBusy, TokenEvent  # noqa: E402
 from llama_dist.text.chat import format_dialog  # noqa: E402
+from llama_dist.text.detokenizer import CompletionText  # noqa: E402
 from llama_dist.text.tokenizer import load_tokenizer  # noqa: E402
 
 # What the fake model "generates" for any prompt, then its end-of-sequence token. The llama emoji is not in the

@@ -1,4 +1,4 @@
-"""Generated token ids -> the completion's text as it grows, and which part of it may be sent yet.
+"""Incremental detokenizing: generated token ids -> the text as it grows, and which part of it may be released yet.
 
 Two things make this more than decoding all tokens at each step:
 - a character may span tokens (byte-fallback pieces, byte-level BPE): until it is complete the decoded text ends in

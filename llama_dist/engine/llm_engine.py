@@ -1,0 +1,273 @@
+"""The one engine under offline generation, chat and the server.
+
+    engine = LLMEngine(model, tokenizer, device, is_main)        # every rank
+    engine.add_request("a", prompt_ids, SamplingParams(...))     # rank 0
+    while engine.has_unfinished():                               # rank 0 decides; see `run_until_done`
+        for out in engine.step(): ...                            # every rank calls step() alike
+
+Rank 0 owns the requests: the Scheduler picks each step's chunks (decodes first, then prefill chunks, within the
+token budget), the plan goes to every rank (step_plan.exchange), every rank's ModelRunner computes, and rank 0
+samples every row in one pass (Sampler), appends the tokens, detokenizes, checks stops and reports
+RequestOutputs. The other ranks only ever see plans, so they stay in step whatever rank 0 is asked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from llama_dist.dist.groups import RemoteRankError
+from llama_dist.engine.block_manager import BlockManager
+from llama_dist.engine.metrics import EngineMetrics
+from llama_dist.engine.model_runner import ModelRunner
+from llama_dist.engine.sampler import Sampler, token_logprobs
+from llama_dist.engine.sampling_params import SamplingParams
+from llama_dist.engine.scheduler import ScheduledChunk, Scheduler
+from llama_dist.engine.sequence import RequestOutput, Sequence
+from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
+from llama_dist.errors import PromptTooLongError, RequestError
+from llama_dist.model.llama import Transformer
+from llama_dist.text.detokenizer import CompletionText
+from llama_dist.text.tokenizer_interface import TokenizerInterface
+
+# A step's token budget by default: enough that a decode batch never waits on it, small enough that a prefill
+# chunk does not hold the running streams up for long (CPU and GPU alike: `--max_num_batched_tokens`).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+
+NON_FINITE = "the model produced non-finite logits (NaN or inf): its weights are broken, or they overflow in {dtype}"
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: TokenizerInterface, device: torch.device, is_main: bool, *,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 seed: int = 1, compile: bool | None = None):
+        self.model, self.tokenizer, self.device, self.is_main = model, tokenizer, device, is_main
+        self.cache = model.cache  # the engine's KV cache: max_batch_size rows of max_seq_len positions
+        self.max_seq_len = self.cache.max_seq_len
+        self.max_num_seqs = self.cache.rows if max_num_seqs is None else min(max_num_seqs, self.cache.rows)
+        if max_num_batched_tokens < 1:
+            raise RequestError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}")
+        self.runner = ModelRunner(model, self.cache, compile)
+        self.scheduler = Scheduler(self.max_num_seqs, max_num_batched_tokens,
+                                   BlockManager(self.cache.rows, self.max_seq_len))
+        self.sampler = Sampler(device, seed)
+        self.metrics = EngineMetrics()
+        self._failure: BaseException | None = None  # rank 0's own error, raised once every rank knows
+
+    # ---- requests (rank 0) ----------------------------------------------------------------------------------
+
+    def add_request(self, request_id, prompt_token_ids: list[int], params: SamplingParams,
+                    detokenize: bool = False) -> Sequence:
+        """Queue a request (RequestError for a prompt that cannot run: empty, ids outside the vocabulary, longer
+        than max_seq_len). Its outputs carry text deltas when it has stop strings or `detokenize`."""
+        prompt = list(prompt_token_ids)
+        vocab = self.model.args.vocab_size
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        if len(prompt) > self.max_seq_len:
+            raise PromptTooLongError(f"the prompt has {len(prompt)} tokens, more than max_seq_len={self.max_seq_len}")
+        if not all(0 <= t < vocab for t in prompt):
+            raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
+        room = self.max_seq_len - len(prompt)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_tokens))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, prompt, params, frozenset(stops), max_tokens, generator, time.monotonic())
+        if params.stop or detokenize:
+            # A completion continues its prompt's text: the last prompt tokens shape its first word's spacing.
+            seq.text = CompletionText(self.tokenizer, params.stop, prompt[-4:])
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id) -> RequestOutput | None:
+        """End a request in any state; its RequestOutput (finish reason "abort"), or None if it is not here."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [], None, None)
+
+    def abort_all(self) -> None:
+        """End every request (rank 0): after a failure, nothing of the failed work stays queued."""
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- steps (every rank) ---------------------------------------------------------------------------------
+
+    def step(self, when_idle: PlanKind = PlanKind.IDLE) -> tuple[PlanKind, list[RequestOutput]]:
+        """One step on every rank: rank 0 plans (or, with nothing to do, sends `when_idle`), every rank computes,
+        rank 0 samples. Returns the plan's kind and, on rank 0, what each request gained."""
+        chunks: list[ScheduledChunk] = []
+        plan = None
+        if self.is_main:
+            if self._failure is not None:
+                plan = StepPlan(PlanKind.ABORT)
+            else:
+                chunks = self.scheduler.schedule()
+                plan = self._plan(chunks) if chunks else StepPlan(when_idle)
+        plan = exchange(plan)
+        if plan.kind == PlanKind.ABORT:
+            self.abort_all()
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+            raise RemoteRankError("rank 0 failed during a step (its error is on rank 0)")
+        if plan.kind != PlanKind.STEP:
+            return plan.kind, []
+        started = time.monotonic()
+        logits = self.runner.execute(plan)
+        if not self.is_main:
+            return plan.kind, []
+        try:
+            outputs = self._postprocess(chunks, logits)
+        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it at the next step, or wait forever
+            self._failure = exc
+            return plan.kind, []
+        self.metrics.step_done(chunks, time.monotonic() - started, self.scheduler)
+        return plan.kind, outputs
+
+    def run_until_done(self) -> Iterator[list[RequestOutput]]:
+        """Step on every rank until rank 0 has nothing unfinished (it then sends DONE); yields each step's outputs
+        (empty on other ranks). Every rank must call it alike."""
+        while True:
+            kind, outputs = self.step(when_idle=PlanKind.DONE)
+            if kind == PlanKind.DONE:
+                return
+            yield outputs
+
+    def _plan(self, chunks: list[ScheduledChunk]) -> StepPlan:
+        plan = StepPlan(PlanKind.STEP)
+        for chunk in chunks:
+            first = len(plan.token_ids)
+            plan.rows.append(PlanRow(chunk.seq.cache_row, chunk.start, chunk.num_tokens))
+            plan.token_ids += chunk.seq.token_ids(chunk.start, chunk.start + chunk.num_tokens)
+            plan.logits_indices += [first + i for i in self._logit_positions(chunk)]
+        return plan
+
+    @staticmethod
+    def _logit_positions(chunk: ScheduledChunk) -> range:
+        """Which of the chunk's tokens rank 0 needs logits of: every prompt token's (prompt logprobs: each scores
+        the next), or the last one's when the sequence's next token is sampled from it."""
+        seq = chunk.seq
+        if seq.params.prompt_logprobs and chunk.start < seq.num_prompt_tokens:
+            return range(chunk.num_tokens)
+        return range(chunk.num_tokens - 1, chunk.num_tokens) if chunk.completes_sequence else range(0)
+
+    # ---- rank 0's bookkeeping -------------------------------------------------------------------------------
+
+    def _postprocess(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample every sequence whose tokens are all cached now, score prompts, and report. One host sync."""
+        row = 0
+        sampled: list[tuple[ScheduledChunk, int]] = []  # (chunk, its logits row) of the sequences sampled now
+        scored: list[tuple[ScheduledChunk, slice, list[int]]] = []  # prompt logprobs: rows and targets
+        for chunk in chunks:
+            positions = self._logit_positions(chunk)
+            rows = slice(row, row + len(positions))
+            row += len(positions)
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            if seq.params.prompt_logprobs and chunk.start < seq.num_prompt_tokens:
+                # Position i scores token i + 1 while that is a prompt token; the sampled token is scored below.
+                targets = seq.token_ids(chunk.start + 1, min(chunk.start + chunk.num_tokens + 1, seq.num_prompt_tokens))
+                scored.append((chunk, slice(rows.start, rows.start + len(targets)), targets))
+            if chunk.completes_sequence and len(seq.output_token_ids) < seq.max_tokens:
+                sampled.append((chunk, rows.stop - 1))
+        batch = None
+        if sampled:
+            batch = self.sampler(logits[[r for _, r in sampled]], [c.seq.params for c, _ in sampled],
+                                 [c.seq.generator for c, _ in sampled])
+        host = _to_host(batch, [token_logprobs(logits[rows], torch.tensor(targets, device=logits.device))
+                                for _, rows, targets in scored if targets])
+        for chunk, _, targets in scored:
+            seq = chunk.seq
+            if chunk.start == 0:
+                seq.prompt_logprobs.append(None)  # the first prompt token: nothing before it to score it
+            seq.prompt_logprobs += host.prompt_logprobs.pop(0) if targets else []
+        outputs = {}
+        for i, (chunk, _) in enumerate(sampled):
+            outputs[chunk.seq.request_id] = self._append(chunk.seq, host, i)
+        for chunk in chunks:  # a prompt scored to its end with nothing to generate (max_tokens 0)
+            seq = chunk.seq
+            if chunk.completes_sequence and not seq.is_finished and len(seq.output_token_ids) >= seq.max_tokens:
+                self.scheduler.finish(seq, "length")
+                outputs[seq.request_id] = self._output(seq, [], None, None)
+        return list(outputs.values())
+
+    def _append(self, seq: Sequence, host: "_HostBatch", i: int) -> RequestOutput:
+        now = time.monotonic()
+        if not host.finite[i]:
+            dtype = str(self.model.tok_embeddings.weight.dtype).removeprefix("torch.")
+            self.scheduler.finish(seq, "error", NON_FINITE.format(dtype=dtype))
+            return self._output(seq, [], None, None)
+        token = host.tokens[i]
+        self.metrics.token_generated(seq, now)
+        if token in seq.stop_token_ids:  # a stop token ends the output and is no part of it
+            self.scheduler.finish(seq, "stop")
+            return self._output(seq, [], None, None)
+        seq.output_token_ids.append(token)
+        logprob = host.logprobs[i] if seq.params.logprobs or seq.params.top_logprobs else None
+        top = host.top[i][: seq.params.top_logprobs] if seq.params.top_logprobs else None
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        if top is not None:
+            seq.output_top_logprobs.append(top)
+        if seq.text is not None:
+            seq.text.add(token, logprob)
+            if seq.text.stopped:  # a stop string: the text ends before it
+                self.scheduler.finish(seq, "stop")
+        if len(seq.output_token_ids) >= seq.max_tokens and not seq.is_finished:
+            self.scheduler.finish(seq, "length")
+        return self._output(seq, [token], logprob, top)
+
+    def _output(self, seq: Sequence, tokens: list[int], logprob, top) -> RequestOutput:
+        first = len(seq.output_token_ids) <= len(tokens)  # the request's first output carries its prompt's scores
+        text = ""
+        if seq.text is not None:
+            if seq.is_finished:
+                seq.text.end()
+            text = seq.text.release()[0]
+        return RequestOutput(
+            seq.request_id, tokens,
+            new_logprobs=[logprob] if logprob is not None else None,
+            new_top_logprobs=[top] if top is not None else None,
+            finished=seq.is_finished, finish_reason=seq.finish_reason, error=seq.error,
+            prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_token_ids), text=text,
+        )
+
+
+class _HostBatch:
+    """What rank 0 needs on the host after sampling, brought over in one transfer."""
+
+    def __init__(self, tokens, logprobs, finite, top, prompt_logprobs):
+        self.tokens, self.logprobs, self.finite, self.top, self.prompt_logprobs = (
+            tokens, logprobs, finite, top, prompt_logprobs)
+
+
+def _to_host(batch, prompt_scores: list[torch.Tensor]) -> _HostBatch:
+    """One device-to-host copy of everything a step's bookkeeping reads (float64 holds every token id exactly)."""
+    parts, rows, k = [], 0, 0
+    if batch is not None:
+        rows, k = batch.tokens.shape[0], batch.top_ids.shape[1]
+        parts += [batch.tokens.double(), batch.logprobs.double(), batch.finite.double(),
+                  batch.top_ids.double().flatten(), batch.top_logprobs.double().flatten()]
+    parts += [scores.double() for scores in prompt_scores]
+    values = torch.cat(parts).tolist() if parts else []
+    tokens = [int(v) for v in values[:rows]]
+    logprobs = values[rows : 2 * rows]
+    finite = [v != 0 for v in values[2 * rows : 3 * rows]]
+    ids = values[3 * rows : 3 * rows + rows * k]
+    lps = values[3 * rows + rows * k : 3 * rows + 2 * rows * k]
+    top = [[(int(ids[i * k + j]), lps[i * k + j]) for j in range(k)] for i in range(rows)]
+    rest, scores = values[3 * rows + 2 * rows * k :], []
+    for tensor in prompt_scores:
+        scores.append(rest[: tensor.numel()])
+        rest = rest[tensor.numel():]
+    return _HostBatch(tokens, logprobs, finite, top, scores)

@@ -1,0 +1,44 @@
+"""What the engine did, filled each step on rank 0: queue sizes, tokens prefilled and decoded, time to first
+token, time between tokens, end-to-end latency and cache use. The server's /metrics and the benchmarks read it."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+RECENT = 4096  # latencies kept for percentiles
+
+
+@dataclass
+class EngineMetrics:
+    steps: int = 0
+    num_waiting: int = 0
+    num_running: int = 0
+    cache_usage: float = 0.0  # share of the KV cache in use after the last step
+    prompt_tokens: int = 0  # prefilled (prompt tokens computed), in all
+    generation_tokens: int = 0  # sampled, in all
+    finished_requests: int = 0
+    step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
+    time_to_first_token_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
+    inter_token_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
+    e2e_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
+
+    def token_generated(self, seq, now: float) -> None:
+        self.generation_tokens += 1
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+            self.time_to_first_token_s.append(now - seq.arrival_s)
+        else:
+            self.inter_token_latency_s.append(now - seq.last_token_s)
+        seq.last_token_s = now
+
+    def step_done(self, chunks, seconds: float, scheduler) -> None:
+        self.steps += 1
+        self.step_s.append(seconds)
+        self.prompt_tokens += sum(max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start) for c in chunks)
+        for chunk in chunks:
+            if chunk.seq.is_finished:
+                self.finished_requests += 1
+                self.e2e_latency_s.append((chunk.seq.last_token_s or chunk.seq.arrival_s) - chunk.seq.arrival_s)
+        self.num_waiting, self.num_running = len(scheduler.waiting), len(scheduler.running)
+        self.cache_usage = scheduler.block_manager.usage

@@ -1,0 +1,133 @@
+"""Rank 0's batched sampler: one pass over every sequence's next-token logits, each row with its own
+SamplingParams (greedy, temperature, top_k, top_p), plus the raw log-probabilities the requests asked for.
+
+Everything stays on the device: no .item()/.tolist() and no branching on tensor values, so on a GPU nothing waits
+on the host; the caller moves the SampledBatch to the host once. Python branches look only at the params."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama_dist.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SampledBatch:
+    """Device tensors, one row per sampled sequence."""
+
+    tokens: torch.Tensor  # (rows,) int64
+    logprobs: torch.Tensor  # (rows,) float32: raw log-softmax (before temperature and filters) at the chosen token
+    top_ids: torch.Tensor  # (rows, K) int64, K = the largest top_logprobs over the rows (0 columns when none asked)
+    top_logprobs: torch.Tensor  # (rows, K) float32: raw log-softmax of the K most likely tokens, descending
+    finite: torch.Tensor  # (rows,) bool: the row's logits were all finite (if False its token is meaningless)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Raw log-softmax of `logits` (n, vocab) at `targets` (n,) -> (n,) float32 (e.g. prompt logprobs)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+class Sampler:
+    """Chooses one token per row. Greedy rows (temperature 0) take the argmax and draw no random number; every
+    other row draws exactly one uniform: from its request's generator when it has one (seeded requests), else
+    from the engine's generator, all such rows in one call. Inverse-CDF sampling with that one uniform makes a
+    seeded row's tokens depend only on its seed and its logits, not on the rest of the batch."""
+
+    def __init__(self, device, seed: int = 1):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __call__(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> SampledBatch:
+        rows, vocab = logits.shape
+        if len(params) != rows or len(generators) != rows:
+            raise ValueError(f"{rows} rows of logits but {len(params)} params and {len(generators)} generators")
+        logits = logits.float()
+        finite = torch.isfinite(logits).all(dim=-1)
+        # Non-finite rows (bad weights) are replaced by zeros so that nothing below produces NaN or crashes; the
+        # engine ends those requests with an error, so their token only has to be a valid id.
+        clean = torch.where(finite.unsqueeze(-1), logits, 0.0)
+        tokens = torch.argmax(clean, dim=-1)
+        if not all(p.greedy for p in params):
+            sampled = self._sample(clean, params, generators)
+            greedy_mask = self._to_device([p.greedy for p in params], torch.bool)
+            tokens = torch.where(greedy_mask, tokens, sampled)
+        tokens = torch.where(finite, tokens, 0)
+
+        # Log-probabilities are the model's own: log-softmax of the raw logits, before temperature and filters.
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        k = min(max(p.top_logprobs for p in params), vocab)
+        if k > 0:
+            top_logprobs, top_ids = torch.topk(logp, k, dim=-1)  # sorted, descending
+        else:
+            top_logprobs = logp.new_empty((rows, 0))
+            top_ids = torch.empty((rows, 0), dtype=torch.long, device=logits.device)
+        return SampledBatch(tokens, chosen, top_ids, top_logprobs, finite)
+
+    def _sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        """Inverse-CDF sampling of every row (greedy rows too, harmlessly: the caller ignores them)."""
+        vocab = logits.shape[-1]
+        # Greedy rows get temperature 1 only so that their (unused) row stays well-defined. top_p 1 becomes inf
+        # so that rounding in the cumulative sum (mass a hair over 1) can never drop a tail token.
+        temperature = self._to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32)
+        top_p = self._to_device([p.top_p if p.top_p < 1 else float("inf") for p in params], torch.float32)
+        top_k = self._to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
+
+        # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
+        # (probability 0) instead of overflowing every logit to inf (softmax NaN). A temperature that rounds to 0
+        # in float32 would make 0 / 0 NaN, so the most likely tokens stay at exactly 0.
+        shifted = logits - logits.max(dim=-1, keepdim=True).values
+        scaled = torch.where(shifted == 0, 0.0, shifted / temperature.unsqueeze(-1))
+        probs = torch.softmax(scaled, dim=-1)
+
+        # Sort once, descending: top_k and top_p each keep a prefix of this order. Stable, so that equal
+        # probabilities always come in token order, whatever else is in the batch.
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        after_k = sorted_probs.masked_fill(rank >= top_k.unsqueeze(-1), 0.0)
+        # top_p after top_k, over the mass top_k kept (as vLLM and Hugging Face do): a token stays when the mass
+        # of the more likely kept tokens is still below top_p of that mass. The top token always stays.
+        cum_k = torch.cumsum(after_k, dim=-1)
+        mass_before = cum_k - after_k
+        keep = mass_before < top_p.unsqueeze(-1) * cum_k[:, -1:]
+        keep[:, 0] = True
+        kept = after_k.masked_fill(~keep, 0.0)
+
+        # The kept mass needs no renormalising: scale the uniform by it instead. Dropped tokens add nothing to the
+        # cumulative sum, so the first index reaching the target is always a kept token with probability > 0.
+        cum = torch.cumsum(kept, dim=-1)
+        target = self._uniforms(params, generators).unsqueeze(-1) * cum[:, -1:]
+        index = torch.searchsorted(cum, target).clamp_(max=vocab - 1)  # clamp: rounding past the end
+        return order.gather(-1, index).squeeze(-1)
+
+    def _uniforms(self, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+        """(rows,) uniforms in [0, 1): one draw per non-greedy row, from its own generator when it has one,
+        else from the engine's generator (all of those in one call, in row order); greedy rows get 0 and draw
+        nothing, so greedy requests never move any random stream."""
+        seeded_rows = [i for i, (p, g) in enumerate(zip(params, generators)) if not p.greedy and g is not None]
+        engine_rows = [i for i, (p, g) in enumerate(zip(params, generators)) if not p.greedy and g is None]
+        draws = [torch.rand(1, generator=generators[i], device=self.device) for i in seeded_rows]
+        if engine_rows:
+            draws.append(torch.rand(len(engine_rows), generator=self.generator, device=self.device))
+        draws.append(torch.zeros(1, device=self.device))  # the greedy rows' entry
+        # source[i]: which entry of the concatenated draws row i takes (the last, 0, unless it drew one).
+        source = [len(seeded_rows) + len(engine_rows)] * len(params)
+        for j, i in enumerate(seeded_rows + engine_rows):
+            source[i] = j
+        return torch.cat(draws).index_select(0, self._to_device(source, torch.long))
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the device without a host sync: a plain copy from pageable memory to a GPU waits
+        for the copy; from pinned memory with non_blocking it does not."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)

@@ -1,0 +1,89 @@
+"""Rank 0's scheduler: which tokens each step computes, under one token budget.
+
+Each step: every running sequence whose prompt is cached decodes one token first (so a long prompt arriving never
+stalls the streams already running), then prompts are prefilled in chunks filling what is left of the budget:
+first those already started, then waiting ones in arrival order (FIFO), as long as a sequence slot and a cache
+row are free. A prompt longer than the budget is prefilled over several steps, alongside the decodes.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from llama_dist.engine.block_manager import BlockManager
+from llama_dist.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq` from position `start` on are computed this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this step every token of the sequence is cached: its next token is sampled from the last one."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return not self.seq.prefilling
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_manager = block_manager
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """This step's chunks: decodes first, then prefill chunks, within max_num_batched_tokens."""
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        for seq in self.running:
+            if not seq.prefilling and budget > 0:
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_tokens - seq.num_computed_tokens))
+                budget -= chunks[-1].num_tokens
+        for seq in self.running:
+            if seq.prefilling and budget > 0:
+                chunks.append(self._prefill_chunk(seq, budget))
+                budget -= chunks[-1].num_tokens
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and self.block_manager.can_allocate(self.waiting[0])):
+            seq = self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(self._prefill_chunk(seq, budget))
+            budget -= chunks[-1].num_tokens
+        return chunks
+
+    @staticmethod
+    def _prefill_chunk(seq: Sequence, budget: int) -> ScheduledChunk:
+        return ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_prompt_tokens - seq.num_computed_tokens, budget))
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End `seq` in any state: out of the queues, its cache row freed."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, reason, error

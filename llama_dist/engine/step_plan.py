@@ -1,0 +1,75 @@
+"""The step plan: what every rank computes in one step, decided on rank 0 and sent as two tensor broadcasts (a
+fixed-size header, then one int64 payload), no pickling.
+
+A step is a list of rows, decode rows first: each row is `num_tokens` tokens of one sequence from position
+`start` on, cached in `cache_row`. The payload carries the rows, every token id the step computes (the tokens
+sampled last step are the decode rows' inputs: that is how they reach the other ranks), and which tokens' logits
+rank 0 needs. Every rank builds the same model inputs from it, so the ranks cannot fall out of step.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from llama_dist.model.parallel import broadcast_from_rank0
+
+
+class PlanKind(enum.IntEnum):
+    STEP = 0  # compute the rows
+    IDLE = 1  # nothing to compute: a heartbeat, so the other ranks' waits stay within the group timeout
+    DONE = 2  # the work the loop was started for is finished (offline generation returns)
+    SHUTDOWN = 3  # the server stops
+    ABORT = 4  # rank 0 failed deciding or sampling: every rank raises
+
+
+HEADER_SIZE = 4  # kind, rows, tokens, logits
+
+
+@dataclass
+class PlanRow:
+    cache_row: int
+    start: int
+    num_tokens: int
+
+
+@dataclass
+class StepPlan:
+    kind: PlanKind = PlanKind.STEP
+    rows: list[PlanRow] = field(default_factory=list)  # decode rows (one token each) first
+    token_ids: list[int] = field(default_factory=list)  # every row's tokens, in row order
+    logits_indices: list[int] = field(default_factory=list)  # flat token indices whose logits rank 0 samples or scores
+
+    @property
+    def num_decode_rows(self) -> int:
+        """The leading rows of one token (decodes: each attends over its cached positions up to its own)."""
+        n = 0
+        while n < len(self.rows) and self.rows[n].num_tokens == 1:
+            n += 1
+        return n
+
+    def _payload(self) -> torch.Tensor:
+        rows = [v for row in self.rows for v in (row.cache_row, row.start, row.num_tokens)]
+        return torch.tensor(rows + self.token_ids + self.logits_indices, dtype=torch.long)
+
+
+def exchange(plan: StepPlan | None) -> StepPlan:
+    """Rank 0's `plan` on every rank (the others pass None). Collective over the model-parallel group; the tensors
+    stay on the CPU (gloo carries them in every configuration: cpu:gloo,cuda:nccl on GPUs)."""
+    header = torch.zeros(HEADER_SIZE, dtype=torch.long)
+    if plan is not None:
+        header.copy_(torch.tensor([int(plan.kind), len(plan.rows), len(plan.token_ids), len(plan.logits_indices)]))
+    broadcast_from_rank0(header)
+    kind, n_rows, n_tokens, n_logits = header.tolist()
+    if n_rows == 0:
+        return plan if plan is not None else StepPlan(PlanKind(kind))
+    payload = plan._payload() if plan is not None else torch.empty(3 * n_rows + n_tokens + n_logits, dtype=torch.long)
+    broadcast_from_rank0(payload)
+    if plan is not None:
+        return plan
+    values = payload.tolist()
+    rows = [PlanRow(*values[3 * i : 3 * i + 3]) for i in range(n_rows)]
+    tokens = values[3 * n_rows : 3 * n_rows + n_tokens]
+    return StepPlan(PlanKind(kind), rows, tokens, values[3 * n_rows + n_tokens :])
