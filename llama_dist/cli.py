@@ -30,7 +30,7 @@ from llama_dist.dist.groups import (
     shutdown_distributed,
 )
 from llama_dist.dist.launch_env import read_launch_env
-from llama_dist.engine.llm_engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from llama_dist.engine.llm_engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 from llama_dist.engine.sampling_params import check_sampling
 from llama_dist.errors import (
     ConfigError,
@@ -64,6 +64,10 @@ class RunOptions:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_num_seqs: int | None = None  # vLLM's name for max_batch_size
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    block_size: int = DEFAULT_BLOCK_SIZE
+    kv_cache_tokens: int | None = None
+    gpu_memory_fraction: float | None = None
+    prefix_caching: bool = True
     dtype: str | None = None
     seed: int = 1
     verify_checksums: bool = False
@@ -113,6 +117,12 @@ RUN_OPTIONS_HELP = """\
         max_num_batched_tokens: tokens computed in one step: running sequences decode first, prompts are
             prefilled in chunks filling the rest (smaller: shorter stalls of the running streams while a long
             prompt is admitted; larger: faster prefill)
+        block_size: tokens per block of the paged KV cache
+        kv_cache_tokens: tokens each rank's KV cache holds, shared by all running sequences (default: max_batch_size x
+            max_seq_len); when they need more, the newest running sequence waits and is recomputed later
+        gpu_memory_fraction: instead of --kv_cache_tokens on GPUs: the share of the GPU's memory the weights and the
+            KV cache may take
+        prefix_caching: reuse the cached KV blocks of earlier prompts that start alike (--noprefix_caching: off)
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)
         seed: rank 0's sampling seed
         verify_checksums: check the files against the checkpoint's checklist.chk (md5) before loading
@@ -210,7 +220,9 @@ def start(options: RunOptions, read_input, *args):
         seed=options.seed, verify_checksums=options.verify_checksums, context=context, quantize=options.quantize,
         int4_group_size=options.int4_group_size, keep_output_precision=options.keep_output_precision,
         compile=options.compile, kernel_choice=options.kernel_choice,
-        max_num_batched_tokens=options.max_num_batched_tokens,
+        max_num_batched_tokens=options.max_num_batched_tokens, block_size=options.block_size,
+        kv_cache_tokens=options.kv_cache_tokens, gpu_memory_fraction=options.gpu_memory_fraction,
+        prefix_caching=options.prefix_caching,
     )
     return llm, user_input
 

@@ -19,7 +19,7 @@ from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, resol
 from llama_dist.dist.groups import DistContext, checked_on_all_ranks, init_distributed, on_main_then_share, print0
 from llama_dist.dist.launch_env import local_world_size
 from llama_dist.engine.generation import GenerationStats, Generator, StreamStep
-from llama_dist.engine.llm_engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from llama_dist.engine.llm_engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from llama_dist.errors import CheckpointError, ConfigError, RequestError
 from llama_dist.model.kernel_choice import choose_kernels, resolve_mode
 from llama_dist.model.llama import Transformer
@@ -60,6 +60,10 @@ class Llama(Generator):
         compile: bool | None = None,
         kernel_choice: str | None = None,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_cache_tokens: int | None = None,
+        gpu_memory_fraction: float | None = None,
+        prefix_caching: bool = True,
     ) -> "Llama":
         """Load the tokenizer and this rank's slice of the model, on a process group started once.
 
@@ -79,9 +83,10 @@ class Llama(Generator):
         (`python -m llama_dist quantize`) loads quantized as saved.
         compile: decode through a compiled step (`engine.decode_step.DecodeStep`; CUDA graphs on GPUs); None compiles on CUDA
         only. The first decode step then takes the compile time (printed once); prefill stays eager.
-        max_num_batched_tokens: the engine's token budget a step: running sequences decode first, prompts are
-        prefilled in chunks filling the rest (`engine.scheduler`). max_batch_size bounds the sequences running at
-        once (vLLM's max_num_seqs), max_seq_len the tokens of one sequence.
+        max_num_batched_tokens, block_size, kv_cache_tokens, gpu_memory_fraction, prefix_caching: the engine's
+        limits (`engine.llm_engine.EngineConfig`): a step's token budget (running sequences decode first, prompts
+        are prefilled in chunks filling the rest), the paged KV cache's block size and pool, prefix reuse.
+        max_batch_size bounds the sequences running at once (vLLM's max_num_seqs), max_seq_len one sequence.
         kernel_choice: "measure" times the candidate matmul kernels of each weight shape on every rank at once
         (about 2 s at most, cached on disk for the next start: `model.kernel_choice`) and runs the fastest; "static"
         keeps the fixed rules; None: $LLAMA_DIST_KERNEL_CHOICE, else "measure". CPU only (CUDA keeps its rules).
@@ -126,7 +131,11 @@ class Llama(Generator):
             f"in {time.perf_counter() - start:.2f} s"
         )
         choose_kernels(model, kernel_choice)  # collective: after loading, which must not be
-        return Llama(model, tokenizer, context, seed, compile, max_num_batched_tokens)
+        engine = EngineConfig(max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                              kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
+                              prefix_caching=prefix_caching)
+        engine.check()
+        return Llama(model, tokenizer, context, seed, compile, engine)
 
     def text_completion(
         self,

@@ -311,6 +311,12 @@ def model_parallel_rank() -> int:
     return fs_init.get_model_parallel_rank() if fs_init.model_parallel_is_initialized() else 0
 
 
+def all_reduce_min(tensor: torch.Tensor) -> None:
+    """The smallest of every rank's `tensor`, in place, on every rank (a no-op without a group)."""
+    if dist.is_initialized() and model_parallel_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=model_parallel_group())
+
+
 def model_parallel_started() -> bool:
     """Whether init_distributed has started the model-parallel group (loading and forwards need it)."""
     return fs_init.model_parallel_is_initialized()

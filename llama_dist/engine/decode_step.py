@@ -1,10 +1,10 @@
 """The decode step, eager or compiled: one new token for each sequence of the batch, each at its own position.
 
-Offline generation (`engine.generation.Generator`) and the server (`serve.engine_loop`) both decode through a `DecodeStep`.
-Eager, it runs the batch's rows over the cache positions in use so far (the CPU path: fastest there). Compiled
-(the default on CUDA), it always runs every cache slot over the whole cache with a position mask, so its shapes
-never change: it is traced once, its collectives are functional ones inside the graph (`parallel`), and on CUDA
-the whole step is captured as a CUDA graph (`mode="reduce-overhead"`) and replayed, one launch a step.
+The engine's ModelRunner decodes through it when a step is decodes only. Eager, it runs the batch's rows over the
+cache positions in use so far (the CPU path: fastest there). Compiled (the default on CUDA), it always runs
+max_batch_size rows over max_seq_len positions of their block tables with a position mask, so its shapes never
+change: it is traced once, its collectives are functional ones inside the graph (`parallel`), and on CUDA the whole
+step is captured as a CUDA graph (`mode="reduce-overhead"`, only where the collectives are NCCL's) and replayed.
 """
 
 from __future__ import annotations
@@ -43,33 +43,44 @@ class DecodeStep:
             # fullgraph: a graph break would silently fall back to slow eager pieces; dynamic=False: every shape is
             # fixed by the model's max_batch_size and max_seq_len.
             mode = "reduce-overhead" if self._cuda_graphs else None
-            self._compiled = torch.compile(self._every_slot, fullgraph=True, dynamic=False, mode=mode)
+            self._compiled = torch.compile(self._every_row, fullgraph=True, dynamic=False, mode=mode)
 
-    def _every_slot(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(tokens, positions, gather="all")
+    @property
+    def batch_size(self) -> int:
+        """The rows every compiled step decodes."""
+        return self.model.args.max_batch_size
 
-    def __call__(self, tokens, positions, length: int | None = None, slots: torch.Tensor | None = None):
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.args.max_seq_len
+
+    def _every_row(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, positions, gather="all", tables=tables)
+
+    def __call__(self, tokens, positions, length: int | None = None, slots: torch.Tensor | None = None,
+                 tables: torch.Tensor | None = None):
+        """tables: the rows' block tables in the model's cache (the engine's paged rows); None: Meta's rows, one
+        after the other (row i, or slots[i])."""
         if not self.compiled:
-            return self.model.decode(tokens, positions, length, slots=slots)
-        args = self.model.args
-        if slots is None and tokens.shape[0] == args.max_batch_size:
-            # Fresh contiguous inputs: a column of the caller's token grid has a stride that would be traced too.
-            every_tokens, every_positions = tokens.contiguous(), positions.contiguous()
+            return self.model.decode(tokens, positions, length, slots=slots, tables=tables)
+        if tables is not None:  # the caller padded to batch_size rows (engine.model_runner)
+            every_tokens, every_positions, every_tables = tokens, positions, tables
         else:
-            # The compiled step always runs every slot. An unused one decodes a dummy token at the last position,
+            # Meta's rows: every row of the cache decodes. An unused one decodes a dummy token at its last position,
             # which any request writes before it reads it (a prompt fills the positions before, a decode step
             # writes its own position first).
             rows = torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots
-            every_tokens = tokens.new_zeros(args.max_batch_size).index_copy_(0, rows, tokens)
-            every_positions = positions.new_full((args.max_batch_size,), args.max_seq_len - 1)
+            every_tokens = tokens.new_zeros(self.batch_size).index_copy_(0, rows, tokens)
+            every_positions = positions.new_full((self.batch_size,), self.max_seq_len - 1)
             every_positions.index_copy_(0, rows, positions)
+            every_tables = self.model.cache.contiguous_tables(self.batch_size, self.max_seq_len, tokens.device)
         if self.compile_s is None:
             started = time.perf_counter()
-            logits = self._compiled(every_tokens, every_positions)
+            logits = self._compiled(every_tokens, every_positions, every_tables)
             self.compile_s = time.perf_counter() - started
             print0(f"Compiled the decode step in {self.compile_s:.1f} s")
         else:
-            logits = self._compiled(every_tokens, every_positions)
+            logits = self._compiled(every_tokens, every_positions, every_tables)
         if slots is not None:
             return logits[slots]  # a gather: a copy, safe from the next CUDA graph replay
         # A CUDA graph's output lives in memory the next replay overwrites.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from llama_dist.dist.groups import DistContext, broadcast_object, on_main_then_share
-from llama_dist.engine.llm_engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, LLMEngine
+from llama_dist.engine.llm_engine import EngineConfig, LLMEngine
 from llama_dist.engine.sampling_params import SamplingParams, check_sampling
 from llama_dist.engine.sequence import RequestOutput
 from llama_dist.errors import CheckpointError, PromptTooLongError, RequestError
@@ -55,13 +55,13 @@ class Generator:
     """Generates continuations of token-id prompts with one model on every rank of its group."""
 
     def __init__(self, model: Transformer, tokenizer: TokenizerInterface, dist_ctx: DistContext, seed: int = 1,
-                 compile: bool | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
+                 compile: bool | None = None, engine_config: EngineConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.dist = dist_ctx
         # Only rank 0 samples: its engine's generator decides every token of a request without a seed.
-        self.engine = LLMEngine(model, tokenizer, dist_ctx.device, dist_ctx.is_main, seed=seed, compile=compile,
-                                max_num_batched_tokens=max_num_batched_tokens)
+        self.engine = LLMEngine(model, tokenizer, dist_ctx.device, dist_ctx.is_main, engine_config, seed=seed,
+                                compile=compile)
         self.last_stats = GenerationStats()
 
     @property

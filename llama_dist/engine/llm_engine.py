@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from llama_dist.dist.groups import RemoteRankError
-from llama_dist.engine.block_manager import BlockManager
+from llama_dist.dist.groups import RemoteRankError, all_reduce_min
+from llama_dist.engine.block_manager import RESERVED_BLOCKS, BlockManager
 from llama_dist.engine.metrics import EngineMetrics
 from llama_dist.engine.model_runner import ModelRunner
 from llama_dist.engine.sampler import Sampler, token_logprobs
@@ -27,7 +28,7 @@ from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.scheduler import ScheduledChunk, Scheduler
 from llama_dist.engine.sequence import RequestOutput, Sequence
 from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
-from llama_dist.errors import PromptTooLongError, RequestError
+from llama_dist.errors import ConfigError, PromptTooLongError, RequestError
 from llama_dist.model.llama import Transformer
 from llama_dist.text.detokenizer import CompletionText
 from llama_dist.text.tokenizer_interface import TokenizerInterface
@@ -35,23 +36,80 @@ from llama_dist.text.tokenizer_interface import TokenizerInterface
 # A step's token budget by default: enough that a decode batch never waits on it, small enough that a prefill
 # chunk does not hold the running streams up for long (CPU and GPU alike: `--max_num_batched_tokens`).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV cache block
 
 NON_FINITE = "the model produced non-finite logits (NaN or inf): its weights are broken, or they overflow in {dtype}"
 
 
+@dataclass
+class EngineConfig:
+    """The engine's limits (the same flags for generate, chat, serve and bench).
+
+    max_num_seqs: sequences running at once (None: the model's max_batch_size, which sizes compiled shapes);
+    max_num_batched_tokens: a step's token budget (decodes first, then prefill chunks); block_size: tokens per KV
+    block; kv_cache_tokens: each rank's pool (None: max_batch_size x max_seq_len, the memory the model was sized
+    for); gpu_memory_fraction: instead, the share of the GPU's memory the weights and the pool may take (CUDA only);
+    prefix_caching: reuse the cached blocks of earlier prompts."""
+
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    block_size: int = DEFAULT_BLOCK_SIZE
+    kv_cache_tokens: int | None = None
+    gpu_memory_fraction: float | None = None
+    prefix_caching: bool = True
+
+    def check(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        fraction = self.gpu_memory_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {fraction!r}")
+        if fraction is not None and self.kv_cache_tokens is not None:
+            raise ConfigError("give kv_cache_tokens or gpu_memory_fraction, not both")
+
+
+def pool_tokens(model: Transformer, config: EngineConfig, device: torch.device) -> int:
+    """Tokens each rank's KV pool holds: kv_cache_tokens, or what gpu_memory_fraction of the GPU leaves after the
+    weights (the smallest over the ranks, so that every rank's pool has the same blocks), or by default
+    max_batch_size x max_seq_len."""
+    args = model.args
+    if config.gpu_memory_fraction is None:
+        return args.max_batch_size * args.max_seq_len if config.kv_cache_tokens is None else config.kv_cache_tokens
+    if torch.device(device).type != "cuda":
+        raise ConfigError("gpu_memory_fraction sizes the KV cache on GPUs; on a CPU give kv_cache_tokens")
+    free, total = torch.cuda.mem_get_info(device)
+    old = model.cache.nbytes if model.cache is not None else 0  # the default cache goes before the pool comes
+    per_token = old // max(1, model.cache.num_tokens) if model.cache is not None else 0
+    budget = torch.tensor([config.gpu_memory_fraction * total - (total - free - old)], device=device)
+    all_reduce_min(budget)
+    tokens = int(budget.item() // max(per_token, 1))
+    if tokens < config.block_size:
+        raise ConfigError(f"gpu_memory_fraction={config.gpu_memory_fraction} leaves no room for the KV cache")
+    return tokens
+
+
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: TokenizerInterface, device: torch.device, is_main: bool, *,
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                 seed: int = 1, compile: bool | None = None):
+    def __init__(self, model: Transformer, tokenizer: TokenizerInterface, device: torch.device, is_main: bool,
+                 config: EngineConfig | None = None, *, seed: int = 1, compile: bool | None = None):
         self.model, self.tokenizer, self.device, self.is_main = model, tokenizer, device, is_main
-        self.cache = model.cache  # the engine's KV cache: max_batch_size rows of max_seq_len positions
-        self.max_seq_len = self.cache.max_seq_len
-        self.max_num_seqs = self.cache.rows if max_num_seqs is None else min(max_num_seqs, self.cache.rows)
-        if max_num_batched_tokens < 1:
-            raise RequestError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}")
+        config = EngineConfig() if config is None else config
+        config.check()
+        args = model.args
+        self.config, self.max_seq_len = config, args.max_seq_len
+        self.max_num_seqs = args.max_batch_size if config.max_num_seqs is None else config.max_num_seqs
+        block_size = config.block_size
+        num_blocks = -(-pool_tokens(model, config, device) // block_size) + RESERVED_BLOCKS
+        cache = model.cache
+        if cache is None or (cache.num_blocks, cache.block_size) != (num_blocks, block_size):
+            model.cache = None  # the old pool goes before the new one is allocated
+            model.cache = model.new_cache(num_blocks, block_size)
+        self.cache = model.cache  # the engine's pool; Meta's model(tokens, start_pos) uses its first blocks too
         self.runner = ModelRunner(model, self.cache, compile)
-        self.scheduler = Scheduler(self.max_num_seqs, max_num_batched_tokens,
-                                   BlockManager(self.cache.rows, self.max_seq_len))
+        self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching)
+        self.scheduler = Scheduler(self.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
         self.sampler = Sampler(device, seed)
         self.metrics = EngineMetrics()
         self._failure: BaseException | None = None  # rank 0's own error, raised once every rank knows
@@ -72,6 +130,7 @@ class LLMEngine:
             raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
         room = self.max_seq_len - len(prompt)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        self.check_fits(len(prompt), max_tokens)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_tokens))
         generator = None
         if params.seed is not None:
@@ -82,6 +141,16 @@ class LLMEngine:
             seq.text = CompletionText(self.tokenizer, params.stop, prompt[-4:])
         self.scheduler.add(seq)
         return seq
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """RequestError when a sequence of that many tokens could never be in the cache, even alone (it would wait
+        for ever). Reads only constants: the HTTP side may call it from its own thread."""
+        needed = self.block_manager.blocks_for(prompt_tokens + max_tokens)
+        if needed > self.block_manager.num_usable_blocks:
+            raise RequestError(
+                f"the prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}) need {needed} KV cache blocks of "
+                f"{self.cache.block_size} tokens; the cache has {self.block_manager.num_usable_blocks} "
+                "(raise --kv_cache_tokens, or ask for fewer tokens)")
 
     def abort(self, request_id) -> RequestOutput | None:
         """End a request in any state; its RequestOutput (finish reason "abort"), or None if it is not here."""
@@ -146,7 +215,7 @@ class LLMEngine:
         plan = StepPlan(PlanKind.STEP)
         for chunk in chunks:
             first = len(plan.token_ids)
-            plan.rows.append(PlanRow(chunk.seq.cache_row, chunk.start, chunk.num_tokens))
+            plan.rows.append(PlanRow(chunk.seq.block_table, chunk.start, chunk.num_tokens))
             plan.token_ids += chunk.seq.token_ids(chunk.start, chunk.start + chunk.num_tokens)
             plan.logits_indices += [first + i for i in self._logit_positions(chunk)]
         return plan
@@ -173,6 +242,7 @@ class LLMEngine:
             row += len(positions)
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.publish(seq)  # its blocks filled this step become findable for later prompts
             if seq.params.prompt_logprobs and chunk.start < seq.num_prompt_tokens:
                 # Position i scores token i + 1 while that is a prompt token; the sampled token is scored below.
                 targets = seq.token_ids(chunk.start + 1, min(chunk.start + chunk.num_tokens + 1, seq.num_prompt_tokens))
@@ -240,6 +310,7 @@ class LLMEngine:
             finished=seq.is_finished, finish_reason=seq.finish_reason, error=seq.error,
             prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_token_ids), text=text,
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
 

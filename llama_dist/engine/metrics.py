@@ -18,6 +18,9 @@ class EngineMetrics:
     prompt_tokens: int = 0  # prefilled (prompt tokens computed), in all
     generation_tokens: int = 0  # sampled, in all
     finished_requests: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, found (not computed again)
     step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
     time_to_first_token_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
     inter_token_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
@@ -41,4 +44,7 @@ class EngineMetrics:
                 self.finished_requests += 1
                 self.e2e_latency_s.append((chunk.seq.last_token_s or chunk.seq.arrival_s) - chunk.seq.arrival_s)
         self.num_waiting, self.num_running = len(scheduler.waiting), len(scheduler.running)
-        self.cache_usage = scheduler.block_manager.usage
+        blocks = scheduler.block_manager
+        self.cache_usage = blocks.usage
+        self.preemptions = scheduler.num_preemptions
+        self.prefix_cache_queries, self.prefix_cache_hits = blocks.queries, blocks.hits

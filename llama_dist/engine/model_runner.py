@@ -12,7 +12,7 @@ import torch
 
 from llama_dist.engine.decode_step import DecodeStep
 from llama_dist.engine.step_plan import StepPlan
-from llama_dist.model.attention import DecodeRows, KVCache, RowGroup, StepLayout
+from llama_dist.model.attention import DecodeRows, KVCache, RowGroup, StepLayout, Strided, as_strided_rows
 from llama_dist.model.llama import Transformer
 
 
@@ -20,7 +20,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: KVCache, compile: bool | None = None):
         self.model, self.cache = model, cache
         self.device = model.tok_embeddings.weight.device
-        # The compiled step decodes the model's default cache: it runs only when that is the engine's cache.
+        # The compiled step decodes the model's cache: it runs only when that is the engine's cache.
         self.decode_step = DecodeStep(model, compile)
         self.compiled = self.decode_step.compiled and cache is model.cache
         self.last_step_prefilled = False  # whether the last step computed prompt chunks (timing reports read it)
@@ -38,40 +38,61 @@ class ModelRunner:
         return self.model.forward_step(tokens.to(self.device), layout, self.cache, logits_indices)
 
     def layout(self, plan: StepPlan) -> StepLayout:
-        """The plan's rows as the model's StepLayout: positions, slot mapping, the decode rows and the groups."""
-        max_seq_len, device = self.cache.max_seq_len, self.device
+        """The plan's rows as the model's StepLayout: positions, slot mapping, the decode rows and the groups, each
+        reading its rows' blocks as a view where they lie evenly in memory."""
+        block_size, device = self.cache.block_size, self.device
         positions, slots = [], []
         for row in plan.rows:
-            row_positions = range(row.start, row.start + row.num_tokens)
-            positions += row_positions
-            slots += [row.cache_row * max_seq_len + p for p in row_positions]
+            for position in range(row.start, row.start + row.num_tokens):
+                positions.append(position)
+                slots.append(row.block_table[position // block_size] * block_size + position % block_size)
         n_decode = plan.num_decode_rows
         decode = None
         if n_decode:
             rows = plan.rows[:n_decode]
-            decode = DecodeRows(torch.tensor([r.cache_row for r in rows], device=device),
-                                torch.tensor([r.start for r in rows], device=device),
-                                max(r.start for r in rows) + 1)
+            kv_len = max(r.start for r in rows) + 1
+            decode = DecodeRows(self._tables([r.block_table for r in rows], kv_len),
+                                torch.tensor([r.start for r in rows], device=device), kv_len)
         groups: list[RowGroup] = []
+        tables: list[list[list[int]]] = []
         token = n_decode
         for row in plan.rows[n_decode:]:
             context = row.start + row.num_tokens
             last = groups[-1] if groups else None
             if last is not None and (last.query_len, last.context_len) == (row.num_tokens, context):
-                last.cache_rows.append(row.cache_row)  # the same shape: one batched attention call
+                tables[-1].append(row.block_table)  # the same shape: one batched attention call
                 last.n_rows += 1
             else:
-                groups.append(RowGroup(token, 1, row.num_tokens, context, [row.cache_row]))
+                groups.append(RowGroup(token, 1, row.num_tokens, context, None))
+                tables.append([row.block_table])
             token += row.num_tokens
-        for group in groups:
-            group.cache_rows = torch.tensor(group.cache_rows, device=device)
+        for group, group_tables in zip(groups, tables):
+            group.tables = self._tables(group_tables, group.context_len)
         return StepLayout(torch.tensor(positions, device=device), torch.tensor(slots, device=device), decode, groups)
 
+    def _tables(self, tables: list[list[int]], length: int) -> torch.Tensor | Strided:
+        """The rows' block tables covering [0, length): a view when every row's blocks lie one after the other,
+        evenly spaced (Meta's rows, fresh allocations), else a (rows, blocks) tensor to gather through."""
+        blocks = -(-length // self.cache.block_size)
+        tables = [t[:blocks] + [0] * (blocks - len(t)) for t in tables]  # a shorter row is masked past its end
+        view = as_strided_rows(tables, self.cache.block_size)
+        if view is not None and (view.rows - 1) * view.row_stride + blocks * self.cache.block_size <= self.cache.num_tokens:
+            return view
+        return torch.tensor(tables, device=self.device)
+
     def _compiled_decode(self, plan: StepPlan) -> torch.Tensor | None:
-        rows = torch.tensor([r.cache_row for r in plan.rows], device=self.device)
-        tokens = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor([r.start for r in plan.rows], device=self.device)
-        logits = self.decode_step(tokens, positions, slots=rows)  # (rows, vocab) on every rank
+        """Every row of the compiled batch decodes: the plan's rows first, the rest a dummy token at the last
+        position of the scratch block 0 (written, never read)."""
+        n, size = len(plan.rows), self.decode_step.batch_size
+        max_blocks = self.cache.row_blocks(self.decode_step.max_seq_len)
+        tokens = torch.zeros(size, dtype=torch.long)
+        positions = torch.full((size,), self.decode_step.max_seq_len - 1, dtype=torch.long)
+        tables = torch.zeros(size, max_blocks, dtype=torch.long)
+        tokens[:n] = torch.tensor(plan.token_ids)
+        positions[:n] = torch.tensor([r.start for r in plan.rows])
+        for i, row in enumerate(plan.rows):
+            tables[i, : len(row.block_table)] = torch.tensor(row.block_table[:max_blocks])
+        logits = self.decode_step(tokens.to(self.device), positions.to(self.device), tables=tables.to(self.device))
         if logits is None:
             return None
         return logits[torch.tensor(plan.logits_indices, device=self.device)]

@@ -2,8 +2,12 @@
 
 Each step: every running sequence whose prompt is cached decodes one token first (so a long prompt arriving never
 stalls the streams already running), then prompts are prefilled in chunks filling what is left of the budget:
-first those already started, then waiting ones in arrival order (FIFO), as long as a sequence slot and a cache
-row are free. A prompt longer than the budget is prefilled over several steps, alongside the decodes.
+first those already started, then waiting ones in arrival order (FIFO), as long as a sequence slot and cache blocks
+are free. A prompt longer than the budget is prefilled over several steps, alongside the decodes.
+
+When a decoding sequence needs a new block and none is free, the newest running sequence is preempted: it gives
+its blocks back and waits at the front of the queue, to be recomputed from its tokens (prompt and output so far;
+its random generator keeps its state, so its output is the same as without the preemption).
 """
 
 from __future__ import annotations
@@ -28,10 +32,6 @@ class ScheduledChunk:
         """After this step every token of the sequence is cached: its next token is sampled from the last one."""
         return self.start + self.num_tokens == self.seq.num_tokens
 
-    @property
-    def is_decode(self) -> bool:
-        return not self.seq.prefilling
-
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager):
@@ -40,6 +40,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,10 +58,15 @@ class Scheduler:
         """This step's chunks: decodes first, then prefill chunks, within max_num_batched_tokens."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        for seq in self.running:
-            if not seq.prefilling and budget > 0:
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_tokens - seq.num_computed_tokens))
-                budget -= chunks[-1].num_tokens
+        for seq in list(self.running):
+            if seq.prefilling or seq not in self.running or budget <= 0:
+                continue
+            while not self.block_manager.can_append(seq, seq.num_tokens) and seq in self.running:
+                self.preempt(self.running[-1])  # the newest gives its blocks back (possibly seq itself)
+            if seq in self.running:
+                self.block_manager.append(seq, seq.num_tokens)
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
+                budget -= 1
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 chunks.append(self._prefill_chunk(seq, budget))
@@ -68,16 +74,26 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and self.block_manager.can_allocate(self.waiting[0])):
             seq = self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq)  # may find a cached prefix: num_computed_tokens skips it
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunks.append(self._prefill_chunk(seq, budget))
             budget -= chunks[-1].num_tokens
         return chunks
 
+    def preempt(self, seq: Sequence) -> None:
+        """Take `seq`'s blocks back; it waits first in line and is recomputed from its tokens."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.prompt_logprobs.clear()  # recomputed with the rest
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
     @staticmethod
     def _prefill_chunk(seq: Sequence, budget: int) -> ScheduledChunk:
-        return ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_prompt_tokens - seq.num_computed_tokens, budget))
+        return ScheduledChunk(seq, seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
 
     def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         """End `seq` in any state: out of the queues, its cache row freed."""

@@ -30,7 +30,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
-    cache_row: int | None = None  # its block table: one whole cache row
+    block_table: list[int] = field(default_factory=list)  # the cache blocks holding its tokens, in order
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    num_preemptions: int = 0  # times its blocks were taken back (it is recomputed from its tokens)
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None
     # Per output token: its log-probability and the top alternatives (when asked); per prompt token the same for
@@ -60,8 +62,8 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        """Some of its prompt is not in the cache yet."""
-        return self.num_computed_tokens < self.num_prompt_tokens
+        """More than its newest token is not in the cache yet (a prompt, or everything after a preemption)."""
+        return self.num_tokens - self.num_computed_tokens > 1
 
     @property
     def is_finished(self) -> bool:
@@ -84,3 +86,4 @@ class RequestOutput:
     text: str = ""  # the text released by this step (requests with stop strings or detokenize=True)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache

@@ -2,9 +2,9 @@
 fixed-size header, then one int64 payload), no pickling.
 
 A step is a list of rows, decode rows first: each row is `num_tokens` tokens of one sequence from position
-`start` on, cached in `cache_row`. The payload carries the rows, every token id the step computes (the tokens
-sampled last step are the decode rows' inputs: that is how they reach the other ranks), and which tokens' logits
-rank 0 needs. Every rank builds the same model inputs from it, so the ranks cannot fall out of step.
+`start` on, its keys and values in the cache blocks of its `block_table`. The payload carries the rows, their block
+tables, every token id the step computes (the tokens sampled last step are the decode rows' inputs: that is how
+they reach the other ranks), and which tokens' logits rank 0 needs. Every rank builds the same model inputs from it, so the ranks cannot fall out of step.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ class PlanKind(enum.IntEnum):
     ABORT = 4  # rank 0 failed deciding or sampling: every rank raises
 
 
-HEADER_SIZE = 4  # kind, rows, tokens, logits
+HEADER_SIZE = 5  # kind, rows, tokens, logits, block table entries
 
 
 @dataclass
 class PlanRow:
-    cache_row: int
+    block_table: list[int]  # covering at least positions [0, start + num_tokens)
     start: int
     num_tokens: int
 
@@ -51,8 +51,13 @@ class StepPlan:
         return n
 
     def _payload(self) -> torch.Tensor:
-        rows = [v for row in self.rows for v in (row.cache_row, row.start, row.num_tokens)]
-        return torch.tensor(rows + self.token_ids + self.logits_indices, dtype=torch.long)
+        rows = [v for row in self.rows for v in (row.start, row.num_tokens, len(row.block_table))]
+        tables = [b for row in self.rows for b in row.block_table]
+        return torch.tensor(rows + tables + self.token_ids + self.logits_indices, dtype=torch.long)
+
+    def _header(self) -> list[int]:
+        return [int(self.kind), len(self.rows), len(self.token_ids), len(self.logits_indices),
+                sum(len(row.block_table) for row in self.rows)]
 
 
 def exchange(plan: StepPlan | None) -> StepPlan:
@@ -60,16 +65,20 @@ def exchange(plan: StepPlan | None) -> StepPlan:
     stay on the CPU (gloo carries them in every configuration: cpu:gloo,cuda:nccl on GPUs)."""
     header = torch.zeros(HEADER_SIZE, dtype=torch.long)
     if plan is not None:
-        header.copy_(torch.tensor([int(plan.kind), len(plan.rows), len(plan.token_ids), len(plan.logits_indices)]))
+        header.copy_(torch.tensor(plan._header()))
     broadcast_from_rank0(header)
-    kind, n_rows, n_tokens, n_logits = header.tolist()
+    kind, n_rows, n_tokens, n_logits, n_blocks = header.tolist()
     if n_rows == 0:
         return plan if plan is not None else StepPlan(PlanKind(kind))
-    payload = plan._payload() if plan is not None else torch.empty(3 * n_rows + n_tokens + n_logits, dtype=torch.long)
+    size = 3 * n_rows + n_blocks + n_tokens + n_logits
+    payload = plan._payload() if plan is not None else torch.empty(size, dtype=torch.long)
     broadcast_from_rank0(payload)
     if plan is not None:
         return plan
     values = payload.tolist()
-    rows = [PlanRow(*values[3 * i : 3 * i + 3]) for i in range(n_rows)]
-    tokens = values[3 * n_rows : 3 * n_rows + n_tokens]
-    return StepPlan(PlanKind(kind), rows, tokens, values[3 * n_rows + n_tokens :])
+    rows, offset = [], 3 * n_rows
+    for i in range(n_rows):
+        start, num_tokens, blocks = values[3 * i : 3 * i + 3]
+        rows.append(PlanRow(values[offset : offset + blocks], start, num_tokens))
+        offset += blocks
+    return StepPlan(PlanKind(kind), rows, values[offset : offset + n_tokens], values[offset + n_tokens :])

@@ -9,10 +9,10 @@ in the flat batch, which cache row holds its keys and values, and how long its c
 - then groups of rows that share their query length and context length (a prefill chunk, Meta's batched
   forward), each group one batched attention call with a causal mask offset by the tokens cached before.
 
-`KVCache` is the memory: per layer, keys and values of shape (cache rows, positions per row, local KV heads,
-head_dim). Every new token's key and value are written to the flat index `slot_mapping` gives it, before the
-step attends; rows are read through their cache row (a block of a whole row: the paged cache replaces the
-allocator, not this interface).
+`KVCache` is the memory: per layer, keys and values in fixed blocks of shape (blocks, block_size, local KV heads,
+head_dim). Every new token's key and value are written to the flat index `slot_mapping` gives it (block * block_size
++ offset), before the step attends; each row reads its context through its block table, as a view of the cache
+when its blocks lie evenly in memory (Meta's contiguous rows), else gathered.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import torch.nn.functional as F
 
 @dataclass
 class KVCache:
-    """This rank's keys and values for `rows` sequences of up to `max_seq_len` positions, per layer."""
+    """This rank's keys and values: per layer, `num_blocks` blocks of `block_size` positions of its KV heads."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
 
     @classmethod
-    def allocate(cls, n_layers: int, rows: int, max_seq_len: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (rows, max_seq_len, kv_heads, head_dim)
+    def allocate(cls, n_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         if torch.device(device).type == "cuda":
@@ -43,36 +43,91 @@ class KVCache:
         return cls(k, v)
 
     @property
-    def rows(self) -> int:
+    def num_blocks(self) -> int:
         return self.k[0].shape[0]
 
     @property
-    def max_seq_len(self) -> int:
+    def block_size(self) -> int:
         return self.k[0].shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v)
 
+    def row_blocks(self, max_seq_len: int) -> int:
+        """Blocks one sequence of max_seq_len positions spans."""
+        return -(-max_seq_len // self.block_size)
+
+    def contiguous_tables(self, rows: int, max_seq_len: int, device) -> torch.Tensor:
+        """Block tables of rows 0..rows-1 laid out one after the other (Meta's `model(tokens, start_pos)`): row r
+        holds blocks [r * n, (r + 1) * n), n = row_blocks(max_seq_len)."""
+        n = self.row_blocks(max_seq_len)
+        if rows * n > self.num_blocks:
+            raise ValueError(f"{rows} rows of {max_seq_len} positions need {rows * n} blocks of {self.block_size}; "
+                             f"the cache has {self.num_blocks}")
+        return torch.arange(rows * n, device=device).view(rows, n)
+
+
+def slots_of(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache index of each (row's block table, position) pair: block * block_size + offset."""
+    return block_tables.gather(-1, (positions // block_size).unsqueeze(-1)).squeeze(-1) * block_size + positions % block_size
+
+
+def read_context(cache: torch.Tensor, tables: torch.Tensor | Strided, length: int) -> torch.Tensor:
+    """(rows, length, kv heads, head_dim): each row's first `length` positions through its block table; a view when
+    the layout is `Strided`, else a gather."""
+    if isinstance(tables, Strided):
+        flat = cache.view(-1, *cache.shape[2:])
+        kv = flat.stride(0)
+        return flat.as_strided((tables.rows, length, *cache.shape[2:]),
+                               (tables.row_stride * kv, kv, *flat.stride()[1:]), cache.storage_offset() + tables.first * kv)
+    blocks = -(-length // cache.shape[1])
+    return cache[tables[:, :blocks]].flatten(1, 2)[:, :length]
+
+
+@dataclass
+class Strided:
+    """Rows whose blocks lie one after the other in memory, row i's first position at flat index
+    first + i * row_stride: read as a view, no copy."""
+
+    first: int
+    row_stride: int
+    rows: int
+
+
+def as_strided_rows(tables: list[list[int]], block_size: int) -> Strided | None:
+    """The Strided layout of these block tables, or None when their blocks do not lie evenly in memory."""
+    if not tables or not all(t == list(range(t[0], t[0] + len(t))) for t in tables):
+        return None
+    starts = [t[0] * block_size for t in tables]
+    stride = starts[1] - starts[0] if len(starts) > 1 else 0
+    if any(b - a != stride for a, b in zip(starts, starts[1:])) or (len(starts) > 1 and stride < 0):
+        return None
+    return Strided(starts[0], stride, len(tables))
+
 
 @dataclass
 class RowGroup:
     """Rows attended together: `n_rows` rows of `query_len` tokens each, from flat token `token_start` on, each
-    attending over cache positions [0, context_len) of its cache row (the last query_len of them are its own)."""
+    attending over positions [0, context_len) of its block table (the last query_len of them are its own)."""
 
     token_start: int
     n_rows: int
     query_len: int
     context_len: int
-    cache_rows: torch.Tensor | slice
+    tables: torch.Tensor | Strided | None  # (n_rows, blocks) block tables, or their view; None: no cache (training)
 
 
 @dataclass
 class DecodeRows:
-    """The step's leading one-token rows: row i's token at `positions[i]` of cache row `cache_rows[i]`, every row
-    reading cache positions [0, kv_len) masked to its own position."""
+    """The step's leading one-token rows: row i's token at `positions[i]`, every row reading positions
+    [0, kv_len) of its block table `tables[i]`, masked to its own position."""
 
-    cache_rows: torch.Tensor | slice
+    tables: torch.Tensor | Strided
     positions: torch.Tensor
     kv_len: int
 
@@ -82,30 +137,30 @@ class StepLayout:
     """Where a step's flat tokens go: their positions (RoPE), their cache slots, and how rows attend."""
 
     positions: torch.Tensor  # (tokens,) each token's position in its sequence
-    slot_mapping: torch.Tensor  # (tokens,) cache row * max_seq_len + position: where its key and value go
+    slot_mapping: torch.Tensor  # (tokens,) block * block_size + offset: where its key and value go
     decode: DecodeRows | None = None
     groups: list[RowGroup] = field(default_factory=list)
 
     @classmethod
-    def uniform(cls, rows: int, query_len: int, start_pos: int, max_seq_len: int, device,
-                cache_rows: torch.Tensor | None = None) -> StepLayout:
-        """`rows` rows of `query_len` tokens at positions start_pos.., in cache rows 0..rows-1 (or `cache_rows`):
-        Meta's `model(tokens, start_pos)`."""
+    def uniform(cls, rows: int, query_len: int, start_pos: int, cache: KVCache | None, max_seq_len: int,
+                device) -> StepLayout:
+        """`rows` rows of `query_len` tokens at positions start_pos.., in rows 0..rows-1 of `cache` laid out one after
+        the other (Meta's `model(tokens, start_pos)`); no cache: training, each row attends over its own tokens."""
         positions = torch.arange(start_pos, start_pos + query_len, device=device).repeat(rows)
-        row_ids = torch.arange(rows, device=device) if cache_rows is None else cache_rows
-        slot_mapping = row_ids.repeat_interleave(query_len) * max_seq_len + positions
-        group = RowGroup(0, rows, query_len, start_pos + query_len,
-                         slice(0, rows) if cache_rows is None else cache_rows)
-        return cls(positions, slot_mapping, groups=[group])
+        if cache is None:
+            return cls(positions, positions, groups=[RowGroup(0, rows, query_len, query_len, None)])
+        tables = cache.contiguous_tables(rows, max_seq_len, device)
+        slots = slots_of(tables.repeat_interleave(query_len, dim=0), positions, cache.block_size)
+        view = Strided(0, tables.shape[1] * cache.block_size, rows)
+        return cls(positions, slots, groups=[RowGroup(0, rows, query_len, start_pos + query_len, view)])
 
     @classmethod
-    def decoding(cls, positions: torch.Tensor, kv_len: int, max_seq_len: int,
-                 cache_rows: torch.Tensor | None = None) -> StepLayout:
-        """One token a row, row i at positions[i] of cache row i (or cache_rows[i]), attending over [0, kv_len)."""
-        rows = positions.shape[0]
-        row_ids = torch.arange(rows, device=positions.device) if cache_rows is None else cache_rows
-        decode = DecodeRows(slice(0, rows) if cache_rows is None else cache_rows, positions, kv_len)
-        return cls(positions, row_ids * max_seq_len + positions, decode=decode)
+    def decoding(cls, positions: torch.Tensor, kv_len: int, cache: KVCache, tables: torch.Tensor,
+                 view: Strided | None = None) -> StepLayout:
+        """One token a row, row i at positions[i] of block table tables[i], attending over [0, kv_len) (read
+        through `view` when the tables lie evenly in memory)."""
+        slots = slots_of(tables, positions, cache.block_size)
+        return cls(positions, slots, decode=DecodeRows(tables if view is None else view, positions, kv_len))
 
 
 def write_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -124,8 +179,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout
     outputs, weights = [], None
     if layout.decode is not None:
         rows = layout.decode
-        keys = cache[0][rows.cache_rows, : rows.kv_len]  # (rows, kv_len, kv heads, head_dim)
-        values = cache[1][rows.cache_rows, : rows.kv_len]
+        keys = read_context(cache[0], rows.tables, rows.kv_len)  # (rows, kv_len, kv heads, head_dim)
+        values = read_context(cache[1], rows.tables, rows.kv_len)
         # Each row sees its own positions up to its token's; nothing here depends on the positions' values.
         mask = (torch.arange(rows.kv_len, device=q.device)[None, :] <= rows.positions[:, None])[:, None, None, :]
         n = rows.positions.shape[0]
@@ -140,8 +195,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout
             keys = k[group.token_start : group.token_start + count].unflatten(0, (group.n_rows, group.query_len))
             values = v[group.token_start : group.token_start + count].unflatten(0, (group.n_rows, group.query_len))
         else:
-            keys = cache[0][group.cache_rows, : group.context_len]
-            values = cache[1][group.cache_rows, : group.context_len]
+            keys = read_context(cache[0], group.tables, group.context_len)
+            values = read_context(cache[1], group.tables, group.context_len)
         mask = None
         if group.query_len > 1:
             # Query i sits at position context_len - query_len + i and may look at every position up to itself.

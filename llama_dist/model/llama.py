@@ -14,7 +14,7 @@ from torch import nn
 
 from llama_dist.config import ModelArgs
 from llama_dist.dist.groups import model_parallel_world_size
-from llama_dist.model.attention import KVCache, StepLayout, attend, write_cache
+from llama_dist.model.attention import KVCache, StepLayout, Strided, attend, write_cache
 from llama_dist.model.kernels import local_linear
 from llama_dist.model.parallel import (
     ColumnParallelLinear,
@@ -221,12 +221,13 @@ class Transformer(nn.Module):
         self.tie_embeddings()  # again: moving the model between devices makes new, separate parameters
         param = self.tok_embeddings.weight
         self.rope_cos, self.rope_sin = rope_tables(self.args, param.device)
+        # One block per row: Meta's contiguous cache. The engine may replace it with a pool of smaller blocks.
         self.cache = self.new_cache(self.args.max_batch_size, self.args.max_seq_len) if kv_cache else None
 
-    def new_cache(self, rows: int, max_seq_len: int) -> KVCache:
-        """An empty KV cache of `rows` sequences of up to `max_seq_len` positions for this rank's KV heads."""
+    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        """An empty KV cache of `num_blocks` blocks of `block_size` positions for this rank's KV heads."""
         param, attention = self.tok_embeddings.weight, self.layers[0].attention
-        return KVCache.allocate(self.args.n_layers, rows, max_seq_len, attention.n_local_kv_heads,
+        return KVCache.allocate(self.args.n_layers, num_blocks, block_size, attention.n_local_kv_heads,
                                 attention.head_dim, param.dtype, param.device)
 
     def forward(
@@ -256,7 +257,7 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         start_pos = _first_position(start_pos, seqlen)
         end = start_pos + seqlen
-        rows, max_seq_len = (self.cache.rows, self.cache.max_seq_len) if self.cache is not None else (bsz, end)
+        rows, max_seq_len = self.args.max_batch_size, self.args.max_seq_len
         if bsz > rows or end > max_seq_len:
             raise ValueError(
                 f"batch {bsz} x positions {start_pos}..{end} exceeds the cache "
@@ -265,7 +266,7 @@ class Transformer(nn.Module):
         want_hidden = self.args.output_hidden_states if output_hidden_states is None else output_hidden_states
         want_attentions = self.args.output_attentions if output_attentions is None else output_attentions
 
-        layout = StepLayout.uniform(bsz, seqlen, start_pos, max_seq_len, tokens.device)
+        layout = StepLayout.uniform(bsz, seqlen, start_pos, self.cache, max_seq_len, tokens.device)
         h = self.tok_embeddings(tokens)
         hidden = [h] if want_hidden else None
         attentions = [] if want_attentions else None
@@ -300,10 +301,12 @@ class Transformer(nn.Module):
         gather: str = "rank0",
         slots: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        tables: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """One decode step: token i (of `tokens`, (bsz,)) at position positions[i] of cache row i (of slots[i]
-        when given) of `cache` (default: the model's); float32 logits (bsz, vocab) of the next token (None on
-        ranks > 0 with gather="rank0").
+        """One decode step: token i (of `tokens`, (bsz,)) at position positions[i] of row i (of slots[i] when given)
+        of `cache` (default: the model's), its rows laid out one after the other as for Meta's forward; float32
+        logits (bsz, vocab) of the next token (None on ranks > 0 with gather="rank0"). tables: the rows' block
+        tables instead (the engine's paged cache), (bsz, blocks) covering [0, length).
 
         Each row attends over cache positions [0, length) up to its own (length None: the whole cache, so
         nothing here depends on the positions' values: what a compiled step needs). The caller keeps positions
@@ -311,10 +314,16 @@ class Transformer(nn.Module):
         """
         self._check_ready(gather)
         cache = self.cache if cache is None else cache
-        if tokens.shape[0] > cache.rows:
-            raise ValueError(f"batch {tokens.shape[0]} exceeds the cache (max_batch_size={cache.rows})")
-        length = cache.max_seq_len if length is None else length
-        layout = StepLayout.decoding(positions, length, cache.max_seq_len, slots)
+        if tokens.shape[0] > self.args.max_batch_size:
+            raise ValueError(f"batch {tokens.shape[0]} exceeds the cache (max_batch_size={self.args.max_batch_size})")
+        length = self.args.max_seq_len if length is None else length
+        view = None
+        if tables is None:  # Meta's rows, one after the other
+            every = cache.contiguous_tables(self.args.max_batch_size, self.args.max_seq_len, tokens.device)
+            tables = every[: tokens.shape[0]] if slots is None else every[slots]
+            if slots is None:
+                view = Strided(0, every.shape[1] * cache.block_size, tokens.shape[0])
+        layout = StepLayout.decoding(positions, length, cache, tables, view)
         h = self._layers(self.tok_embeddings(tokens), layout, cache)
         return self._logits(self.norm(h), gather)
 

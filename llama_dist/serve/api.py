@@ -200,7 +200,8 @@ class _Run:
     def usage(self) -> dict:
         prompt_tokens = len(self.handle.request.prompt_tokens)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt_tokens + self.completion_tokens}
+                "total_tokens": prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.handle.cached_tokens}}
 
 
 def _finish_reason(event: Finished) -> str:

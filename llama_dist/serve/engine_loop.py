@@ -70,6 +70,7 @@ class ServingEngine:
                 f"the prompt ({len(request.prompt_tokens)} tokens) plus max_tokens ({request.max_tokens}) must fit "
                 f"in max_seq_len={self.max_seq_len}"
             )
+        self.engine.check_fits(len(request.prompt_tokens), request.max_tokens)
         handle = RequestHandle(request, asyncio.get_running_loop())
         with self._lock:
             if self._stopping_since is not None:
@@ -148,13 +149,18 @@ class ServingEngine:
         params = SamplingParams(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
                                 stop_token_ids=list(request.stop_tokens), ignore_eos=True, seed=request.seed,
                                 logprobs=request.logprobs)
-        self.engine.add_request(request.id, request.prompt_tokens, params)
+        try:
+            self.engine.add_request(request.id, request.prompt_tokens, params)
+        except RequestError as exc:  # checked at submit already; one request's error never ends the loop
+            handle.push(Finished("error", len(request.prompt_tokens), 0, str(exc)))
+            return
         self._handles[request.id] = handle
 
     def _deliver(self, output: RequestOutput, error: str | None = None) -> None:
         handle = self._handles.get(output.request_id)
         if handle is None:
             return
+        handle.cached_tokens = output.num_cached_tokens
         for i, token in enumerate(output.new_token_ids):
             handle.push(TokenEvent(token, output.new_logprobs[i] if output.new_logprobs else None))
         if output.finished:

@@ -64,6 +64,7 @@ class RequestHandle:
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache (set before the first event)
 
     def push(self, event: TokenEvent | Finished) -> None:
         """Called by the engine thread."""

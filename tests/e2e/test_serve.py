@@ -94,6 +94,15 @@ def test_greedy_completions_equal_offline_generation(server, offline):
         assert choice.finish_reason == ("length" if len(expected["ids"]) == 12 else "stop")
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(server, offline):
+    """The second request with a 40-token prompt finds its first 32 tokens' blocks (16 tokens each) in the prefix
+    cache, says so in usage, and answers the same."""
+    prompt = " ".join(["one two three four five six seven eight nine ten"] * 4)
+    first, second = (_complete(server, prompt, max_tokens=4) for _ in range(2))
+    assert first.choices[0].text == second.choices[0].text
+    assert second.usage.prompt_tokens > 32 and second.usage.prompt_tokens_details.cached_tokens == 32
+
+
 def test_chat_equals_offline_chat_completion(server, offline):
     response = server.client.chat.completions.create(model="tiny", messages=DIALOG, temperature=0, max_tokens=10)
     assert response.choices[0].message.content == offline["chat"]

@@ -8,7 +8,7 @@ import torch
 from helpers import SPM_VOCAB, tiny_args, write_checkpoint
 
 from llama_dist.dist.local_launch import run_local
-from llama_dist.engine.llm_engine import LLMEngine
+from llama_dist.engine.llm_engine import EngineConfig, LLMEngine
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.llm import Llama
 
@@ -52,14 +52,14 @@ def engine_worker(ckpt: str) -> dict:
     out["one_pass_last"] = one_pass[-1].topk(5).values.tolist()
     scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=True, logprobs=True, top_logprobs=5)
     for budget in (1, 7, 64):
-        engine = LLMEngine(llm.model, llm.tokenizer, device, main, max_num_batched_tokens=budget)
+        engine = LLMEngine(llm.model, llm.tokenizer, device, main, EngineConfig(max_num_batched_tokens=budget))
         outputs = _run(engine, {"p": (PROMPT, scoring)}).get("p", [])
         if main:
             out[f"chunked_{budget}_prompt"] = outputs[0].prompt_logprobs
             out[f"chunked_{budget}_last"] = [lp for _, lp in outputs[0].new_top_logprobs[0]]
             out[f"chunked_{budget}_steps"] = engine.metrics.steps
 
-    engine = LLMEngine(llm.model, llm.tokenizer, device, main, max_num_batched_tokens=16)
+    engine = LLMEngine(llm.model, llm.tokenizer, device, main, EngineConfig(max_num_batched_tokens=16))
     prompts = {"a": PROMPT[:9], "b": PROMPT[20:45], "c": PROMPT[50:53]}
     greedy = SamplingParams(temperature=0, max_tokens=12)
     seeded = {k: SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=i, max_tokens=12)

@@ -1,5 +1,5 @@
 """The engine's scheduler without a model: the step budget, chunked prefill beside decodes, FIFO admission,
-sequence and cache-row limits, abort in every state."""
+sequence and cache-block limits, abort in every state, preemption when the blocks run out."""
 
 import pytest
 
@@ -26,7 +26,7 @@ def _shape(chunks):
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_decodes():
-    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=8, block_manager=BlockManager(4, 64))
+    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=8, block_manager=BlockManager(64, 4))
     a, b = _seq("a", 3), _seq("b", 20)
     scheduler.add(a)
     _run(scheduler, scheduler.schedule())  # a's prompt, whole
@@ -45,7 +45,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_decodes():
 
 
 def test_the_budget_is_never_exceeded_and_prompts_are_admitted_in_arrival_order():
-    scheduler = Scheduler(max_num_seqs=8, max_num_batched_tokens=5, block_manager=BlockManager(8, 64))
+    scheduler = Scheduler(max_num_seqs=8, max_num_batched_tokens=5, block_manager=BlockManager(64, 4))
     for i, length in enumerate([4, 4, 4]):
         scheduler.add(_seq(i, length))
     first = scheduler.schedule()
@@ -57,22 +57,22 @@ def test_the_budget_is_never_exceeded_and_prompts_are_admitted_in_arrival_order(
 
 
 def test_running_sequences_and_cache_rows_are_bounded():
-    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=100, block_manager=BlockManager(3, 64))
+    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=100, block_manager=BlockManager(64, 4))
     for i in range(4):
         scheduler.add(_seq(i, 2))
     chunks = scheduler.schedule()
     assert [c.seq.request_id for c in chunks] == [0, 1] and len(scheduler.waiting) == 2
-    rows = BlockManager(1, 64)
-    limited = Scheduler(max_num_seqs=4, max_num_batched_tokens=100, block_manager=rows)
+    blocks = BlockManager(2, 4)  # one usable block (block 0 is the scratch block)
+    limited = Scheduler(max_num_seqs=4, max_num_batched_tokens=100, block_manager=blocks)
     limited.add(_seq("x", 2))
     limited.add(_seq("y", 2))
-    assert [c.seq.request_id for c in limited.schedule()] == ["x"]  # one cache row only
-    assert rows.usage == 1.0
+    assert [c.seq.request_id for c in limited.schedule()] == ["x"]  # one block only
+    assert blocks.usage == 1.0
 
 
 @pytest.mark.parametrize("state", ["waiting", "prefilling", "decoding"])
 def test_abort_in_every_state_frees_the_row(state):
-    blocks = BlockManager(2, 64)
+    blocks = BlockManager(9, 4)
     scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=4, block_manager=blocks)
     seq = _seq("s", 10 if state == "prefilling" else 2)
     if state == "waiting":
@@ -88,18 +88,39 @@ def test_abort_in_every_state_frees_the_row(state):
         assert seq.prefilling and seq.status == SequenceStatus.RUNNING
     else:
         assert seq.status == SequenceStatus.WAITING
-    used = blocks.usage
+    free, held = blocks.num_free_blocks, len(seq.block_table)
+    assert held == (0 if state == "waiting" else blocks.blocks_for(seq.num_tokens))
     scheduler.finish(scheduler.find("s"), "abort")
-    assert seq.status == SequenceStatus.FINISHED and seq.finish_reason == "abort" and seq.cache_row is None
+    assert seq.status == SequenceStatus.FINISHED and seq.finish_reason == "abort" and seq.block_table == []
     assert scheduler.find("s") is None and seq not in scheduler.running and seq not in scheduler.waiting
-    assert blocks.usage == (used if state == "waiting" else used - 0.5)
+    assert blocks.num_free_blocks == free + held
     assert all(c.seq is not seq for c in scheduler.schedule())
 
 
 def test_decodes_come_first_even_when_they_fill_the_budget():
-    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=2, block_manager=BlockManager(4, 64))
+    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=2, block_manager=BlockManager(64, 4))
     for i in range(2):
         scheduler.add(_seq(i, 1))
     _run(scheduler, scheduler.schedule())
     scheduler.add(_seq("late", 3))
     assert _shape(scheduler.schedule()) == [(0, 1, 1), (1, 1, 1)]  # the new prompt waits for room
+
+
+def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_recomputed_later():
+    blocks = BlockManager(1 + 4, 2)  # 4 usable blocks of 2 tokens
+    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=100, block_manager=blocks)
+    old, new = _seq("old", 3), _seq("new", 3)  # 2 blocks each: the pool is full
+    scheduler.add(old)
+    scheduler.add(new)
+    _run(scheduler, scheduler.schedule())
+    assert blocks.num_free_blocks == 0 and old.num_tokens == new.num_tokens == 4
+    _run(scheduler, scheduler.schedule())  # position 3 fits the second blocks
+    # old's next token (position 4) needs a third block: the newest running sequence gives its blocks back.
+    chunks = scheduler.schedule()
+    assert _shape(chunks) == [("old", 4, 1)]
+    assert new.status == SequenceStatus.WAITING and scheduler.waiting[0] is new and new.block_table == []
+    assert new.num_computed_tokens == 0 and new.num_preemptions == 1 and scheduler.num_preemptions == 1
+    assert new.output_token_ids == [7, 7]  # kept: it is recomputed from prompt + output
+    scheduler.finish(old, "stop")
+    chunks = scheduler.schedule()
+    assert _shape(chunks) == [("new", 0, 5)]  # its 3 prompt tokens and 2 outputs, in one chunk
