@@ -1,4 +1,4 @@
-"""`python -m llama_dist.bench run|make-checkpoint|quality|kernels|serve ...` (run under torchrun for N ranks)."""
+"""`python -m llama_dist.bench run|make-checkpoint|quality|kernels|cache|serve ...` (under torchrun for N ranks)."""
 
 import sys
 
@@ -11,9 +11,10 @@ def main(argv: list[str]) -> None:
 
         serve_main(argv[1:])
         return
+    from llama_dist.bench.cache import run as cache
     from llama_dist.bench.decode import COMMANDS
 
-    fire.Fire(COMMANDS, command=argv, name="python -m llama_dist.bench")
+    fire.Fire({**COMMANDS, "cache": cache}, command=argv, name="python -m llama_dist.bench")
 
 
 if __name__ == "__main__":

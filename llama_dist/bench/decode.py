@@ -2,11 +2,12 @@
 ranks).
 
 `run` prints one table row per batch size: load time, time to first token, prefill and decode tokens/s,
-weight bytes streamed per decode step per rank, achieved bandwidth against the machine's copy bandwidth
-(measured in the same run, on every rank at once), and peak resident memory per rank. With
---compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio. On a GPU it
-times whole calls with the GPU's work included, measures the GPU's own copy bandwidth and adds peak device memory
-(`bench_gpu`); --hf_compile adds transformers' static cache + torch.compile mode.
+weight bytes streamed per decode step per rank, achieved bandwidth against the machine's copy bandwidth, its read
+bandwidth and the fastest one-row kernel's streaming rate (all measured in the same run, on every rank at once:
+`bench.machine`), and peak resident memory per rank; before it, the kernel each weight shape runs at each batch
+size. With --compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio. On
+a GPU it times whole calls with the GPU's work included, measures the GPU's own copy bandwidth and adds peak device
+memory (`bench_gpu`); --hf_compile adds transformers' static cache + torch.compile mode.
 `quality` compares each weight quantization with the float model on held-out text (top-1 agreement, perplexity);
 `kernels` times the matmul kernels of one rank's weight.
 """
@@ -32,6 +33,7 @@ from llama_dist.bench.gpu import (
     reset_peak_memory,
 )
 from llama_dist.bench.hf import compare_with_transformers
+from llama_dist.bench.machine import format_chosen_kernels, one_row_rates, read_bandwidth
 from llama_dist.checkpoint.consolidated import write_consolidated
 from llama_dist.checkpoint.formats import find_tokenizer
 from llama_dist.checkpoint.loader import load_model, open_checkpoint
@@ -144,12 +146,26 @@ def _streamed_bytes_per_step(model) -> int:
     return streamed + (model.output.weight.nbytes if tied else 0)
 
 
+def _share(value: float, limit: float) -> str:
+    return "-" if math.isnan(limit) else f"{value / limit:.0%}"
+
+
 def _gather_floats(value: float) -> list[float]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [value]
     out = [torch.zeros(1) for _ in range(dist.get_world_size())]
     dist.all_gather(out, torch.tensor([value]))
     return [t.item() for t in out]
+
+
+def _one_row_limit(model) -> tuple[float, str]:
+    """(bytes/s of the fastest one-row kernel, all ranks at once, a line saying what was measured)."""
+    name, shape, copies, rates = one_row_rates(model)
+    total = {kernel: sum(_gather_floats(rate)) for kernel, rate in rates.items()}  # every rank runs each in turn
+    best = max(total, key=total.get)
+    each = ", ".join(f"{kernel} {rate / 1e9:.1f}" for kernel, rate in total.items())
+    return total[best], (f"one-row kernel {total[best] / 1e9:.1f} GB/s ({best}; {name} {shape} x {copies} copies "
+                         f"a rank, GB/s of weight bytes, all ranks: {each})")
 
 
 def run(
@@ -167,6 +183,7 @@ def run(
     compile: bool | None = None,
     hf_compile: bool = False,
     kernel_choice: str | None = None,
+    machine_limits: bool = True,
 ) -> None:
     """Benchmark greedy generation on `ckpt_dir` at each batch size; run under torchrun for N ranks.
 
@@ -174,7 +191,9 @@ def run(
     quantized by each rank at load; the load time includes it). compile: decode through the compiled step (None:
     on CUDA only, as Llama.build). hf_compile: with --compare_hf, also transformers' static cache + torch.compile
     mode (CUDA graphs: meant for a GPU). kernel_choice: measure or static, as for every llama-dist command (None:
-    $LLAMA_DIST_KERNEL_CHOICE, else measure); the load time excludes the measuring, which prints its own line."""
+    $LLAMA_DIST_KERNEL_CHOICE, else measure); the load time excludes the measuring, which prints its own line.
+    machine_limits: measure the read bandwidth and the fastest one-row kernel's rate (1 GiB each, a few seconds;
+    --nomachine_limits for a quick run: their columns show "-")."""
     scheme = make_scheme(quantize, int4_group_size, keep_output_precision)
     kernel_choice = resolve_mode(kernel_choice)
     sizes = listed(batch_sizes)
@@ -184,6 +203,7 @@ def run(
     # Bandwidth first: its 1 GiB buffers are freed before the model's peak memory is tracked. All ranks at once: on
     # CPU they share the machine's memory system, on GPUs each adds its own.
     bandwidth = sum(_gather_floats(device_copy_bandwidth(device) if on_gpu else copy_bandwidth()))
+    read_bw = sum(_gather_floats(read_bandwidth(device))) if machine_limits else math.nan
     _reset_peak_rss()
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -193,6 +213,12 @@ def run(
         torch.cuda.synchronize(device)  # the copies to the GPU are part of the load
     load_s = time.perf_counter() - start
     choose_kernels(model, kernel_choice)
+    # The one-row kernel's 1 GiB of weight copies is no part of the model's peak: keep the load's, start afresh.
+    load_peak_rss, load_peak_gpu = max(_gather_floats(_status_gib("VmHWM"))), (
+        max(_gather_floats(peak_memory_gib(device))) if on_gpu else 0.0)
+    one_row, one_row_line = _one_row_limit(model) if machine_limits else (math.nan, "one-row kernel not measured")
+    _reset_peak_rss()
+    reset_peak_memory(device)
     llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx, compile=compile)
     step_bytes = _streamed_bytes_per_step(model)
     where = f"{describe_device(device)}, " if on_gpu else f"{torch.get_num_threads()} threads/rank, "
@@ -202,9 +228,15 @@ def run(
         f"weights streamed per step {step_bytes / 2**30:.2f} GiB/rank"
         + (", compiled decode" if llm.decode_step.compiled else "")
     )
+    print0(f"Kernels decode runs per weight shape (rows = batch size; \"(rule)\": the static rule, no measured "
+           f"entry):\n{format_chosen_kernels(model, sizes)}")
+    read_line = "read bandwidth not measured" if math.isnan(read_bw) else (
+        f"read bandwidth {read_bw / 1e9:.1f} GB/s (float32 sum over 1 GiB, all ranks)")
+    print0(f"Machine limits ({where.removesuffix(', ')}, every rank at once): {read_line}; {one_row_line}\n")
     print0("| ranks | batch | TTFT s | prefill tok/s | decode tok/s | step ms | GB/s achieved | of copy BW "
-           "| peak RSS GiB/rank | private GiB/rank |" + (" peak CUDA GiB/rank |" if on_gpu else ""))
-    print0("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
+           "| of read BW | of 1-row kernel | peak RSS GiB/rank | private GiB/rank |"
+           + (" peak CUDA GiB/rank |" if on_gpu else ""))
+    print0("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if on_gpu else ""))
     gen = torch.Generator().manual_seed(0)
     ours = {}
     for batch in sizes:
@@ -222,13 +254,14 @@ def run(
             stats = min(runs, key=lambda s: s.decode_s / max(s.decode_steps, 1))
             prefill_s, step_s = stats.prefill_s, stats.decode_s / max(stats.decode_steps, 1)
         achieved = ctx.world_size * step_bytes / step_s
-        peak = max(_gather_floats(_status_gib("VmHWM")))
+        peak = max(load_peak_rss, *_gather_floats(_status_gib("VmHWM")))
         # Private: what this rank owns (weights, caches, activations), not the page cache of mapped files.
         private = max(_gather_floats(_status_gib("RssAnon")))
-        gpu_peak = f" {max(_gather_floats(peak_memory_gib(device))):.2f} |" if on_gpu else ""
+        gpu_peak = f" {max(load_peak_gpu, *_gather_floats(peak_memory_gib(device))):.2f} |" if on_gpu else ""
         print0(
             f"| {ctx.world_size} | {batch} | {prefill_s:.3f} | {batch * prompt_len / prefill_s:.0f} | "
-            f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | {peak:.2f} | "
+            f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | "
+            f"{_share(achieved, read_bw)} | {_share(achieved, one_row)} | {peak:.2f} | "
             f"{private:.2f} |{gpu_peak}"
         )
         ours[batch] = (prompts, batch / step_s)

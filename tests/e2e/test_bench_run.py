@@ -1,0 +1,40 @@
+"""`python -m llama_dist.bench run` on the bundled tiny model: the kernel table, the machine limits and the per-batch
+table's columns (the 1 GiB read-bandwidth and one-row-kernel measurements included: a few seconds)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from llama_dist.cli import default_checkpoint
+from llama_dist.model.kernels import KERNELS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_run_prints_kernels_machine_limits_and_shares(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLAMA_DIST_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "llama_dist.bench", "run", "--ckpt_dir", str(default_checkpoint()),
+                           "--batch_sizes", "1,2", "--prompt_len", "4", "--gen_len", "4", "--repeats", "1",
+                           "--dtype", "float32"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    start = lines.index("| weight | out x in, dtype | rows 1 | rows 2 |")
+    kernel_rows = [line.split("|")[1:-1] for line in lines[start + 2 : start + 7]]
+    assert [cells[0].strip() for cells in kernel_rows] == ["wqkv", "wo", "w13", "w2", "output"]
+    names = {name for kind in KERNELS.values() for name in kind}
+    for cells in kernel_rows:
+        assert re.fullmatch(r"\d+x\d+ float32", cells[1].strip())
+        assert all(cell.strip().removesuffix(" (rule)") in names for cell in cells[2:])
+    limits = next(line for line in lines if line.startswith("Machine limits"))
+    assert re.search(r"read bandwidth [\d.]+ GB/s", limits) and re.search(r"one-row kernel [\d.]+ GB/s", limits)
+    header = next(line for line in lines if line.startswith("| ranks | batch |"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    assert columns[6:10] == ["GB/s achieved", "of copy BW", "of read BW", "of 1-row kernel"]
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 1 |")]
+    assert [cells[1].strip() for cells in rows] == ["1", "2"]
+    for cells in rows:
+        assert all(re.fullmatch(r"\d+%", cells[i].strip()) for i in (7, 8, 9))
