@@ -123,26 +123,18 @@ def timing_items(model) -> list[tuple[tuple, int, list]]:
 # ---- timing -------------------------------------------------------------------------------------------------------
 
 
-def _seconds(name: str, weights: list, x: torch.Tensor, best_so_far: float) -> float:
-    run_kernel(name, x, weights[0])  # warm-up: oneDNN builds its primitive for a new shape on the first call
+def _one_pass(name: str, weights: list, x: torch.Tensor) -> float:
+    """Seconds per call of kernel `name`, one call on each of `weights` in turn."""
     start = time.perf_counter()
-    run_kernel(name, x, weights[-1])
-    first = time.perf_counter() - start
-    if first > _HOPELESS * best_so_far:
-        return first
-    best = first
-    # Enough passes to see past noise, but a heavy call (prefill rows, a vocabulary-sized weight) once only.
-    for _ in range(_REPEATS if first * len(weights) < 0.02 else 1):
-        start = time.perf_counter()
-        for weight in weights:
-            run_kernel(name, x, weight)
-        best = min(best, (time.perf_counter() - start) / len(weights))
-    return best
+    for weight in weights:
+        run_kernel(name, x, weight)
+    return (time.perf_counter() - start) / len(weights)
 
 
 def time_candidates(key: tuple, rows: int, weights: list) -> dict[str, float]:
-    """Seconds per call of each candidate kernel for `rows` rows on the weights of table key `key` (the static
-    rule's kernel first: it is the one to beat)."""
+    """Seconds per call of each candidate kernel for `rows` rows on the weights of table key `key`: the best of
+    several passes, the candidates taking turns pass by pass (a drift of the machine's speed then weighs on all
+    of them alike, not on whichever ran first). A candidate far behind after the first pass is not timed again."""
     kind, dtype = key[0], key[3]
     x = torch.randn(rows, weights[0].shape[1] if kind == "dense" else weights[0].in_features,
                     generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -152,7 +144,15 @@ def time_candidates(key: tuple, rows: int, weights: list) -> dict[str, float]:
     times: dict[str, float] = {}
     with torch.inference_mode():
         for name in names:
-            times[name] = _seconds(name, weights, x, min(times.values(), default=float("inf")))
+            run_kernel(name, x, weights[0])  # warm-up: oneDNN builds its primitive for a new shape on the first call
+            times[name] = _one_pass(name, weights[-1:], x)
+        best_first = min(times.values())
+        alive = [n for n in names if times[n] <= _HOPELESS * best_first]
+        # Enough passes to see past noise, but a heavy call (prefill rows, a vocabulary-sized weight) once only.
+        passes = _REPEATS if best_first * len(weights) < 0.1 else 1
+        for _ in range(passes):
+            for name in alive:
+                times[name] = min(times[name], _one_pass(name, weights, x))
     return times
 
 
