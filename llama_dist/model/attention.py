@@ -86,7 +86,9 @@ def read_context(cache: torch.Tensor, tables: torch.Tensor | Strided, length: in
         return flat.as_strided((tables.rows, length, *cache.shape[2:]),
                                (tables.row_stride * kv, kv, *flat.stride()[1:]), cache.storage_offset() + tables.first * kv)
     blocks = -(-length // cache.shape[1])
-    return cache[tables[:, :blocks]].flatten(1, 2)[:, :length]
+    # index_select over whole blocks: a few times faster than advanced indexing of the 4-d cache.
+    picked = cache.view(cache.shape[0], -1).index_select(0, tables[:, :blocks].flatten())
+    return picked.view(tables.shape[0], blocks * cache.shape[1], *cache.shape[2:])[:, :length]
 
 
 @dataclass
