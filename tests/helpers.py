@@ -152,3 +152,25 @@ def logits_worker(jobs: list[dict]) -> list[dict]:
             out["incremental"] = torch.cat(steps, dim=1)
         results.append(out)
     return results
+
+
+# ---- the command line in tests (tests/e2e) --------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`llama-dist ARGV` in this process: (exit status, stdout, stderr)."""
+    from llama_dist import cli
+
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a command run as a subprocess: no launcher variables of ours, the repository importable."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LLAMA_DIST_TIMEOUT="600")
+    return env

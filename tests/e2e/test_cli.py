@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_env, run_cli
 
 from llama_dist import cli
 from llama_dist.checkpoint.checklist import file_md5
@@ -32,19 +33,6 @@ TINY = REPO / "checkpoints" / "tiny"
 PROMPT = "one two three four"
 GREEDY = ["--temperature", "0", "--max_gen_len", "6"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LLAMA_DIST_TIMEOUT="600")
-    return env
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -157,7 +145,7 @@ def test_console_script():
     exe = shutil.which("llama-dist", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if exe is None:
         pytest.skip("llama-dist is not installed (pip install -e .)")
-    result = subprocess.run([exe, "generate", "--prompt", PROMPT, *GREEDY], env=_env(), cwd=REPO,
+    result = subprocess.run([exe, "generate", "--prompt", PROMPT, *GREEDY], env=cli_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert f"> {PROMPT}\nfive six" in result.stdout
@@ -171,7 +159,7 @@ def test_interactive_chat_survives_idle_longer_than_the_timeout(tmp_path):
     with open(tmp_path / "stderr.txt", "w") as stderr:  # the job keeps its own copy of the descriptor
         proc = subprocess.Popen(
             [*TORCHRUN, "-m", "llama_dist", "chat", "--timeout_s", "3", "--max_gen_len", "8"],
-            cwd=REPO, env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
+            cwd=REPO, env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
         )
     chunks: list[bytes] = []
 
@@ -232,7 +220,7 @@ def test_lost_rank_is_one_error_line_per_surviving_rank(tmp_path, mode, reason):
     (tmp_path / "job.py").write_text(CRASHING_JOB)
     args = ["generate", "--prompt", PROMPT, "--temperature", "0", "--max_gen_len", "32", "--timeout_s", "3"]
     start = time.monotonic()
-    proc = subprocess.Popen([*TORCHRUN, str(tmp_path / "job.py"), str(tmp_path), mode, *args], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([*TORCHRUN, str(tmp_path / "job.py"), str(tmp_path), mode, *args], cwd=REPO, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=90)
@@ -495,7 +483,7 @@ def test_ctrl_c_on_the_agent_or_rank_0_ends_in_one_line_and_status_130(tmp_path,
     (tmp_path / "job.py").write_text(INTERRUPTIBLE_JOB)
     launcher = [sys.executable, "-m", "llama_dist.torchrun", "--standalone", "--nproc_per_node", "2"]
     with open(tmp_path / "agent.err", "w") as agent_err:
-        proc = subprocess.Popen([*launcher, str(tmp_path / "job.py"), str(tmp_path), "chat"], cwd=REPO, env=_env(),
+        proc = subprocess.Popen([*launcher, str(tmp_path / "job.py"), str(tmp_path), "chat"], cwd=REPO, env=cli_env(),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=agent_err, start_new_session=True)
     try:
         deadline = time.monotonic() + 90

@@ -20,25 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli_env, run_cli
 
-from llama_dist import cli
 from llama_dist.text import user_input
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "checkpoints" / "tiny"
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return env
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
@@ -118,7 +105,7 @@ def test_quantize_a_hugging_face_directory(src, tmp_path, capsys):
 def test_a_user_error_through_the_launcher_is_one_line_and_status_2():
     cmd = [sys.executable, "-m", "llama_dist.torchrun", "--standalone", "--nproc_per_node", "2",
            "-m", "llama_dist", "generate", "--ckpt_dir", "/missing/checkpoint", "--prompt", "hi"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2, lines
     assert lines[0] == "llama-dist: error: checkpoint not found: /missing/checkpoint"
@@ -142,7 +129,7 @@ def test_serve_on_a_taken_port_fails_before_loading():
         port = taken.getsockname()[1]
         started = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "llama_dist", "serve", "--port", str(port)], capture_output=True,
-                              text=True, env=_env(), timeout=120)
+                              text=True, env=cli_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"llama-dist: error: cannot listen on 127.0.0.1:{port}"), proc.stderr
     assert "Read " not in proc.stdout and "Loaded" not in proc.stdout, proc.stdout  # refused before loading
@@ -151,7 +138,7 @@ def test_serve_on_a_taken_port_fails_before_loading():
 
 def test_load_model_without_a_process_group_says_what_to_call():
     code = "from llama_dist import load_model\nload_model('checkpoints/tiny')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO)
     assert "ConfigError: load_model needs a process group: call llama_dist.init_distributed() first" in proc.stderr
 
 
@@ -182,7 +169,7 @@ def _run_on_a_terminal(argv: list[str]) -> str:
     if pid == 0:  # the child: become the command, on a terminal of a real size (a new one has none)
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
         os.chdir(REPO)
-        os.execve(sys.executable, [sys.executable, *argv], _env())
+        os.execve(sys.executable, [sys.executable, *argv], cli_env())
     chunks = []
     while True:
         try:
@@ -203,7 +190,7 @@ def test_progress_bars_on_a_terminal_plain_lines_in_a_log(src, tmp_path, command
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         subprocess.run([sys.executable, "-m", "llama_dist", command[0], str(src), str(tmp_path / "logged"),
-                        *command[1:]], stdout=out, stderr=subprocess.STDOUT, env=_env(), check=True)
+                        *command[1:]], stdout=out, stderr=subprocess.STDOUT, env=cli_env(), check=True)
     text = log.read_text()
     assert "%|" not in text and "\r" not in text, text
     assert re.search(r"^Read 39 tensors in [\d.]+ s$", text, re.MULTILINE), text
@@ -211,7 +198,7 @@ def test_progress_bars_on_a_terminal_plain_lines_in_a_log(src, tmp_path, command
 
 def test_compile_time_is_reported_apart_from_decode_speed():
     proc = subprocess.run([sys.executable, "-m", "llama_dist", "generate", "--prompt", "one two", "--temperature", "0",
-                           "--max_gen_len", "4", "--compile"], capture_output=True, text=True, env=_env(), timeout=300)
+                           "--max_gen_len", "4", "--compile"], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"\[1 prompt\(s\), 4 tokens in ([\d.]+) s, [\d.]+ tok/s; compiling the decode step took "
