@@ -97,7 +97,11 @@ class Llama(Generator):
             raise ConfigError(
                 "pass either context (a started process group) or backend/device/timeout_s to start one, not both"
             )
-        kernel_choice = resolve_mode(kernel_choice)  # a bad value fails before anything loads
+        kernel_choice = resolve_mode(kernel_choice)  # bad values fail before anything loads
+        engine = EngineConfig(max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                              kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
+                              prefix_caching=prefix_caching)
+        engine.check()
         torch.manual_seed(seed)
         dtype = resolve_dtype(dtype, context.device)
         start = time.perf_counter()
@@ -131,10 +135,6 @@ class Llama(Generator):
             f"in {time.perf_counter() - start:.2f} s"
         )
         choose_kernels(model, kernel_choice)  # collective: after loading, which must not be
-        engine = EngineConfig(max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                              kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
-                              prefix_caching=prefix_caching)
-        engine.check()
         return Llama(model, tokenizer, context, seed, compile, engine)
 
     def text_completion(

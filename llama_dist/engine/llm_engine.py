@@ -82,10 +82,12 @@ def pool_tokens(model: Transformer, config: EngineConfig, device: torch.device) 
         raise ConfigError("gpu_memory_fraction sizes the KV cache on GPUs; on a CPU give kv_cache_tokens")
     free, total = torch.cuda.mem_get_info(device)
     old = model.cache.nbytes if model.cache is not None else 0  # the default cache goes before the pool comes
-    per_token = old // max(1, model.cache.num_tokens) if model.cache is not None else 0
+    attention = model.layers[0].attention  # keys and values of this rank's KV heads, every layer
+    per_token = 2 * model.args.n_layers * attention.n_local_kv_heads * attention.head_dim
+    per_token *= model.tok_embeddings.weight.dtype.itemsize
     budget = torch.tensor([config.gpu_memory_fraction * total - (total - free - old)], device=device)
     all_reduce_min(budget)
-    tokens = int(budget.item() // max(per_token, 1))
+    tokens = int(budget.item() // per_token)
     if tokens < config.block_size:
         raise ConfigError(f"gpu_memory_fraction={config.gpu_memory_fraction} leaves no room for the KV cache")
     return tokens

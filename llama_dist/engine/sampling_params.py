@@ -41,11 +41,7 @@ class SamplingParams:
 
     def check(self) -> None:
         """RequestError naming the first setting sampling cannot use."""
-        t = self.temperature
-        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise RequestError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(self.top_p, numbers.Real) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_sampling(self.temperature, self.top_p)
         if not _is_int(self.top_k) or self.top_k < -1:
             raise RequestError(f"top_k must be an integer >= -1 (0 or -1: no limit), got {self.top_k!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
