@@ -10,6 +10,12 @@ never proof: a hit compares the tokens and the parent's key too), and computes o
 always computed (its logits are needed). Blocks are shared by reference count and never written by a second
 sequence: only full blocks are shared, and a sequence writes only past what it reused. A block whose count drops to
 zero stays findable until its memory is needed again (least recently freed first).
+
+Runs (`seek_runs`, the CPU engine's choice): attention on a CPU reads a run of consecutive blocks as one slice,
+where scattered blocks cost a gather of the whole context every step. So a new sequence takes its blocks from a
+run of free ones long enough for its prompt and its max_tokens, and the rest of that run is reserved for it to
+grow into. A reservation is only a preference: the blocks stay free, other sequences take them when nothing else
+is free, so it never refuses or delays a request.
 """
 
 from __future__ import annotations
@@ -42,16 +48,19 @@ class _Block:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
-                 key_fn: Callable[[bytes, tuple[int, ...]], bytes] = sha256_key):
+                 key_fn: Callable[[bytes, tuple[int, ...]], bytes] = sha256_key, seek_runs: bool = False):
         if num_blocks <= RESERVED_BLOCKS:
             raise ValueError(f"the KV cache needs more than {RESERVED_BLOCKS} block(s), got {num_blocks}")
         self.block_size, self.prefix_caching, self.key_fn = block_size, prefix_caching, key_fn
+        self.seek_runs = seek_runs
         self.blocks = [_Block(i) for i in range(num_blocks)]
         # Free blocks, least recently freed first: a new block is taken from the front (evicting its cached key).
         self._free: collections.OrderedDict[int, None] = collections.OrderedDict(
             (i, None) for i in range(RESERVED_BLOCKS, num_blocks))
         self._cached: dict[bytes, int] = {}  # key -> block holding those tokens
         self.queries = self.hits = 0  # prompt tokens looked up in / found in the prefix cache
+        self._reserved: dict[int, int] = {}  # free block -> id() of the sequence meant to grow into it
+        self._reservations: dict[int, list[int]] = {}  # id(sequence) -> its reserved blocks, the next one last
 
     @property
     def num_usable_blocks(self) -> int:
@@ -104,8 +113,15 @@ class BlockManager:
         if self.prefix_caching and not seq.params.prompt_logprobs:
             self.queries += seq.num_tokens
             self.hits += seq.num_cached_tokens
-        while len(seq.block_table) < self.blocks_for(seq.num_tokens):
-            seq.block_table.append(self._take())
+        needed = self.blocks_for(seq.num_tokens) - len(seq.block_table)
+        if self.seek_runs and needed > 0:
+            planned = max(needed, self.blocks_for(seq.num_prompt_tokens + seq.max_tokens) - len(seq.block_table))
+            run = self._free_run(planned) or self._free_run(needed) or []
+            seq.block_table += [self._take(block_id) for block_id in run[:needed]]
+            if run[needed:]:
+                self._reservations[id(seq)] = run[needed:][::-1]
+                self._reserved.update((block_id, id(seq)) for block_id in run[needed:])
+        self.append(seq, seq.num_tokens)
 
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `seq` can grow to `num_tokens` tokens (a block more when it crosses into one)."""
@@ -113,7 +129,7 @@ class BlockManager:
 
     def append(self, seq: Sequence, num_tokens: int) -> None:
         while len(seq.block_table) < self.blocks_for(num_tokens):
-            seq.block_table.append(self._take())
+            seq.block_table.append(self._take(self._next_block(seq)))
 
     # ---- after a step ---------------------------------------------------------------------------------------
 
@@ -139,6 +155,9 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Give `seq`'s blocks back, the last ones first (least likely to be shared, so evicted first)."""
+        for block_id in self._reservations.pop(id(seq), []):
+            if self._reserved.get(block_id) == id(seq):
+                del self._reserved[block_id]
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -152,11 +171,54 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
+            self._reserved.pop(block_id, None)
         block.ref_count += 1
 
-    def _take(self) -> int:
-        """A free block, evicting the least recently freed one's cached key."""
-        block_id, _ = self._free.popitem(last=False)
+    def _next_block(self, seq: Sequence) -> int:
+        """The free block `seq` grows into: its reservation's next, else the block after its last (a longer run),
+        else the least recently freed one that nobody reserved, else any (taking it from a reservation)."""
+        reservation = self._reservations.get(id(seq), [])
+        while reservation:
+            block_id = reservation.pop()
+            if self._reserved.get(block_id) == id(seq):  # else taken by another, or held as a cached prefix
+                return block_id
+        if self.seek_runs and seq.block_table:
+            after = seq.block_table[-1] + 1
+            if after in self._free and after not in self._reserved:
+                return after
+        for block_id in self._free:
+            if block_id not in self._reserved:
+                return block_id
+        return next(iter(self._free))
+
+    def _free_run(self, length: int) -> list[int] | None:
+        """The first `length` consecutive free blocks nobody reserved, preferring blocks that hold no cached
+        prefix (taking those would evict it); None when there is no such run."""
+        # Where the current run of free unreserved blocks starts, and the current run of those holding no prefix.
+        any_start = uncached_start = previous = None
+        fallback = None  # the first long enough run that evicts cached blocks
+        for block_id in sorted(self._free):
+            if block_id in self._reserved:
+                any_start = uncached_start = None
+                continue
+            if previous != block_id - 1:
+                any_start = uncached_start = None
+            previous = block_id
+            any_start = block_id if any_start is None else any_start
+            if self.blocks[block_id].key is not None:
+                uncached_start = None
+            else:
+                uncached_start = block_id if uncached_start is None else uncached_start
+                if block_id - uncached_start + 1 == length:
+                    return list(range(uncached_start, block_id + 1))
+            if fallback is None and block_id - any_start + 1 == length:
+                fallback = list(range(any_start, block_id + 1))
+        return fallback
+
+    def _take(self, block_id: int) -> int:
+        """Free block `block_id`, its cached key evicted and any reservation of it dropped."""
+        del self._free[block_id]
+        self._reserved.pop(block_id, None)
         block = self.blocks[block_id]
         if block.key is not None:
             del self._cached[block.key]

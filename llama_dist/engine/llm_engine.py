@@ -110,7 +110,9 @@ class LLMEngine:
             model.cache = model.new_cache(num_blocks, block_size)
         self.cache = model.cache  # the engine's pool; Meta's model(tokens, start_pos) uses its first blocks too
         self.runner = ModelRunner(model, self.cache, compile)
-        self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching)
+        # On CPUs attention reads a run of consecutive blocks as one slice: sequences get runs when there is room.
+        self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching,
+                                          seek_runs=torch.device(device).type == "cpu")
         self.scheduler = Scheduler(self.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
         self.sampler = Sampler(device, seed)
         self.metrics = EngineMetrics()

@@ -12,8 +12,12 @@ import torch
 
 from llama_dist.engine.decode_step import DecodeStep
 from llama_dist.engine.step_plan import StepPlan
-from llama_dist.model.attention import DecodeRows, KVCache, RowGroup, StepLayout, Strided, as_strided_rows
+from llama_dist.model.attention import DecodeRows, KVCache, RowGroup, Runs, StepLayout, Strided, as_strided_rows
 from llama_dist.model.llama import Transformer
+
+
+# Runs of at least this many blocks on average are read as slices (a copy call each) rather than one gather.
+MIN_BLOCKS_PER_RUN = 4
 
 
 class ModelRunner:
@@ -70,15 +74,23 @@ class ModelRunner:
             group.tables = self._tables(group_tables, group.context_len)
         return StepLayout(torch.tensor(positions, device=device), torch.tensor(slots, device=device), decode, groups)
 
-    def _tables(self, tables: list[list[int]], length: int) -> torch.Tensor | Strided:
+    def _tables(self, tables: list[list[int]], length: int) -> torch.Tensor | Strided | Runs:
         """The rows' block tables covering [0, length): a view when every row's blocks lie one after the other,
-        evenly spaced (Meta's rows, fresh allocations), else a (rows, blocks) tensor to gather through."""
-        blocks = -(-length // self.cache.block_size)
-        tables = [t[:blocks] + [0] * (blocks - len(t)) for t in tables]  # a shorter row is masked past its end
-        view = as_strided_rows(tables, self.cache.block_size)
-        if view is not None and (view.rows - 1) * view.row_stride + blocks * self.cache.block_size <= self.cache.num_tokens:
+        evenly spaced (Meta's rows, fresh allocations); on CPUs, runs of consecutive blocks when they are long
+        (each a slice copy, where a gather costs one more copy of the whole context); else a (rows, blocks)
+        tensor to gather through."""
+        block_size = self.cache.block_size
+        blocks = -(-length // block_size)
+        tables = [t[:blocks] for t in tables]
+        padded = [t + [0] * (blocks - len(t)) for t in tables]  # a shorter row reads block 0 past its end (masked)
+        view = as_strided_rows(padded, block_size)
+        if view is not None and (view.rows - 1) * view.row_stride + blocks * block_size <= self.cache.num_tokens:
             return view
-        return torch.tensor(tables, device=self.device)
+        if self.device.type == "cpu":
+            runs = Runs.of(tables, block_size)
+            if runs.num_runs * MIN_BLOCKS_PER_RUN <= blocks * len(tables):
+                return runs
+        return torch.tensor(padded, device=self.device)
 
     def _compiled_decode(self, plan: StepPlan) -> torch.Tensor | None:
         """Every row of the compiled batch decodes: the plan's rows first, the rest a dummy token at the last

@@ -11,8 +11,9 @@ in the flat batch, which cache row holds its keys and values, and how long its c
 
 `KVCache` is the memory: per layer, keys and values in fixed blocks of shape (blocks, block_size, local KV heads,
 head_dim). Every new token's key and value are written to the flat index `slot_mapping` gives it (block * block_size
-+ offset), before the step attends; each row reads its context through its block table, as a view of the cache
-when its blocks lie evenly in memory (Meta's contiguous rows), else gathered.
++ offset), before the step attends; each row reads its context through its block table: as a view of the cache
+when every row's blocks lie evenly in memory (Meta's contiguous rows), a slice per run of consecutive blocks on
+CPUs (the engine hands out runs there), else one gather.
 """
 
 from __future__ import annotations
@@ -77,9 +78,24 @@ def slots_of(block_tables: torch.Tensor, positions: torch.Tensor, block_size: in
     return block_tables.gather(-1, (positions // block_size).unsqueeze(-1)).squeeze(-1) * block_size + positions % block_size
 
 
-def read_context(cache: torch.Tensor, tables: torch.Tensor | Strided, length: int) -> torch.Tensor:
+def read_context(cache: torch.Tensor, tables: torch.Tensor | Strided | Runs, length: int,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """(rows, length, kv heads, head_dim): each row's first `length` positions through its block table; a view when
-    the layout is `Strided`, else a gather."""
+    the layout is `Strided`, slices of runs copied into one tensor of `dtype` (default the cache's) for `Runs`, else
+    a gather."""
+    if isinstance(tables, Runs):
+        flat = cache.view(-1, *cache.shape[2:])
+        out = torch.empty((len(tables.rows), length, *cache.shape[2:]), dtype=dtype or cache.dtype, device=cache.device)
+        for row, runs in zip(out, tables.rows):
+            filled = 0
+            for start, count in runs:
+                count = min(count, length - filled)
+                if count <= 0:
+                    break
+                row[filled : filled + count].copy_(flat[start : start + count])  # converts to dtype as it copies
+                filled += count
+            row[filled:].zero_()  # past this row's context: masked, but finite (0 x NaN would be NaN)
+        return out
     if isinstance(tables, Strided):
         flat = cache.view(-1, *cache.shape[2:])
         kv = flat.stride(0)
@@ -99,6 +115,30 @@ class Strided:
     first: int
     row_stride: int
     rows: int
+
+
+@dataclass
+class Runs:
+    """Each row's context as runs of consecutive cache positions: rows[i] is [(first flat position, count), ...]."""
+
+    rows: list[list[tuple[int, int]]]
+
+    @classmethod
+    def of(cls, tables: list[list[int]], block_size: int) -> Runs:
+        rows = []
+        for table in tables:
+            runs: list[list[int]] = []
+            for block_id in table:
+                if runs and runs[-1][0] + runs[-1][1] == block_id * block_size:
+                    runs[-1][1] += block_size
+                else:
+                    runs.append([block_id * block_size, block_size])
+            rows.append([(start, count) for start, count in runs])
+        return cls(rows)
+
+    @property
+    def num_runs(self) -> int:
+        return sum(len(runs) for runs in self.rows)
 
 
 def as_strided_rows(tables: list[list[int]], block_size: int) -> Strided | None:
@@ -121,7 +161,7 @@ class RowGroup:
     n_rows: int
     query_len: int
     context_len: int
-    tables: torch.Tensor | Strided | None  # (n_rows, blocks) block tables, or their view; None: no cache (training)
+    tables: torch.Tensor | Strided | Runs | None  # (n_rows, blocks) block tables, or their view or runs; None: no cache
 
 
 @dataclass
@@ -129,7 +169,7 @@ class DecodeRows:
     """The step's leading one-token rows: row i's token at `positions[i]`, every row reading positions
     [0, kv_len) of its block table `tables[i]`, masked to its own position."""
 
-    tables: torch.Tensor | Strided
+    tables: torch.Tensor | Strided | Runs
     positions: torch.Tensor
     kv_len: int
 
@@ -179,10 +219,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout
     step's own (already stored in `cache` when there is one; without a cache, training, each group attends over
     its own tokens). Returns ((tokens, heads * head_dim), weights of the single group when need_weights)."""
     outputs, weights = [], None
+    dtype = _attention_dtype(q)
     if layout.decode is not None:
         rows = layout.decode
-        keys = read_context(cache[0], rows.tables, rows.kv_len)  # (rows, kv_len, kv heads, head_dim)
-        values = read_context(cache[1], rows.tables, rows.kv_len)
+        keys = read_context(cache[0], rows.tables, rows.kv_len, dtype)  # (rows, kv_len, kv heads, head_dim)
+        values = read_context(cache[1], rows.tables, rows.kv_len, dtype)
         # Each row sees its own positions up to its token's; nothing here depends on the positions' values.
         mask = (torch.arange(rows.kv_len, device=q.device)[None, :] <= rows.positions[:, None])[:, None, None, :]
         n = rows.positions.shape[0]
@@ -197,8 +238,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout
             keys = k[group.token_start : group.token_start + count].unflatten(0, (group.n_rows, group.query_len))
             values = v[group.token_start : group.token_start + count].unflatten(0, (group.n_rows, group.query_len))
         else:
-            keys = read_context(cache[0], group.tables, group.context_len)
-            values = read_context(cache[1], group.tables, group.context_len)
+            keys = read_context(cache[0], group.tables, group.context_len, dtype)
+            values = read_context(cache[1], group.tables, group.context_len, dtype)
         mask = None
         if group.query_len > 1:
             # Query i sits at position context_len - query_len + i and may look at every position up to itself.
@@ -207,6 +248,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout
         out, weights = _sdpa(queries, keys, values, mask, need_weights)
         outputs.append(out.reshape(count, -1))
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), weights
+
+
+def _attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """On CPU, oneDNN compiles a kernel for every new low-precision shape, and the key length grows by one each
+    decode step: attention runs in float32 there (small next to the weights), avoiding a compile per step."""
+    return torch.float32 if q.device.type == "cpu" else q.dtype
 
 
 def _sdpa(q, keys, values, mask, need_weights: bool):
@@ -222,9 +269,7 @@ def _sdpa(q, keys, values, mask, need_weights: bool):
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = F.softmax(scores, dim=-1)
         out = weights.type_as(q) @ values
-    elif q.device.type == "cpu" and q.dtype != torch.float32:
-        # On CPU, oneDNN compiles a kernel for every new low-precision shape, and the key length grows by one each
-        # decode step: attention in float32 (small next to the weights) avoids a compile per step.
+    elif _attention_dtype(q) != q.dtype:
         out = F.scaled_dot_product_attention(
             q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=n_rep > 1
         ).type_as(q)

@@ -105,3 +105,51 @@ def test_shared_blocks_are_never_written_by_a_second_sequence():
     shared = [b for b in second.block_table if blocks.blocks[b].ref_count > 1]
     written = {second.block_table[p // BS] for p in range(second.num_computed_tokens, second.num_tokens)}
     assert shared and not written & set(shared)
+
+
+def _run_of(table: list[int]) -> bool:
+    return table == list(range(table[0], table[0] + len(table)))
+
+
+def test_with_seek_runs_each_sequence_grows_in_a_run_of_consecutive_blocks():
+    blocks = BlockManager(RESERVED_BLOCKS + 12, BS, seek_runs=True)
+    a, b = _seq(range(1, 6), "a"), _seq(range(1, 6), "b")  # 5 tokens + max_tokens 4: 3 blocks planned each
+    blocks.allocate(a)
+    blocks.allocate(b)
+    assert len(a.block_table) == len(b.block_table) == 2
+    for n in range(6, 10):  # both decode in turns: each grows into the block reserved after its own
+        blocks.append(a, n)
+        blocks.append(b, n)
+    assert len(a.block_table) == len(b.block_table) == 3
+    assert _run_of(a.block_table) and _run_of(b.block_table) and not set(a.block_table) & set(b.block_table)
+
+
+def test_a_reservation_yields_when_nothing_else_is_free():
+    blocks = BlockManager(RESERVED_BLOCKS + 5, BS, seek_runs=True)
+    a = _seq(range(1, 6), "a")  # holds 2 blocks, reserves a third
+    blocks.allocate(a)
+    assert blocks.num_free_blocks == 3
+    b = _seq(range(1, 13), "b")  # 3 blocks: only 2 are free and unreserved
+    assert blocks.can_allocate(b)
+    blocks.allocate(b)
+    assert blocks.num_free_blocks == 0 and not set(a.block_table) & set(b.block_table)
+    blocks.free(b)
+    blocks.append(a, 9)  # its reservation is gone: it takes any free block
+    assert len(a.block_table) == 3 and blocks.num_free_blocks == 2
+    blocks.free(a)
+    assert blocks.num_free_blocks == 5
+
+
+def test_runs_prefer_blocks_that_hold_no_cached_prefix():
+    blocks = BlockManager(RESERVED_BLOCKS + 8, BS, seek_runs=True)
+    first = _seq(range(1, 9), "first")
+    first.max_tokens = 0
+    blocks.allocate(first)  # 2 blocks
+    _computed(blocks, first)
+    blocks.free(first)  # findable until evicted
+    other = _seq(range(100, 108), "other")
+    blocks.allocate(other)
+    assert not set(other.block_table) & set(first.block_table)
+    again = _seq(range(1, 9), "again")
+    blocks.allocate(again)
+    assert again.num_cached_tokens == 4  # the cached prefix survived (its last token is computed)
