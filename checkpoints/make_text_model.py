@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     print(f"corpus: {len(docs)} paragraphs, {len(tokens)} tokens; held out: {len(held_out)} paragraphs, "
           f"{held_out_tokens} tokens", flush=True)
 
-    model_args = ModelArgs(**MODEL_SHAPE, vocab_size=VOCAB_SIZE, max_seq_len=MAX_SEQ_LEN, max_batch_size=args.batch_size)
+    model_args = ModelArgs(**MODEL_SHAPE, vocab_size=VOCAB_SIZE)
     # bf16 matmuls (AMX where the CPU has it), float32 weights
     model = make_tiny.train(args, tokens, doc_starts, model_args, deadline, bf16=True)
 

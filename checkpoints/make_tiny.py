@@ -143,7 +143,8 @@ def train(args, tokens: torch.Tensor, doc_starts: torch.Tensor, model_args, dead
     gen = torch.Generator().manual_seed(SEED)
     model = Transformer(model_args)
     init_parameters(model, model_args.n_layers, gen)
-    model.post_init(kv_cache=False)
+    # Training's limits: its batch and window (RoPE tables up to --seq-len; no KV cache).
+    model.post_init(max_batch_size=args.batch_size, max_seq_len=args.seq_len, kv_cache=False)
     model.train().requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args.n_layers} layers, dim {model_args.dim}", flush=True)
@@ -269,9 +270,7 @@ def main(argv=None) -> int:
     tokens, doc_starts = token_stream(tokenizer, docs)
     print(f"corpus: {len(docs)} documents, {len(tokens)} tokens, vocabulary {tokenizer.n_words}", flush=True)
 
-    # max_batch_size only bounds the forward's batch here: training allocates no KV cache.
-    model_args = ModelArgs(**MODEL_SHAPE, vocab_size=tokenizer.n_words, max_seq_len=MAX_SEQ_LEN,
-                           max_batch_size=args.batch_size)
+    model_args = ModelArgs(**MODEL_SHAPE, vocab_size=tokenizer.n_words)
     model = train(args, tokens, doc_starts, model_args, deadline)
 
     weights = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}

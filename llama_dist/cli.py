@@ -229,7 +229,7 @@ def start(options: RunOptions, read_input, *args):
 
 def _check_prompt_lengths(llm: Llama, prompts: list[tuple[str, str]]) -> None:
     """Every prompt fits max_seq_len, checked before the first is generated (and named by its line)."""
-    limit = llm.model.args.max_seq_len
+    limit = llm.model.max_seq_len
     for where, text in prompts:
         try:
             count = len(llm.tokenizer.encode(text, bos=True, eos=False))
@@ -241,7 +241,7 @@ def _check_prompt_lengths(llm: Llama, prompts: list[tuple[str, str]]) -> None:
 
 def _check_dialogs(llm: Llama, dialogs: list, dialogs_file: str) -> None:
     """Every dialog of --dialogs_file formats and fits max_seq_len, checked before the first is answered."""
-    limit = llm.model.args.max_seq_len
+    limit = llm.model.max_seq_len
     for i, dialog in enumerate(dialogs):
         try:
             count = len(format_dialog(llm.tokenizer, dialog))

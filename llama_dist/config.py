@@ -1,4 +1,4 @@
-"""Model hyperparameters (Meta's params.json fields), the runtime settings of one model instance, named presets."""
+"""Model hyperparameters (Meta's params.json fields), the runtime limits of one model instance, named presets."""
 
 from __future__ import annotations
 
@@ -12,18 +12,25 @@ import torch
 
 from llama_dist.errors import ConfigError
 
-# The one default of each runtime limit, for the Python API and the command line alike.
+# The one default of each runtime limit, for the Python API and the command line alike. The limits size the KV cache
+# and the RoPE tables, so they are chosen per run (load_model, Llama.build, Transformer.setup_caches), never by
+# ModelArgs, which describes the model only.
 DEFAULT_MAX_SEQ_LEN = 512  # positions per sequence (prompt + generation): what the KV cache holds
 DEFAULT_MAX_BATCH_SIZE = 4  # sequences decoded together
+RUNTIME_LIMITS = ("max_batch_size", "max_seq_len")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_positive(args: ModelArgs, names: list[str]) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_runtime_limits(max_batch_size, max_seq_len) -> None:
+    """The limits chosen for a run are positive integers."""
+    _check_positive("max_batch_size", max_batch_size)
+    _check_positive("max_seq_len", max_seq_len)
 
 
 @dataclass
@@ -52,12 +59,20 @@ class ModelArgs:
     # The output layer is the embedding (Llama 3.2 1B/3B on Hugging Face): one weight, stored once per rank.
     tie_word_embeddings: bool = False
 
-    # Runtime limits: they size the KV cache, so they are chosen per run, not read from params.json.
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     # Runtime defaults for what a forward returns besides logits (a call's own arguments override them).
     output_hidden_states: bool = False
     output_attentions: bool = False
+
+    def __new__(cls, *args, **kwargs):
+        # Meta's reference ModelArgs carries max_batch_size and max_seq_len; here they belong to the run, and a
+        # dataclass would only say "unexpected keyword argument". __new__ sees the same arguments before __init__.
+        moved = [name for name in RUNTIME_LIMITS if name in kwargs]
+        if moved:
+            raise ConfigError(
+                f"ModelArgs describes the model only: pass {' and '.join(moved)} to load_model, open_checkpoint or "
+                f"Llama.build (or call model.setup_caches(max_batch_size, max_seq_len)), not to ModelArgs"
+            )
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -112,16 +127,12 @@ class ModelArgs:
             k: v for k, v in params.items() if k in fields and (v is not None or fields[k].default is None)
         })
 
-    def check_runtime_limits(self) -> None:
-        """The limits chosen for a run (max_batch_size, max_seq_len) are positive integers."""
-        _check_positive(self, ["max_batch_size", "max_seq_len"])
-
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError when these shapes cannot run on `world_size` tensor-parallel ranks."""
-        self.check_runtime_limits()
         positive = ["dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"]
         positive += [name for name in ("explicit_head_dim", "explicit_ffn_dim") if getattr(self, name) is not None]
-        _check_positive(self, positive)
+        for name in positive:
+            _check_positive(name, getattr(self, name))
         if self.vocab_size < 1:
             raise ConfigError(f"vocab_size must be positive (got {self.vocab_size}); read it from the checkpoint")
         if not isinstance(self.tie_word_embeddings, bool):
@@ -173,14 +184,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
 
 
-# Runtime fields of ModelArgs: chosen per run, never part of a checkpoint's params.json.
-RUNTIME_FIELDS = ("max_batch_size", "max_seq_len", "output_hidden_states", "output_attentions")
+# Runtime fields of ModelArgs (what a forward returns by default): chosen per run, never part of a checkpoint's
+# params.json.
+RUNTIME_FIELDS = ("output_hidden_states", "output_attentions")
 
 _LLAMA2 = {"vocab_size": 32000, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0, "use_scaled_rope": False}
 _LLAMA3 = {"vocab_size": 128256, "n_kv_heads": 8, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": False}
 _LLAMA31 = dict(_LLAMA3, use_scaled_rope=True)
 
-# Meta's params.json for each model, by name. Use as ModelArgs(**transformer_configs[name], max_seq_len=...).
+# Meta's params.json for each model, by name. Use as ModelArgs(**transformer_configs[name]).
 # Llama 2 entries spell out what the files leave implicit: vocab_size 32000 (files: -1), n_kv_heads, rope_theta.
 transformer_configs: dict[str, dict] = {
     "Llama-2-7B": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim_multiplier=None),

@@ -188,7 +188,7 @@ class Llama(Generator):
 
     def _max_gen_len_or_all(self, max_gen_len: int | None) -> int:
         """None means: as much as the cache allows (Meta's default for completions)."""
-        return self.model.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
+        return self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
     def _encode_prompts(self, prompts) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):

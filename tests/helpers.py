@@ -41,7 +41,7 @@ def edit_params(ckpt_dir, **changes):
 
 def tiny_args(**overrides) -> ModelArgs:
     base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=128, multiple_of=32, norm_eps=1e-5,
-                rope_theta=10000.0, max_seq_len=48, max_batch_size=3)
+                rope_theta=10000.0)
     base.update(overrides)
     return ModelArgs(**base)
 

@@ -172,9 +172,11 @@ def transformers_model(weights: dict[str, torch.Tensor], args: ModelArgs, dtype=
     """A LlamaForCausalLM holding `weights` (Meta names), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # max_position_embeddings stays hf_config's: the model's own context (131072 with Llama 3.1 scaling, which is
+    # defined relative to 8192 positions; 8192 or 4096 without), as its published config.json says. The run's
+    # max_seq_len is no longer in `args`, and transformers' default and llama3 RoPE do not read this field (only
+    # its dynamic scalings do): pass max_position_embeddings= to override it.
     settings = dict(hf_config(args), bos_token_id=None, eos_token_id=None)
-    # Llama 3.1 scaling is defined relative to 8192 positions; HF wants the extended length above that.
-    settings["max_position_embeddings"] = max(args.max_seq_len, 131072) if args.use_scaled_rope else args.max_seq_len
     settings.update(config_overrides)
     config = LlamaConfig.from_dict(settings)
     with torch.device("meta"):

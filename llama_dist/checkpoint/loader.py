@@ -22,7 +22,16 @@ from llama_dist.checkpoint.formats import CheckpointReader, open_reader
 from llama_dist.checkpoint.memory import check_fits_in_memory
 from llama_dist.checkpoint.pages import give_back_freed_heap
 from llama_dist.checkpoint.progress import Progress
-from llama_dist.config import RUNTIME_FIELDS, ModelArgs, resolve_dtype, transformer_configs
+from llama_dist.config import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_SEQ_LEN,
+    RUNTIME_FIELDS,
+    RUNTIME_LIMITS,
+    ModelArgs,
+    check_runtime_limits,
+    resolve_dtype,
+    transformer_configs,
+)
 from llama_dist.dist.groups import init_distributed, model_parallel_started, model_parallel_world_size
 from llama_dist.errors import CheckpointError, ConfigError
 from llama_dist.model.kernels import packs_int4
@@ -40,23 +49,30 @@ _ROPE_SCALING = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_
 
 @dataclass
 class Checkpoint:
-    """An opened checkpoint and the config of the model it holds (runtime limits included)."""
+    """An opened checkpoint, the config of the model it holds, and the run's limits the model is built with."""
 
     reader: CheckpointReader
     args: ModelArgs
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
 
 
-def open_checkpoint(path: str | Path, config: ModelArgs | None = None, **runtime) -> Checkpoint:
+def open_checkpoint(
+    path: str | Path, config: ModelArgs | None = None, *, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, **runtime,
+) -> Checkpoint:
     """Open the checkpoint at `path` and resolve its model's config.
 
     config=None reads the config stored with the weights (Meta's params.json, Hugging Face's config.json); a given
     config must agree with a stored one wherever both say something (the weights' shapes alone do not decide:
-    Llama 3 and 3.1 8B have the same shapes but different RoPE). runtime: `max_seq_len`, `max_batch_size`,
+    Llama 3 and 3.1 8B have the same shapes but different RoPE). max_seq_len, max_batch_size: the run's limits
+    (they size the KV cache and RoPE tables; kept on the Checkpoint, not in its args). runtime:
     `output_hidden_states`, `output_attentions`, overriding the config's.
     """
     unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown runtime argument(s) {', '.join(map(repr, unknown))}; known: {RUNTIME_FIELDS}")
+        known = RUNTIME_LIMITS + RUNTIME_FIELDS
+        raise ConfigError(f"unknown runtime argument(s) {', '.join(map(repr, unknown))}; known: {known}")
     reader = open_reader(path)
     stored = reader.stored_args()
     if config is None:
@@ -67,7 +83,7 @@ def open_checkpoint(path: str | Path, config: ModelArgs | None = None, **runtime
         _check_agreement(config, stored, reader.config_path)
     if config.vocab_size < 1:  # a given config may leave the vocabulary to the weights
         config = dataclasses.replace(config, vocab_size=stored.vocab_size if stored else reader.vocab_size_from_weights())
-    return Checkpoint(reader, dataclasses.replace(config, **runtime))
+    return Checkpoint(reader, dataclasses.replace(config, **runtime), max_batch_size, max_seq_len)
 
 
 def _check_agreement(config: ModelArgs, stored: ModelArgs, where: Path) -> None:
@@ -98,15 +114,17 @@ def load_model(
     quantize: None, "int8", "int4" (groups of 128) or a `QuantScheme`: each rank quantizes its own slice of the
     matmul weights as it reads them (see llama_dist.model.quant). A quantized checkpoint loads as its params.json says
     (quantize may be None, or must name the same scheme).
-    config and runtime: as for `open_checkpoint`, when `checkpoint` is a path.
+    config and runtime (max_seq_len, max_batch_size, output_hidden_states, output_attentions): as for
+    `open_checkpoint`, when `checkpoint` is a path.
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint, config, **runtime)
     elif config is not None or runtime:
         raise ConfigError("pass config and runtime settings to open_checkpoint, not with an opened Checkpoint")
     reader, args = checkpoint.reader, checkpoint.args
+    limits = {"max_batch_size": checkpoint.max_batch_size, "max_seq_len": checkpoint.max_seq_len}
     world = model_parallel_world_size()
-    args.check_runtime_limits()  # the caller's settings: an error there is not the config file's
+    check_runtime_limits(**limits)  # the caller's settings: an error there is not the config file's
     try:
         args.validate(world)
     except ConfigError as exc:
@@ -116,14 +134,14 @@ def load_model(
     reader.check_world_size(world)
     stored = reader.stored_quantization()
     scheme = _resolve_scheme(make_scheme(quantize), stored, reader.config_path)
-    check_fits_in_memory(args, world, torch.device(device), dtype, reader.config_path, scheme)
+    check_fits_in_memory(args, world, torch.device(device), dtype, reader.config_path, scheme, **limits)
     # The checkpoint's own errors first (they need no group); building the split layers needs one.
     if not model_parallel_started():
         raise ConfigError(
             "load_model needs a process group: call llama_dist.init_distributed() first (Llama.build and "
             "Transformer.from_pretrained start one themselves)"
         )
-    model, quantized = _empty_model(args, device, dtype, scheme)
+    model, quantized = _empty_model(args, device, dtype, scheme, limits)
     # The bar counts what this rank reads (~1/N of the checkpoint, like every rank); the line, what it read.
     progress = Progress(f"Loading {reader.location.name}", _slice_bytes(model, quantized, dtype, stored),
                         "Read {count} tensors ({size} on rank 0) from " + f"{reader.location}" + " in {seconds:.2f} s")
@@ -187,9 +205,10 @@ def _resolve_scheme(requested: QuantScheme | None, stored: QuantScheme | None, w
 _Quantized = list[tuple[torch.nn.Module, str, list[str], list[torch.nn.Module]]]
 
 
-def _empty_model(args: ModelArgs, device, dtype: torch.dtype, scheme: QuantScheme | None):
-    """This rank's slice with uninitialised weights on `device`, ready to be filled, and the weights to fill as
-    quantized stacks (their float weights are never allocated)."""
+def _empty_model(args: ModelArgs, device, dtype: torch.dtype, scheme: QuantScheme | None, limits: dict):
+    """This rank's slice with uninitialised weights on `device`, ready to be filled, its RoPE tables and KV cache
+    sized by `limits` (max_batch_size, max_seq_len), and the weights to fill as quantized stacks (their float
+    weights are never allocated)."""
     with torch.device("meta"), skip_weight_init():
         model = Transformer(args)
     quantized: _Quantized = []
@@ -207,7 +226,7 @@ def _empty_model(args: ModelArgs, device, dtype: torch.dtype, scheme: QuantSchem
     model = model.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
     if not quantized:
         model.fuse()  # before filling: the loaded weights land in the stacked tensors
-    model.post_init()
+    model.post_init(**limits)
     return model.eval(), quantized
 
 

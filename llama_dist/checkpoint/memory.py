@@ -35,10 +35,11 @@ def _local_elements(spec: WeightSpec, args: ModelArgs, world_size: int) -> int:
 
 
 def memory_needed(
-    args: ModelArgs, world_size: int, dtype: torch.dtype, scheme: QuantScheme | None = None
+    args: ModelArgs, world_size: int, dtype: torch.dtype, scheme: QuantScheme | None = None, *,
+    max_batch_size: int, max_seq_len: int,
 ) -> tuple[int, int]:
     """(weights, KV cache + RoPE tables) bytes one of `world_size` ranks allocates for `args` in `dtype`, with
-    its matmul weights quantized by `scheme`."""
+    its matmul weights quantized by `scheme`, its cache and tables sized by the run's limits."""
     # Counted from the inventory's shapes rather than by building the model, one block standing for all: a config
     # with absurd sizes must be refused at once, not after building a million layers on the meta device.
     matmul = _matmul_bytes_per_weight(scheme, dtype)
@@ -51,8 +52,8 @@ def memory_needed(
     weights = nbytes(top_weights(args)) + args.n_layers * nbytes(layer_weights(args))
     local_kv_heads = max(1, args.n_kv_heads // world_size)
     hd = args.head_dim
-    cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * local_kv_heads * hd * dtype.itemsize
-    rope = 2 * args.max_seq_len * hd * 4  # cos and sin tables, float32
+    cache = 2 * args.n_layers * max_batch_size * max_seq_len * local_kv_heads * hd * dtype.itemsize
+    rope = 2 * max_seq_len * hd * 4  # cos and sin tables, float32
     return int(weights), cache + rope
 
 
@@ -77,14 +78,15 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
 
 def check_fits_in_memory(
     args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype, config_path,
-    scheme: QuantScheme | None = None,
+    scheme: QuantScheme | None = None, *, max_batch_size: int, max_seq_len: int,
 ) -> None:
     """Refuse, before allocating anything, a model slice and KV cache larger than what `device` has free."""
     available = available_memory(device)
     if available is None:
         return
     free, where = available
-    weights, cache = memory_needed(args, world_size, dtype, scheme)
+    weights, cache = memory_needed(args, world_size, dtype, scheme, max_batch_size=max_batch_size,
+                                   max_seq_len=max_seq_len)
     if weights + cache <= free:
         return
     dtype_name = str(dtype).removeprefix("torch.") + (f", {scheme.mode} matmul weights" if scheme else "")
@@ -96,6 +98,6 @@ def check_fits_in_memory(
         advice = "lower max_seq_len or max_batch_size"
     raise ConfigError(
         f"this rank needs {(weights + cache) / GIB:.1f} GiB ({weights / GIB:.1f} GiB of weights + {cache / GIB:.1f} GiB "
-        f"of KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len}) but {where}: "
+        f"of KV cache for max_batch_size={max_batch_size} x max_seq_len={max_seq_len}) but {where}: "
         f"{cause}; {advice}"
     )

@@ -48,11 +48,11 @@ class DecodeStep:
     @property
     def batch_size(self) -> int:
         """The rows every compiled step decodes."""
-        return self.model.args.max_batch_size
+        return self.model.max_batch_size
 
     @property
     def max_seq_len(self) -> int:
-        return self.model.args.max_seq_len
+        return self.model.max_seq_len
 
     def _every_row(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         return self.model.decode(tokens, positions, gather="all", tables=tables)

@@ -72,18 +72,18 @@ class Generator:
     # ---- requests -------------------------------------------------------------------------------------
 
     def _check_request(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs) -> _Request:
-        args = self.model.args
+        model, args = self.model, self.model.args
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise RequestError(f"prompt_tokens must be a non-empty list of token-id lists, got {prompt_tokens!r:.80}")
-        if len(prompt_tokens) > args.max_batch_size:
-            raise RequestError(f"{len(prompt_tokens)} prompts exceed max_batch_size={args.max_batch_size}")
+        if len(prompt_tokens) > model.max_batch_size:
+            raise RequestError(f"{len(prompt_tokens)} prompts exceed max_batch_size={model.max_batch_size}")
         prompts = []
         for i, prompt in enumerate(prompt_tokens):
             if not isinstance(prompt, (list, tuple)) or not prompt:
                 raise RequestError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r:.80}")
-            if len(prompt) > args.max_seq_len:
+            if len(prompt) > model.max_seq_len:
                 raise PromptTooLongError(
-                    f"prompt {i} has {len(prompt)} tokens, more than max_seq_len={args.max_seq_len}"
+                    f"prompt {i} has {len(prompt)} tokens, more than max_seq_len={model.max_seq_len}"
                 )
             for t in prompt:
                 if not isinstance(t, numbers.Integral) or isinstance(t, bool):

@@ -75,9 +75,8 @@ def pool_tokens(model: Transformer, config: EngineConfig, device: torch.device) 
     """Tokens each rank's KV pool holds: kv_cache_tokens, or what gpu_memory_fraction of the GPU leaves after the
     weights (the smallest over the ranks, so that every rank's pool has the same blocks), or by default
     max_batch_size x max_seq_len."""
-    args = model.args
     if config.gpu_memory_fraction is None:
-        return args.max_batch_size * args.max_seq_len if config.kv_cache_tokens is None else config.kv_cache_tokens
+        return model.max_batch_size * model.max_seq_len if config.kv_cache_tokens is None else config.kv_cache_tokens
     if torch.device(device).type != "cuda":
         raise ConfigError("gpu_memory_fraction sizes the KV cache on GPUs; on a CPU give kv_cache_tokens")
     free, total = torch.cuda.mem_get_info(device)
@@ -99,9 +98,8 @@ class LLMEngine:
         self.model, self.tokenizer, self.device, self.is_main = model, tokenizer, device, is_main
         config = EngineConfig() if config is None else config
         config.check()
-        args = model.args
-        self.config, self.max_seq_len = config, args.max_seq_len
-        self.max_num_seqs = args.max_batch_size if config.max_num_seqs is None else config.max_num_seqs
+        self.config, self.max_seq_len = config, model.max_seq_len
+        self.max_num_seqs = model.max_batch_size if config.max_num_seqs is None else config.max_num_seqs
         block_size = config.block_size
         num_blocks = -(-pool_tokens(model, config, device) // block_size) + RESERVED_BLOCKS
         cache = model.cache

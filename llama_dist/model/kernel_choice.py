@@ -99,7 +99,6 @@ def timing_items(model) -> list[tuple[tuple, int, list]]:
     every row bucket a forward can reach, in timing order: the decode buckets first; in each bucket the output
     weight, then the larger weights. The output only sees up to max_batch_size rows (generation projects the last
     position of each sequence); the other weights up to max_batch_size x max_seq_len (prefill)."""
-    args = model.args
     dtype = model.tok_embeddings.weight.dtype
     shapes: dict[tuple, list] = {}
     limit: dict[tuple, int] = {}
@@ -108,7 +107,7 @@ def timing_items(model) -> list[tuple[tuple, int, list]]:
         key = weight_key(weight, dtype)
         is_output = owner is model.output
         shapes.setdefault(key, []).append(weight)
-        rows = args.max_batch_size if is_output else args.max_batch_size * args.max_seq_len
+        rows = model.max_batch_size if is_output else model.max_batch_size * model.max_seq_len
         limit[key] = max(limit.get(key, 0), rows)
     output_key = weight_key(model.output.weight, dtype)
     ordered = sorted(shapes, key=lambda k: (k != output_key, -k[1] * k[2]))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_dist.config import ModelArgs
+from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ModelArgs, check_runtime_limits
 from llama_dist.dist.groups import model_parallel_world_size
 from llama_dist.model.attention import KVCache, StepLayout, Strided, attend, write_cache
 from llama_dist.model.kernels import local_linear
@@ -153,8 +153,10 @@ class Transformer(nn.Module):
     """This rank's slice of a Llama model.
 
     `Transformer(args)` allocates the slice with uninitialised weights; `args` must be valid for the
-    model-parallel world size (`args.validate`). `fuse()` and `post_init()` come before the weights are filled
-    (they land in the fused stacks) and the first forward: `llama_dist.checkpoint.loader.load_model` does all of it.
+    model-parallel world size (`args.validate`). `fuse()` and `post_init(max_batch_size, max_seq_len)` come before
+    the weights are filled (they land in the fused stacks) and the first forward:
+    `llama_dist.checkpoint.loader.load_model` does all of it. The runtime limits are the model's, not its args':
+    `setup_caches` sets `max_batch_size` and `max_seq_len` (gpt-fast's `setup_caches`).
     """
 
     def __init__(self, args: ModelArgs):
@@ -165,10 +167,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size)
         self.tie_embeddings()
+        # The run's limits, set by setup_caches: sequences decoded together, positions per sequence.
+        self.max_batch_size: int | None = None
+        self.max_seq_len: int | None = None
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         # The cache Meta's `model(tokens, start_pos)` and the seed's `model(ids, input_pos)` use: max_batch_size rows
-        # of max_seq_len positions, set up by post_init. The engine passes its own (or this one) to forward_step.
+        # of max_seq_len positions, set up by setup_caches. The engine passes its own (or this one) to forward_step.
         self.cache: KVCache | None = None
 
     @property
@@ -210,19 +215,27 @@ class Transformer(nn.Module):
             ]
         return weights + [(self.output, "weight", [self.output])]
 
-    def post_init(self, kv_cache: bool = True) -> None:
-        """Set up what is derived rather than loaded: RoPE tables (float32) and the default KV cache (model dtype).
+    def post_init(self, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+                  kv_cache: bool = True) -> None:
+        """Set up what is derived rather than loaded: the tied output weight, then `setup_caches`.
 
         Call it after the weights have their final device and dtype (the tables and cache follow
-        `tok_embeddings.weight`, which is never quantized); the loader calls it. The cache holds
-        max_batch_size x max_seq_len positions of this rank's KV heads per layer. kv_cache=False is for training,
-        where every forward sees whole sequences from position 0.
+        `tok_embeddings.weight`, which is never quantized); the loader calls it with the run's limits.
         """
         self.tie_embeddings()  # again: moving the model between devices makes new, separate parameters
-        param = self.tok_embeddings.weight
-        self.rope_cos, self.rope_sin = rope_tables(self.args, param.device)
+        self.setup_caches(max_batch_size, max_seq_len, kv_cache)
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, kv_cache: bool = True) -> None:
+        """Take the run's limits: RoPE tables (float32) up to max_seq_len, and the default KV cache (model dtype)
+        of max_batch_size x max_seq_len positions of this rank's KV heads per layer. kv_cache=False is for
+        training, where every forward sees whole sequences from position 0.
+        """
+        check_runtime_limits(max_batch_size, max_seq_len)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.cache = None  # the old cache goes before the new one is allocated
+        self.rope_cos, self.rope_sin = rope_tables(self.args, max_seq_len, self.tok_embeddings.weight.device)
         # One block per row: Meta's contiguous cache. The engine may replace it with a pool of smaller blocks.
-        self.cache = self.new_cache(self.args.max_batch_size, self.args.max_seq_len) if kv_cache else None
+        self.cache = self.new_cache(max_batch_size, max_seq_len) if kv_cache else None
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         """An empty KV cache of `num_blocks` blocks of `block_size` positions for this rank's KV heads."""
@@ -257,7 +270,7 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         start_pos = _first_position(start_pos, seqlen)
         end = start_pos + seqlen
-        rows, max_seq_len = self.args.max_batch_size, self.args.max_seq_len
+        rows, max_seq_len = self.max_batch_size, self.max_seq_len
         if bsz > rows or end > max_seq_len:
             raise ValueError(
                 f"batch {bsz} x positions {start_pos}..{end} exceeds the cache "
@@ -314,12 +327,12 @@ class Transformer(nn.Module):
         """
         self._check_ready(gather)
         cache = self.cache if cache is None else cache
-        if tokens.shape[0] > self.args.max_batch_size:
-            raise ValueError(f"batch {tokens.shape[0]} exceeds the cache (max_batch_size={self.args.max_batch_size})")
-        length = self.args.max_seq_len if length is None else length
+        if tokens.shape[0] > self.max_batch_size:
+            raise ValueError(f"batch {tokens.shape[0]} exceeds the cache (max_batch_size={self.max_batch_size})")
+        length = self.max_seq_len if length is None else length
         view = None
         if tables is None:  # Meta's rows, one after the other
-            every = cache.contiguous_tables(self.args.max_batch_size, self.args.max_seq_len, tokens.device)
+            every = cache.contiguous_tables(self.max_batch_size, self.max_seq_len, tokens.device)
             tables = every[: tokens.shape[0]] if slots is None else every[slots]
             if slots is None:
                 view = Strided(0, every.shape[1] * cache.block_size, tokens.shape[0])

@@ -24,14 +24,14 @@ def _llama31_scaled_frequencies(freqs: torch.Tensor, args: ModelArgs) -> torch.T
     return torch.where(in_band, blended, scaled)
 
 
-def rope_tables(args: ModelArgs, device=None):
-    """cos and sin of every (position, frequency) pair up to args.max_seq_len, float32, shape
+def rope_tables(args: ModelArgs, max_seq_len: int, device=None):
+    """cos and sin of every (position, frequency) pair up to max_seq_len (the run's limit), float32, shape
     (max_seq_len, head_dim // 2)."""
     head_dim, theta = args.head_dim, args.rope_theta
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     if args.use_scaled_rope:
         freqs = _llama31_scaled_frequencies(freqs, args)
-    angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.cos(angles), torch.sin(angles)
 
 

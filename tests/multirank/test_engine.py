@@ -12,7 +12,7 @@ from llama_dist.engine.decode_step import DecodeStep, compiles_by_default
 from llama_dist.llm import Llama
 
 MAX_SEQ_LEN, MAX_BATCH = 48, 3
-ARGS = tiny_args(vocab_size=SPM_VOCAB, n_kv_heads=2, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH)
+ARGS = tiny_args(vocab_size=SPM_VOCAB, n_kv_heads=2)
 RAGGED = [[1, 17, 42, 99, 7, 250], [1, 5], [1, 300, 301, 302]]
 
 

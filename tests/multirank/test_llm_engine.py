@@ -12,7 +12,8 @@ from llama_dist.engine.llm_engine import EngineConfig, LLMEngine
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.llm import Llama
 
-ARGS = tiny_args(vocab_size=SPM_VOCAB, n_kv_heads=2, max_seq_len=96, max_batch_size=4)
+ARGS = tiny_args(vocab_size=SPM_VOCAB, n_kv_heads=2)
+MAX_SEQ_LEN, MAX_BATCH = 96, 4
 PROMPT = [1] + [(7 * i) % 300 + 3 for i in range(69)]  # 70 tokens
 TOLERANCE = 1e-5
 
@@ -42,7 +43,7 @@ def _tokens(outputs) -> list[int]:
 
 
 def engine_worker(ckpt: str) -> dict:
-    llm = Llama.build(ckpt, max_seq_len=ARGS.max_seq_len, max_batch_size=ARGS.max_batch_size, dtype="float32",
+    llm = Llama.build(ckpt, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, dtype="float32",
                       compile=False)
     device, main = llm.dist.device, llm.dist.is_main
     out = {}

@@ -52,8 +52,34 @@ def test_unknown_runtime_argument_is_refused(tmp_path):
 def test_params_json_extra_meta_keys_are_ignored(tmp_path):
     write_checkpoint(tmp_path, tiny_args())
     edit_params(tmp_path, quantization_args={"scheme": "int4"}, vision_chunk_size=-1)
-    args = open_checkpoint(tmp_path, max_seq_len=64, max_batch_size=2).args
-    assert (args.dim, args.vocab_size, args.max_seq_len, args.max_batch_size) == (64, 128, 64, 2)
+    checkpoint = open_checkpoint(tmp_path, max_seq_len=64, max_batch_size=2)
+    assert (checkpoint.args.dim, checkpoint.args.vocab_size) == (64, 128)
+    assert (checkpoint.max_seq_len, checkpoint.max_batch_size) == (64, 2)
+
+
+def test_the_model_takes_the_runtime_limits_and_keeps_to_them(tmp_path):
+    """The limits given to load_model are the model's (ModelArgs describes the model only): they size its RoPE
+    tables and default cache, and a forward past them, or a limit that is not a positive integer, is one error."""
+    write_checkpoint(tmp_path, tiny_args())
+    edit_params(tmp_path, max_seq_len=4096, max_batch_size=32)  # not params.json fields: ignored like other extras
+    init_distributed()
+    try:
+        with raises_naming(ConfigError, "max_batch_size must be a positive integer, got 0"):
+            load_model(tmp_path, max_seq_len=8, max_batch_size=0)
+        model = load_model(tmp_path, max_seq_len=8, max_batch_size=2)
+        assert (model.max_seq_len, model.max_batch_size) == (8, 2)
+        assert model.rope_cos.shape[0] == 8 and (model.cache.num_blocks, model.cache.block_size) == (2, 8)
+        assert model(TOKENS, 1).logits.shape == (2, 7, 128)  # positions 1..7: the last one the cache holds
+        with raises_naming(ValueError, "positions 2..9", "max_seq_len=8"):
+            model(TOKENS, 2)
+        with raises_naming(ValueError, "batch 3", "max_batch_size=2"):
+            model(TOKENS[[0, 1, 0]], 0)
+        model.setup_caches(max_batch_size=3, max_seq_len=16)  # gpt-fast's way to change them after loading
+        assert model(TOKENS[[0, 1, 0]], 9).logits.shape == (3, 7, 128)
+        with raises_naming(ConfigError, "max_seq_len must be a positive integer, got 1.5"):
+            model.setup_caches(max_batch_size=3, max_seq_len=1.5)
+    finally:
+        shutdown_distributed()
 
 
 def test_a_given_config_must_match_params_json(tmp_path):
@@ -100,7 +126,7 @@ def test_llama_build_reads_params_json_and_validates_once(tmp_path, spm_model_pa
     monkeypatch.setattr(consolidated, "check_world_size", counted("check_world_size", consolidated.check_world_size))
     try:
         llm = Llama.build(tmp_path, spm_model_path, max_seq_len=32, max_batch_size=2)
-        assert llm.model.args.max_seq_len == 32
+        assert (llm.model.max_seq_len, llm.model.max_batch_size) == (32, 2)
     finally:
         shutdown_distributed()
     assert counts == {"params.json": 1, "validate": 1, "checkpoint_files": 1, "check_world_size": 1}

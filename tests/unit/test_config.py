@@ -1,13 +1,14 @@
 """config.py: validation of shapes against a world size, dtypes, and the named presets (`transformer_configs`:
 published parameter counts, Meta's model list, the bundled model)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import raises_naming, tiny_args
 
-from llama_dist.config import ModelArgs, resolve_dtype, transformer_configs
+from llama_dist.config import RUNTIME_LIMITS, ModelArgs, resolve_dtype, transformer_configs
 from llama_dist.errors import ConfigError
 from llama_dist.model.weights import weight_shapes
 
@@ -77,16 +78,26 @@ def test_llama3_presets_match_meta_model_list(name):
     assert {k: model.arch_args[k] for k in preset} == preset
 
 
-def test_presets_take_runtime_settings_and_run_on_their_world_sizes():
-    args = ModelArgs(**transformer_configs["Llama-3.1-405B"], max_seq_len=4096, max_batch_size=1,
-                     output_hidden_states=True, output_attentions=True)
-    assert (args.max_seq_len, args.output_hidden_states, args.output_attentions) == (4096, True, True)
+def test_presets_take_output_defaults_and_run_on_their_world_sizes():
+    args = ModelArgs(**transformer_configs["Llama-3.1-405B"], output_hidden_states=True, output_attentions=True)
+    assert (args.output_hidden_states, args.output_attentions) == (True, True)
     args.validate(8)
     args.validate(16)  # 16 ranks, 8 KV heads: each KV head on two ranks
     assert ModelArgs(**transformer_configs["tiny"]).output_attentions is False
     for name in ("Llama-2-7B", "Llama-3-8B", "Llama-3.2-1B", "Llama-3.2-3B"):
         ModelArgs(**transformer_configs[name]).validate(1)
         ModelArgs(**transformer_configs[name]).validate(2)
+
+
+def test_model_args_describe_the_model_only():
+    # The runtime limits belong to the run (load_model, Llama.build, Transformer.setup_caches), not to ModelArgs.
+    assert not {field.name for field in dataclasses.fields(ModelArgs)} & set(RUNTIME_LIMITS)
+    assert not any(hasattr(ModelArgs(), name) for name in RUNTIME_LIMITS)
+    # Meta's reference ModelArgs takes them: here that is one error saying where they go.
+    with raises_naming(ConfigError, "max_seq_len", "load_model", "Llama.build", "setup_caches"):
+        ModelArgs(**transformer_configs["tiny"], max_seq_len=64)
+    with raises_naming(ConfigError, "max_batch_size and max_seq_len"):
+        ModelArgs(max_batch_size=1, max_seq_len=64)
 
 
 def test_tiny_preset_matches_bundled_checkpoint():

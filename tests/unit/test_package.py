@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from llama_dist import cli
-from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, ModelArgs
+from llama_dist.checkpoint.loader import open_checkpoint
+from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN
 from llama_dist.llm import Llama
+from llama_dist.model.llama import Transformer
 
 PACKAGE = Path(__file__).resolve().parents[2] / "llama_dist"
 
@@ -128,10 +130,11 @@ def test_every_command_lists_every_run_flag(command, capfd):
 
 
 def test_one_default_for_each_runtime_limit():
-    build = inspect.signature(Llama.build).parameters
     options = cli.RunOptions()
-    assert options.max_seq_len == build["max_seq_len"].default == ModelArgs().max_seq_len == DEFAULT_MAX_SEQ_LEN
-    assert options.max_batch_size == build["max_batch_size"].default == ModelArgs().max_batch_size == DEFAULT_MAX_BATCH_SIZE
+    for function in (Llama.build, open_checkpoint, Transformer.post_init):
+        parameters = inspect.signature(function).parameters
+        assert options.max_seq_len == parameters["max_seq_len"].default == DEFAULT_MAX_SEQ_LEN, function
+        assert options.max_batch_size == parameters["max_batch_size"].default == DEFAULT_MAX_BATCH_SIZE, function
     completion = inspect.signature(Llama.text_completion).parameters
     assert options.max_gen_len is completion["max_gen_len"].default is None
     assert (options.temperature, options.top_p) == (completion["temperature"].default, completion["top_p"].default)

@@ -202,7 +202,7 @@ def hf_chat_ckpts(hf_tokenizer_dir, tmp_path_factory) -> dict:
     ckpts = {}
     for name, vocab in [("exact", 384), ("padded", 512), ("short", 256)]:
         ckpt = tmp_path_factory.mktemp(f"hf_chat_{name}") / "ckpt"
-        write_checkpoint(ckpt, tiny_args(vocab_size=vocab, max_seq_len=64), seed=1)
+        write_checkpoint(ckpt, tiny_args(vocab_size=vocab), seed=1)
         for f in Path(hf_tokenizer_dir).iterdir():
             shutil.copy(f, ckpt / f.name)
         ckpts[name] = str(ckpt)
