@@ -28,6 +28,7 @@ class ModelRunner:
         self.decode_step = DecodeStep(model, compile)
         self.compiled = self.decode_step.compiled and cache is model.cache
         self.last_step_prefilled = False  # whether the last step computed prompt chunks (timing reports read it)
+        self.last_decode_read = ""  # how the last step's decode rows read their context: view, runs or gather
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
@@ -57,6 +58,7 @@ class ModelRunner:
             kv_len = max(r.start for r in rows) + 1
             decode = DecodeRows(self._tables([r.block_table for r in rows], kv_len),
                                 torch.tensor([r.start for r in rows], device=device), kv_len)
+            self.last_decode_read = {Strided: "view", Runs: "runs"}.get(type(decode.tables), "gather")
         groups: list[RowGroup] = []
         tables: list[list[list[int]]] = []
         token = n_decode
