@@ -22,6 +22,8 @@ setup(
         "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1.6", "tqdm>=4.60",
         # The OpenAI-compatible server (`llama-dist serve`): the HTTP stack the ecosystem uses, not a hand-made one.
         "fastapi>=0.110", "uvicorn>=0.29",
+        # /metrics in Prometheus' text format.
+        "prometheus_client>=0.20",
     ],
     extras_require={
         # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers; the official

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
 import signal
 import sys
 import time
@@ -283,7 +284,7 @@ def generate(prompt: str | None = None, prompts_file: str | None = None, logprob
                 pairs = " ".join(f"{tok!r}:{lp:.3f}" for tok, lp in zip(result["tokens"], result["logprobs"]))
                 print0(f"  logprobs: {pairs}")
             print0()
-    compile_s = llm.decode_step.compile_s or 0.0  # spent once, inside the first decode step
+    compile_s = sum(llm.decode_step.compile_s.values())  # spent once per bucket, inside its first decode step
     compiled = f"; compiling the decode step took {compile_s:.1f} s more" if compile_s else ""
     seconds -= compile_s
     print0(f"[{len(prompts)} prompt(s), {generated} tokens in {seconds:.2f} s, "
@@ -333,8 +334,9 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
 
 @command
 def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
-          model_name: str | None = None, *, options: RunOptions):
-    """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health) from
+          model_name: str | None = None, api_key: str | None = None, *, options: RunOptions):
+    """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
+    /tokenize, /detokenize) from
     rank 0, decoding up to --max_batch_size requests at once (continuous batching); Ctrl-C or SIGTERM to rank 0
     lets running requests finish (a few seconds at most) and stops every rank. Sampling settings come with each
     request; the sampling flags below are not used.
@@ -343,7 +345,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
         host: the address to listen on (0.0.0.0 for every interface)
         port: the port to listen on (0: any free one, printed at start)
         max_queue: requests that may wait for a free slot; more get HTTP 429
-        model_name: the model id clients name (default: the checkpoint directory's name)
+        model_name: the model id clients name (default: the checkpoint directory's name); another name is a 404
+        api_key: requests must carry `Authorization: Bearer <api_key>` (401 otherwise; /health and /metrics stay
+            open); default: the LLAMA_DIST_API_KEY environment variable, else none
     """
     from llama_dist.serve.api import make_app  # the HTTP stack loads only for serving
     from llama_dist.serve.http_server import HttpServer
@@ -354,7 +358,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
     llm, _ = start(options, lambda: http.bind(host, port))
     name = model_name or (Path(options.ckpt_dir) if options.ckpt_dir else default_checkpoint()).resolve().name
     engine = ServingEngine(llm, name, max_queue=max_queue, seed=options.seed)
-    on_main_then_share(lambda: http.start(make_app(engine)))
+    api_key = api_key if api_key is not None else os.environ.get("LLAMA_DIST_API_KEY") or None
+    on_main_then_share(lambda: http.start(make_app(engine, api_key=None if api_key is None else str(api_key))))
     _stop_on_signals(engine)
     url = f"http://{host}:{http.port}/v1" if http else ""
     print0(f"Serving {name} at {url} ({dist.get_world_size()} rank(s), {options.max_batch_size} slots); "

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import fire
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from llama_dist.bench.decode import listed
 from llama_dist.checkpoint.formats import find_tokenizer
@@ -85,6 +86,7 @@ class Row:
     prefill_s: float  # of a lone request, for the TTFT bound
     decode_step_s: float
     speedup: float | None = None  # tokens/s over the 1-client row of the same rank count
+    server_decode_step_s: float = math.nan  # the server's own decode-only steps during the row (its /metrics)
 
     @property
     def tokens_per_s(self) -> float:
@@ -250,6 +252,13 @@ def stream_completion(client: httpx.Client, url: str, prompt: list[int], max_tok
     return Timing(ttft, time.perf_counter() - start, tokens, chunk_at)
 
 
+def decode_step_totals(url: str) -> tuple[float, int]:
+    """(seconds, count) of the server's decode-only engine steps so far, from its /metrics."""
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=REQUEST_TIMEOUT_S).raise_for_status().text
+    totals = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return totals["llama_dist:engine_decode_step_seconds_sum"], int(totals["llama_dist:engine_decode_step_seconds_count"])
+
+
 def run_clients(url: str, prompts: list[list[int]], clients: int, requests_per_client: int,
                 max_tokens: int) -> tuple[list[Timing], float]:
     """`clients` threads, each sending its requests back to back: (timings, seconds from first sent to last done)."""
@@ -299,7 +308,9 @@ def format_table(rows: list[Row], prompt_len: int, max_tokens: int, max_batch_si
             f"{ranks} rank(s), {last.clients} clients: time per output token {last.per_token_s * 1e3:.0f} ms; median "
             f"gap between a stream's tokens {last.gap(50) * 1e3:.0f} ms (about one decode step of up to "
             f"{min(last.clients, max_batch_size)} rows; p99 {last.gap(99) * 1e3:.0f} ms); lone request's decode step "
-            f"(1 row) {last.decode_step_s * 1e3:.0f} ms")
+            f"(1 row) {last.decode_step_s * 1e3:.0f} ms; the server's own decode-only steps meanwhile "
+            f"{last.server_decode_step_s * 1e3:.0f} ms on average (time per output token "
+            f"{last.per_token_s / last.server_decode_step_s:.2f}x of it)")
     early = sum(t.tokens < max_tokens for row in rows for t in row.timings)
     if early:  # the API has no ignore_eos: tokens/s counts what was generated, TTFT only requests that had a token
         lines.append(f"{early} request(s) ended on a stop token before max_tokens")
@@ -498,8 +509,13 @@ def load_test(ckpt_dir: str, nproc=(1, 2), clients=(1, 4, 16), max_batch_size: i
             prefill_s = percentile([t.ttft_s for t in lone if t.ttft_s is not None], 50)
             decode_step_s = percentile([t.per_token_s for t in lone if t.per_token_s is not None], 50)
             for count in client_counts:
+                steps_before = decode_step_totals(server.url)
                 timings, elapsed = run_clients(server.url, prompts, count, requests_per_client, max_tokens)
+                steps_after = decode_step_totals(server.url)
                 rows.append(Row(ranks, count, timings, elapsed, prefill_s, decode_step_s))
+                if steps_after[1] > steps_before[1]:
+                    rows[-1].server_decode_step_s = ((steps_after[0] - steps_before[0])
+                                                     / (steps_after[1] - steps_before[1]))
                 print(f"  {count} client(s): {rows[-1].tokens_per_s:.1f} tok/s", file=sys.stderr, flush=True)
             if stall_prompt_len:
                 stall_prompts = make_prompts(tokenizer, stall_clients, prompt_len, seed + 1)

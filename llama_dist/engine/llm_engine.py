@@ -28,6 +28,7 @@ from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.scheduler import ScheduledChunk, Scheduler
 from llama_dist.engine.sequence import RequestOutput, Sequence
 from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
+from llama_dist.engine.structured_output import GrammarCompiler
 from llama_dist.errors import ConfigError, PromptTooLongError, RequestError
 from llama_dist.model.llama import Transformer
 from llama_dist.text.detokenizer import CompletionText
@@ -113,6 +114,9 @@ class LLMEngine:
                                           seek_runs=torch.device(device).type == "cpu")
         self.scheduler = Scheduler(self.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
         self.sampler = Sampler(device, seed)
+        # Structured output (rank 0): the grammar vocabulary is built on the first grammar's check.
+        self.grammars = GrammarCompiler(tokenizer, model.args.vocab_size)
+        self._any_token = torch.ones(model.args.vocab_size, dtype=torch.bool)  # the mask of a row with no grammar
         self.metrics = EngineMetrics()
         self._failure: BaseException | None = None  # rank 0's own error, raised once every rank knows
 
@@ -130,14 +134,18 @@ class LLMEngine:
             raise PromptTooLongError(f"the prompt has {len(prompt)} tokens, more than max_seq_len={self.max_seq_len}")
         if not all(0 <= t < vocab for t in prompt):
             raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab})")
         room = self.max_seq_len - len(prompt)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self.check_fits(len(prompt), max_tokens)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_tokens))
+        guide = None if params.guided is None else self.grammars.guide(params.guided)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, prompt, params, frozenset(stops), max_tokens, generator, time.monotonic())
+        seq.guide = guide
         if params.stop or detokenize:
             # A completion continues its prompt's text: the last prompt tokens shape its first word's spacing.
             seq.text = CompletionText(self.tokenizer, params.stop, prompt[-4:])
@@ -253,15 +261,25 @@ class LLMEngine:
                 sampled.append((chunk, rows.stop - 1))
         batch = None
         if sampled:
+            allowed = None
+            if any(c.seq.guide is not None for c, _ in sampled):  # grammars: rank 0 masks, the ranks never know
+                allowed = torch.stack([c.seq.guide.allowed() if c.seq.guide is not None else self._any_token
+                                       for c, _ in sampled]).to(logits.device)
             batch = self.sampler(logits[[r for _, r in sampled]], [c.seq.params for c, _ in sampled],
-                                 [c.seq.generator for c, _ in sampled])
-        host = _to_host(batch, [token_logprobs(logits[rows], torch.tensor(targets, device=logits.device))
-                                for _, rows, targets in scored if targets])
+                                 [c.seq.generator for c, _ in sampled], allowed)
+        host = _to_host(batch, [_prompt_scores(logits[rows], targets, c.seq.params.top_logprobs)
+                                for c, rows, targets in scored if targets])
         for chunk, _, targets in scored:
             seq = chunk.seq
-            if chunk.start == 0:
-                seq.prompt_logprobs.append(None)  # the first prompt token: nothing before it to score it
-            seq.prompt_logprobs += host.prompt_logprobs.pop(0) if targets else []
+            if chunk.start == 0:  # the first prompt token: nothing before it to score it
+                seq.prompt_logprobs.append(None)
+                seq.prompt_top_logprobs.append(None)
+            if targets:
+                k = seq.params.top_logprobs
+                for row in host.prompt_scores.pop(0):
+                    seq.prompt_logprobs.append(row[0])
+                    seq.prompt_top_logprobs.append([(int(i), lp) for i, lp in zip(row[1 : 1 + k], row[1 + k :])]
+                                                   if k else None)
         outputs = {}
         for i, (chunk, _) in enumerate(sampled):
             outputs[chunk.seq.request_id] = self._append(chunk.seq, host, i)
@@ -284,6 +302,14 @@ class LLMEngine:
             self.scheduler.finish(seq, "stop")
             return self._output(seq, [], None, None)
         seq.output_token_ids.append(token)
+        if seq.guide is not None:
+            try:
+                seq.guide.consume(token)
+            except RequestError as e:
+                self.scheduler.finish(seq, "error", str(e))
+                return self._output(seq, [token], None, None)
+            if seq.guide.finished:  # the grammar is complete: nothing may follow
+                self.scheduler.finish(seq, "stop")
         logprob = host.logprobs[i] if seq.params.logprobs or seq.params.top_logprobs else None
         top = host.top[i][: seq.params.top_logprobs] if seq.params.top_logprobs else None
         if logprob is not None:
@@ -311,6 +337,8 @@ class LLMEngine:
             new_top_logprobs=[top] if top is not None else None,
             finished=seq.is_finished, finish_reason=seq.finish_reason, error=seq.error,
             prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
+            prompt_top_logprobs=(list(seq.prompt_top_logprobs) if first and seq.params.prompt_logprobs
+                                 and seq.params.top_logprobs else None),
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_token_ids), text=text,
             num_cached_tokens=seq.num_cached_tokens,
         )
@@ -319,9 +347,20 @@ class LLMEngine:
 class _HostBatch:
     """What rank 0 needs on the host after sampling, brought over in one transfer."""
 
-    def __init__(self, tokens, logprobs, finite, top, prompt_logprobs):
-        self.tokens, self.logprobs, self.finite, self.top, self.prompt_logprobs = (
-            tokens, logprobs, finite, top, prompt_logprobs)
+    def __init__(self, tokens, logprobs, finite, top, prompt_scores):
+        self.tokens, self.logprobs, self.finite, self.top, self.prompt_scores = (
+            tokens, logprobs, finite, top, prompt_scores)
+
+
+def _prompt_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Tensor:
+    """(len(targets), 1 + 2k): each row's raw log-probability of its target, then its k most likely token ids and
+    their log-probabilities (prompt_logprobs, with top_logprobs)."""
+    logits = logits[: len(targets)]
+    chosen = token_logprobs(logits, torch.tensor(targets, device=logits.device)).unsqueeze(-1)
+    if not k:
+        return chosen
+    top_logprobs, top_ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+    return torch.cat([chosen, top_ids.float(), top_logprobs], dim=-1)
 
 
 def _to_host(batch, prompt_scores: list[torch.Tensor]) -> _HostBatch:
@@ -331,7 +370,7 @@ def _to_host(batch, prompt_scores: list[torch.Tensor]) -> _HostBatch:
         rows, k = batch.tokens.shape[0], batch.top_ids.shape[1]
         parts += [batch.tokens.double(), batch.logprobs.double(), batch.finite.double(),
                   batch.top_ids.double().flatten(), batch.top_logprobs.double().flatten()]
-    parts += [scores.double() for scores in prompt_scores]
+    parts += [scores.double().flatten() for scores in prompt_scores]
     values = torch.cat(parts).tolist() if parts else []
     tokens = [int(v) for v in values[:rows]]
     logprobs = values[rows : 2 * rows]
@@ -340,7 +379,8 @@ def _to_host(batch, prompt_scores: list[torch.Tensor]) -> _HostBatch:
     lps = values[3 * rows + rows * k : 3 * rows + 2 * rows * k]
     top = [[(int(ids[i * k + j]), lps[i * k + j]) for j in range(k)] for i in range(rows)]
     rest, scores = values[3 * rows + 2 * rows * k :], []
-    for tensor in prompt_scores:
-        scores.append(rest[: tensor.numel()])
+    for tensor in prompt_scores:  # each back to its rows
+        width = tensor.shape[1]
+        scores.append([rest[i : i + width] for i in range(0, tensor.numel(), width)])
         rest = rest[tensor.numel():]
     return _HostBatch(tokens, logprobs, finite, top, scores)

@@ -1,5 +1,6 @@
 """What the engine did, filled each step on rank 0: queue sizes, tokens prefilled and decoded, time to first
-token, time between tokens, end-to-end latency and cache use. The server's /metrics and the benchmarks read it."""
+token, time between tokens, end-to-end latency, step times and cache use. The benchmarks read it; the server's
+/metrics (serve/metrics.py) reads its counters and hears each latency as it is recorded (`listeners`)."""
 
 from __future__ import annotations
 
@@ -22,27 +23,37 @@ class EngineMetrics:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, found (not computed again)
     step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
+    decode_step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))  # decodes only
     time_to_first_token_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
     inter_token_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
     e2e_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
+    # Called as listener(name, seconds) for each latency recorded, name one of the deques' names above.
+    listeners: list = field(default_factory=list)
+
+    def _record(self, name: str, seconds: float) -> None:
+        getattr(self, name).append(seconds)
+        for listener in self.listeners:
+            listener(name, seconds)
 
     def token_generated(self, seq, now: float) -> None:
         self.generation_tokens += 1
         if seq.first_token_s is None:
             seq.first_token_s = now
-            self.time_to_first_token_s.append(now - seq.arrival_s)
+            self._record("time_to_first_token_s", now - seq.arrival_s)
         else:
-            self.inter_token_latency_s.append(now - seq.last_token_s)
+            self._record("inter_token_latency_s", now - seq.last_token_s)
         seq.last_token_s = now
 
     def step_done(self, chunks, seconds: float, scheduler) -> None:
         self.steps += 1
-        self.step_s.append(seconds)
+        self._record("step_s", seconds)
+        if all(c.num_tokens == 1 and c.completes_sequence and c.start > 0 for c in chunks):
+            self._record("decode_step_s", seconds)
         self.prompt_tokens += sum(max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start) for c in chunks)
         for chunk in chunks:
             if chunk.seq.is_finished:
                 self.finished_requests += 1
-                self.e2e_latency_s.append((chunk.seq.last_token_s or chunk.seq.arrival_s) - chunk.seq.arrival_s)
+                self._record("e2e_latency_s", (chunk.seq.last_token_s or chunk.seq.arrival_s) - chunk.seq.arrival_s)
         self.num_waiting, self.num_running = len(scheduler.waiting), len(scheduler.running)
         blocks = scheduler.block_manager
         self.cache_usage = blocks.usage

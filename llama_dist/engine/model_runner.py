@@ -2,8 +2,8 @@
 for out.
 
 It owns the eager/compiled choice: a step of decodes only may run through the compiled decode step
-(`decode_step.DecodeStep`: every cache row over the whole cache, CUDA graphs only where the collectives are
-NCCL's); a step with prefill chunks always runs eagerly, as one flat batch.
+(`decode_step.DecodeStep`: its rows padded to a few batch-size buckets, each over the whole cache, CUDA graphs only
+where the collectives are NCCL's); a step with prefill chunks always runs eagerly, as one flat batch.
 """
 
 from __future__ import annotations
@@ -95,9 +95,10 @@ class ModelRunner:
         return torch.tensor(padded, device=self.device)
 
     def _compiled_decode(self, plan: StepPlan) -> torch.Tensor | None:
-        """Every row of the compiled batch decodes: the plan's rows first, the rest a dummy token at the last
-        position of the scratch block 0 (written, never read)."""
-        n, size = len(plan.rows), self.decode_step.batch_size
+        """The plan's rows padded to the compiled step's next bucket: the padding rows decode a dummy token at the
+        last position of the scratch block 0 (written, never read)."""
+        n = len(plan.rows)
+        size = self.decode_step.bucket_for(n)
         max_blocks = self.cache.row_blocks(self.decode_step.max_seq_len)
         tokens = torch.zeros(size, dtype=torch.long)
         positions = torch.full((size,), self.decode_step.max_seq_len - 1, dtype=torch.long)

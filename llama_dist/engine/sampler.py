@@ -42,8 +42,10 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+        allowed: torch.Tensor | None = None,
     ) -> SampledBatch:
+        """allowed: (rows, vocab) bool, the tokens each row may take (its grammar's), or None: any."""
         rows, vocab = logits.shape
         if len(params) != rows or len(generators) != rows:
             raise ValueError(f"{rows} rows of logits but {len(params)} params and {len(generators)} generators")
@@ -54,6 +56,10 @@ class Sampler:
         # Non-finite rows (bad weights) are replaced by zeros so that nothing below produces NaN or crashes; the
         # engine ends those requests with an error, so their token only has to be a valid id.
         clean = torch.where(finite.unsqueeze(-1), logits, 0.0)
+        if any(p.logit_bias for p in params):
+            clean = self._biased(clean, params)
+        if allowed is not None:
+            clean = clean.masked_fill(~allowed, float("-inf"))
         tokens = clean.max(dim=-1).indices  # the first maximum, as argmax, at a third of its cost on CPUs
         if not all(p.greedy for p in params):
             sampled = self._sample(clean, params, generators)
@@ -113,6 +119,17 @@ class Sampler:
         target = self._uniforms(params, generators).unsqueeze(-1) * cum[:, -1:]
         index = torch.searchsorted(cum, target).clamp_(max=vocab - 1)  # clamp: rounding past the end
         return order.gather(-1, index).squeeze(-1)
+
+    def _biased(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's logit_bias added to its logits (a copy; ids past the vocabulary are ignored)."""
+        vocab = logits.shape[-1]
+        entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias.items()
+                   if token < vocab]
+        if not entries:
+            return logits
+        rows, tokens, biases = zip(*entries)
+        return logits.index_put((self._to_device(list(rows), torch.long), self._to_device(list(tokens), torch.long)),
+                                self._to_device(list(biases), torch.float32), accumulate=True)
 
     def _uniforms(self, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
         """(rows,) uniforms in [0, 1): one draw per non-greedy row, from its own generator when it has one,

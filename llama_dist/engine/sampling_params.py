@@ -6,6 +6,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from llama_dist.engine.structured_output import Grammar
 from llama_dist.errors import RequestError
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
@@ -18,7 +19,10 @@ class SamplingParams:
     ignore_eos); a stop string ends it before the string. seed: this request's own random stream (None: the
     engine's). logprobs: the chosen token's log-probability; top_logprobs: also the k most likely tokens'; both the
     model's raw log-softmax, before temperature and filters. prompt_logprobs: each prompt token's log-probability
-    given the tokens before it (the first has none)."""
+    given the tokens before it (the first has none). logit_bias: {token id: bias} added to the logits before
+    sampling (greedy too), as OpenAI's: -100 bans a token in practice, +100 all but forces it; log-probabilities
+    stay the model's own. guided: a grammar the output must follow (structured output: engine.structured_output);
+    it ends the output once the grammar is complete."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -31,6 +35,8 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    guided: Grammar | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -52,6 +58,10 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise RequestError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r:.80}")
+        if not isinstance(self.logit_bias, dict) or not all(
+                _is_int(t) and t >= 0 and isinstance(b, numbers.Real) and not isinstance(b, bool)
+                and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            raise RequestError(f"logit_bias must map token ids to numbers in [-100, 100], got {self.logit_bias!r:.80}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError(f"stop must be non-empty strings, got {self.stop!r:.80}")
 

@@ -87,6 +87,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
         seq.prompt_logprobs.clear()  # recomputed with the rest
+        seq.prompt_top_logprobs.clear()
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

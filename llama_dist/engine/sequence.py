@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llama_dist.engine.sampling_params import SamplingParams
+from llama_dist.engine.structured_output import Guide
 from llama_dist.text.detokenizer import CompletionText
 
 
@@ -40,9 +41,11 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)  # with top_logprobs
     first_token_s: float | None = None
     last_token_s: float | None = None
     text: CompletionText | None = None  # its text as it grows (stop strings are checked there), when asked
+    guide: Guide | None = None  # its grammar's state (structured output), when it has one
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -83,6 +86,7 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     prompt_logprobs: list[float | None] | None = None  # once, with the request's first output
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # the same, when top_logprobs too
     text: str = ""  # the text released by this step (requests with stop strings or detokenize=True)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0

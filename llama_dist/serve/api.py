@@ -1,16 +1,19 @@
-"""The OpenAI-compatible HTTP API on rank 0: /v1/completions, /v1/chat/completions, /v1/models, /health.
+"""The OpenAI-compatible HTTP API on rank 0: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
+/tokenize and /detokenize (vLLM's shapes). With an API key, every route but /health and /metrics wants it.
 
 A route checks and tokenizes the request, submits it to the engine, and turns the engine's token events into
 OpenAI's response JSON or its server-sent-event stream. All of it runs on the HTTP thread's event loop and reaches
 the engine only through `submit` and the returned handle, so no request can block the engine loop.
 
 What is used of `engine`: `submit(GenerationRequest) -> RequestHandle` (raising `ServerBusy` when its queue is
-full), `tokenizer`, `vocab_size`, `max_seq_len`, `model_name`, `health() -> dict`.
+full), `tokenizer`, `vocab_size`, `max_seq_len`, `model_name`, `health() -> dict`, `metrics` (the engine's
+EngineMetrics).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -21,14 +24,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_dist.engine.sampling_params import check_sampling
+from llama_dist.engine.sampling_params import SamplingParams
+from llama_dist.engine.structured_output import Grammar
 from llama_dist.errors import DialogError, RequestError, TokenizerError
+from llama_dist.serve.metrics import CONTENT_TYPE, ServerMetrics
 from llama_dist.serve.openai_schema import (
     ApiError,
     ChatCompletionRequest,
     ChatShape,
     CompletionRequest,
     CompletionShape,
+    DetokenizeRequest,
+    TokenizeRequest,
     error_body,
     unsupported_settings,
 )
@@ -40,16 +47,23 @@ __all__ = ["make_app"]
 
 log = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
+# Routes open without the API key: probes and scrapers carry none.
+OPEN_PATHS = ("/health", "/metrics")
 # Prompt tokens a completion is decoded after (enough for any tokenizer to spell the first new word as it follows).
 DECODE_CONTEXT_TOKENS = 4
 
 
-def make_app(engine) -> FastAPI:
-    """The FastAPI app serving `engine` (see the module docstring for what it must offer)."""
+def make_app(engine, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (see the module docstring for what it must offer); with `api_key`, requests
+    need `Authorization: Bearer <api_key>` (401 otherwise)."""
     app = FastAPI(title="llama_dist", summary="OpenAI-compatible API over a tensor-parallel Llama")
     _install_error_handlers(app)
+    if api_key:
+        app.add_middleware(_RequireApiKey, api_key=api_key)
     started = int(time.time())
+    metrics = ServerMetrics(engine.metrics, engine.model_name)
+    token_texts = TokenTexts(engine.tokenizer)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -64,35 +78,86 @@ def make_app(engine) -> FastAPI:
         # Load balancers and orchestrators read only the status code.
         return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        _check_model(engine, body.model)
+        if body.messages is not None:
+            tokens = _chat_prompt(engine.tokenizer, ChatCompletionRequest(messages=body.messages))
+        elif body.prompt is not None:
+            tokens = engine.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
+        else:
+            raise ApiError("give a prompt or messages to tokenize", param="prompt")
+        return {"count": len(tokens), "max_model_len": engine.max_seq_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        _check_model(engine, body.model)
+        if not all(0 <= t < engine.vocab_size for t in body.tokens):
+            raise ApiError(f"tokens must be ids in [0, {engine.vocab_size})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         unsupported_settings(body)
+        _check_model(engine, body.model)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
             prompt_ids = _encode(engine.tokenizer, prompt)
         else:
             prompt_ids = prompt
-        generation = _generation_request(engine, body, prompt_ids, body.max_tokens, "prompt",
-                                         logprobs=body.logprobs is not None)
+        logprobs = body.logprobs is not None
+        generation = _generation_request(engine, body, prompt_ids, body.max_tokens, "prompt", logprobs=logprobs,
+                                         top_logprobs=body.logprobs or 0, prompt_logprobs=body.echo and logprobs,
+                                         guided=await _checked_grammar(engine, body))
         echo = _prompt_tokens(engine.tokenizer, prompt_ids) if body.echo else None
         if echo is not None and isinstance(prompt, str):
             echo = echo[0], prompt  # the prompt as the client wrote it, not as decoding spells it
         shape = CompletionShape(engine.model_name, body.logprobs is not None, echo)
-        return await _respond(engine, request, generation, body, shape)
+        return await _respond(engine, request, generation, body, shape, token_texts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         unsupported_settings(body)
+        _check_model(engine, body.model)
         prompt_ids = _chat_prompt(engine.tokenizer, body)
         generation = _generation_request(engine, body, prompt_ids, body.token_limit, "messages",
-                                         logprobs=bool(body.logprobs))
+                                         logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
+                                         guided=await _checked_grammar(engine, body))
         shape = ChatShape(engine.model_name, bool(body.logprobs))
-        return await _respond(engine, request, generation, body, shape)
+        return await _respond(engine, request, generation, body, shape, token_texts)
 
     return app
 
 
+class _RequireApiKey:
+    """ASGI middleware: 401 in OpenAI's shape unless the request carries the key (plain ASGI, not FastAPI's
+    BaseHTTPMiddleware, which would stand between a stream and its client's disconnect)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = error_body("a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ---- from a request body to a GenerationRequest ----------------------------------------------------------------
+
+def _check_model(engine, model: str | None) -> None:
+    if model is not None and model != engine.model_name:
+        raise ApiError(f"the model '{model}' does not exist: this server serves '{engine.model_name}'", 404,
+                       param="model", code="model_not_found")
+
 
 def _encode(tokenizer, text: str) -> list[int]:
     try:
@@ -108,15 +173,27 @@ def _chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
         if message.role not in CHAT_ROLES:
             raise ApiError(f"messages[{i}] has role {message.role!r}; supported roles are {', '.join(CHAT_ROLES)}",
                            param=f"messages[{i}].role")
-    dialog = [{"role": m.role, "content": m.text()} for m in body.messages]
+    dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
         return format_dialog(tokenizer, dialog)
     except (DialogError, TokenizerError) as e:
         raise ApiError(str(e), param="messages") from None
 
 
+async def _checked_grammar(engine, body) -> Grammar | None:
+    """The request's grammar, checked (and compiled, cached) on a worker thread, away from the event loop."""
+    grammar = body.grammar()
+    if grammar is not None:
+        try:
+            await asyncio.to_thread(engine.check_grammar, grammar)
+        except RequestError as e:
+            raise ApiError(str(e), param="response_format") from None
+    return grammar
+
+
 def _generation_request(engine, body, prompt_ids: list[int], max_tokens: int | None, prompt_param: str,
-                        logprobs: bool) -> GenerationRequest:
+                        logprobs: bool, top_logprobs: int = 0, prompt_logprobs: bool = False,
+                        guided: Grammar | None = None) -> GenerationRequest:
     vocab_size, max_seq_len = engine.vocab_size, engine.max_seq_len
     for i, token in enumerate(prompt_ids):
         if not 0 <= token < vocab_size:
@@ -133,12 +210,17 @@ def _generation_request(engine, body, prompt_ids: list[int], max_tokens: int | N
                        f"max_seq_len {max_seq_len}", param="max_tokens", code="context_length_exceeded")
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
-    try:
-        check_sampling(temperature, top_p, max_tokens)
+    bias = body.token_bias()
+    if any(t >= vocab_size for t in bias):
+        raise ApiError(f"logit_bias names token ids outside the vocabulary [0, {vocab_size})", param="logit_bias")
+    try:  # what the engine will check again: refused here as a 400, not failed there
+        SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, top_logprobs=top_logprobs,
+                       logit_bias=bias)
     except RequestError as e:
         raise ApiError(str(e)) from None
     return GenerationRequest(prompt_tokens=list(prompt_ids), max_tokens=max_tokens, temperature=temperature,
-                             top_p=top_p, seed=body.seed, logprobs=logprobs,
+                             top_p=top_p, seed=body.seed, logprobs=logprobs or bool(top_logprobs),
+                             top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias, guided=guided,
                              stop_tokens=tuple(engine.tokenizer.stop_tokens))
 
 
@@ -154,13 +236,33 @@ def _prompt_tokens(tokenizer, prompt_ids: list[int]) -> tuple[list[GeneratedToke
     return tokens, text + rest
 
 
+class TokenTexts:
+    """A token's text as it reads inside a text (an alternative in top_logprobs): decoded after an anchor token,
+    since decoding a token alone drops the leading space of a SentencePiece word. Cached per id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._anchor = tokenizer.encode("a", bos=False, eos=False)[-1:]
+        self._anchor_text = tokenizer.decode(self._anchor)
+        self._texts: dict[int, str] = {}
+
+    def __getitem__(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            both = self.tokenizer.decode(self._anchor + [token])
+            text = both[len(self._anchor_text):] if both.startswith(self._anchor_text) else self.tokenizer.decode([token])
+            if len(self._texts) < 1_000_000:
+                self._texts[token] = text
+        return text
+
+
 # ---- reading the engine's events -----------------------------------------------------------------------------
 
 class _Run:
     """A submitted request being read: its text so far, its token count, and why it ended."""
 
-    def __init__(self, handle: RequestHandle, completion: CompletionText):
-        self.handle, self.completion = handle, completion
+    def __init__(self, handle: RequestHandle, completion: CompletionText, token_texts: TokenTexts):
+        self.handle, self.completion, self.token_texts = handle, completion, token_texts
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._engine_done = False
@@ -171,7 +273,7 @@ class _Run:
         async for event in self.handle.events():
             if isinstance(event, TokenEvent):
                 self.completion_tokens += 1
-                self.completion.add(event.token, event.logprob)
+                self.completion.add(event.token, event.logprob, self.texts(event.top))
                 if self.completion.stopped:
                     self.finish_reason = "stop"
                     self.stop_engine()  # the rest would be thrown away: give the slot to the next request
@@ -187,6 +289,16 @@ class _Run:
         text, tokens = self.completion.release()
         if self._worth_sending(text, tokens):
             yield text, tokens
+
+    def texts(self, top) -> list[tuple[str, float]] | None:
+        """(token id, logprob) alternatives as (the token's own text, logprob)."""
+        return None if top is None else [(self.token_texts[token], logprob) for token, logprob in top]
+
+    def score_prompt(self, shape) -> None:
+        """Give the echoed prompt its log-probabilities, once the engine has sent them (with the first event)."""
+        if self.handle.request.prompt_logprobs and isinstance(shape, CompletionShape):
+            top = self.handle.prompt_top_logprobs
+            shape.score_prompt(self.handle.prompt_logprobs or [], top and [self.texts(t) for t in top])
 
     def _worth_sending(self, text: str, tokens: list[GeneratedToken]) -> bool:
         # Tokens that are part of a character not yet complete have no text: only their logprobs would go.
@@ -212,7 +324,8 @@ def _finish_reason(event: Finished) -> str:
     raise ApiError(f"generation failed: {event.error or event.reason}", 500, type="server_error")
 
 
-async def _respond(engine, request: Request, generation: GenerationRequest, body, shape) -> Response:
+async def _respond(engine, request: Request, generation: GenerationRequest, body, shape,
+                   token_texts: TokenTexts) -> Response:
     # A text completion continues its prompt (prompt + text is the whole document, " Paris" after "... is"), while a
     # chat reply is a text of its own (no leading space before its first word, as Meta's chat_completion gives it).
     context = generation.prompt_tokens[-DECODE_CONTEXT_TOKENS:] if isinstance(body, CompletionRequest) else ()
@@ -224,7 +337,7 @@ async def _respond(engine, request: Request, generation: GenerationRequest, body
                        headers={"Retry-After": "1"}) from None
     except RequestError as e:
         raise ApiError(str(e)) from None
-    run = _Run(handle, completion)
+    run = _Run(handle, completion, token_texts)
     if body.stream:
         return _EventStream(_events(run, shape, body.include_usage), on_close=run.stop_engine)
     try:
@@ -232,6 +345,7 @@ async def _respond(engine, request: Request, generation: GenerationRequest, body
             return Response(status_code=499)  # nobody reads it: the client is gone
     finally:
         run.stop_engine()  # a no-op once the engine has finished
+    run.score_prompt(shape)
     return JSONResponse(shape.response(completion.text, completion.tokens, run.finish_reason, run.usage()))
 
 
@@ -261,10 +375,16 @@ async def _unless_disconnected(request: Request, work) -> bool:
 
 async def _events(run: _Run, shape, include_usage: bool) -> AsyncIterator[str]:
     try:
-        for chunk in shape.opening_chunks():
-            yield _sse(chunk)
         try:
-            async for text, tokens in run.pieces():
+            pieces, first = run.pieces(), []
+            if run.handle.request.prompt_logprobs:  # the echoed prompt's scores come with the engine's first event
+                first = [piece for piece in [await anext(pieces, None)] if piece is not None]
+                run.score_prompt(shape)
+            for chunk in shape.opening_chunks():
+                yield _sse(chunk)
+            for text, tokens in first:
+                yield _sse(shape.chunk(text, tokens, None))
+            async for text, tokens in pieces:
                 yield _sse(shape.chunk(text, tokens, None))
             yield _sse(shape.chunk("", [], run.finish_reason))
             if include_usage:

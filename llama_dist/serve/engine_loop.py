@@ -46,6 +46,7 @@ class ServingEngine:
 
     def __init__(self, llm, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE, seed: int = 1):
         self.engine = llm.engine
+        self.metrics = self.engine.metrics
         self.tokenizer = llm.tokenizer
         self.model_name = model_name
         self.max_seq_len = self.engine.max_seq_len
@@ -81,6 +82,11 @@ class ServingEngine:
             self._inbox.append(handle)
             self._lock.notify()
         return handle
+
+    def check_grammar(self, grammar) -> None:
+        """RequestError when the grammar cannot be used. The HTTP side calls it on a worker thread: the first call
+        builds the grammar vocabulary (about a second), each new grammar is compiled once."""
+        self.engine.grammars.check(grammar)
 
     def health(self) -> dict:
         with self._lock:
@@ -148,7 +154,9 @@ class ServingEngine:
             return
         params = SamplingParams(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
                                 stop_token_ids=list(request.stop_tokens), ignore_eos=True, seed=request.seed,
-                                logprobs=request.logprobs)
+                                logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+                                prompt_logprobs=request.prompt_logprobs, logit_bias=dict(request.logit_bias),
+                                guided=request.guided)
         try:
             self.engine.add_request(request.id, request.prompt_tokens, params)
         except RequestError as exc:  # checked at submit already; one request's error never ends the loop
@@ -161,8 +169,12 @@ class ServingEngine:
         if handle is None:
             return
         handle.cached_tokens = output.num_cached_tokens
+        if output.prompt_logprobs is not None:
+            handle.prompt_logprobs = output.prompt_logprobs
+            handle.prompt_top_logprobs = output.prompt_top_logprobs
         for i, token in enumerate(output.new_token_ids):
-            handle.push(TokenEvent(token, output.new_logprobs[i] if output.new_logprobs else None))
+            top = tuple(output.new_top_logprobs[i]) if output.new_top_logprobs else None
+            handle.push(TokenEvent(token, output.new_logprobs[i] if output.new_logprobs else None, top))
         if output.finished:
             del self._handles[output.request_id]
             self._counters.served += 1

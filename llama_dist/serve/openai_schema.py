@@ -7,6 +7,8 @@ neutral value and refused otherwise (`unsupported_settings`), so nobody gets a s
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 import uuid
@@ -14,11 +16,12 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from llama_dist.engine.structured_output import Grammar
 from llama_dist.text.detokenizer import GeneratedToken
 
 __all__ = [
     "ApiError", "CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "error_body",
-    "unsupported_settings", "CompletionShape", "ChatShape",
+    "unsupported_settings", "CompletionShape", "ChatShape", "TokenizeRequest", "DetokenizeRequest",
 ]
 
 # JSON has no -inf; OpenAI reports a token it considers impossible with this value.
@@ -65,10 +68,16 @@ class _SamplingFields(_Body):
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: StrictInt | None = 1
     user: StrictStr | None = None  # accepted and ignored, as abuse tracking is not ours to do
+    logit_bias: dict[StrictStr, float] | None = None  # {token id as a string: bias in [-100, 100]}
+    # Structured output: OpenAI's response_format, or vLLM's extra fields (one of them at most).
+    response_format: dict | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None  # Lark
     # Accepted only at their neutral values (see unsupported_settings).
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[StrictStr, float] | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -80,6 +89,45 @@ class _SamplingFields(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def grammar(self) -> Grammar | None:
+        """The grammar the output must follow, if the request sets one (ApiError for a malformed one)."""
+        grammars = []
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type", "text") != "text":
+            if fmt.get("type") == "json_object":
+                grammars.append(Grammar("json_object"))
+            elif fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict) \
+                    and isinstance(fmt["json_schema"].get("schema", {}), dict):
+                grammars.append(Grammar("json_schema", json.dumps(fmt["json_schema"].get("schema", {}))))
+            else:
+                raise ApiError("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                               "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                               param="response_format")
+        if self.guided_json is not None:
+            schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            grammars.append(Grammar("json_schema", schema))
+        if self.guided_regex is not None:
+            grammars.append(Grammar("regex", self.guided_regex))
+        if self.guided_choice is not None:
+            grammars.append(Grammar("choice", json.dumps(self.guided_choice)))
+        if self.guided_grammar is not None:
+            grammars.append(Grammar("lark", self.guided_grammar))
+        if len(grammars) > 1:
+            raise ApiError("set one of response_format, guided_json, guided_regex, guided_choice and guided_grammar",
+                           param="response_format")
+        return grammars[0] if grammars else None
+
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids (JSON object keys are strings)."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise ApiError(f"logit_bias keys must be token ids, got {key!r:.40}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+            bias[int(key)] = float(value)
+        return bias
+
 
 # A prompt: text, token ids, or a batch of either (of which only one prompt is served per request).
 Prompt = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
@@ -87,7 +135,7 @@ Prompt = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
-    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default; None: as many as fit
+    max_tokens: StrictInt | None = Field(16, ge=0)  # OpenAI's default; None: as many as fit; 0: score (echo)
     logprobs: StrictInt | None = Field(None, ge=0, le=5)  # legacy: an int, the number of alternatives asked for
     echo: bool = False
     best_of: StrictInt | None = None
@@ -127,13 +175,26 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: StrictInt | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt (BOS added unless add_special_tokens is false), or chat messages templated."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
 
 
 def unsupported_settings(body: CompletionRequest | ChatCompletionRequest) -> None:
@@ -147,20 +208,18 @@ def unsupported_settings(body: CompletionRequest | ChatCompletionRequest) -> Non
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name) not in (None, 0):
             refuse(name, "a non-zero penalty")
-    if body.logit_bias:
-        refuse("logit_bias", "biasing tokens")
     if isinstance(body, CompletionRequest):
         if body.best_of not in (None, 1):
             refuse("best_of", "best_of > 1")
         if body.suffix:
             refuse("suffix", "inserting before a suffix")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError("max_tokens 0 generates nothing: it is for scoring the prompt, with echo", param="max_tokens")
     else:
-        if body.top_logprobs:
-            refuse("top_logprobs", "returning alternative tokens")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
         if body.tools:
             refuse("tools", "tool calling")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            refuse("response_format", "a structured response format")
 
 
 # ---- OpenAI's response shapes -------------------------------------------------------------------------------
@@ -193,10 +252,18 @@ class CompletionShape(_Shape):
                 offset_base: int = 0) -> dict:
         logprobs = None
         if self.logprobs:
+            top = None
+            if any(t.top is not None for t in tokens):  # logprobs: k > 0 (the first prompt token has none)
+                top = [None if t.top is None else {text: _logprob(lp) for text, lp in t.top} for t in tokens]
             logprobs = {"tokens": [t.text for t in tokens], "token_logprobs": [_logprob(t.logprob) for t in tokens],
-                        "top_logprobs": None,  # the engine reports only the sampled token's logprob
-                        "text_offset": [offset_base + t.offset for t in tokens]}
+                        "top_logprobs": top, "text_offset": [offset_base + t.offset for t in tokens]}
         return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def score_prompt(self, logprobs: list[float | None], top: list[list[tuple[str, float]] | None] | None) -> None:
+        """The echoed prompt's tokens get their log-probabilities (and alternatives) once the engine has them."""
+        for i, token in enumerate(self.echo_tokens):
+            token.logprob = logprobs[i] if i < len(logprobs) else None
+            token.top = top[i] if top and i < len(top) else None
 
     def opening_chunks(self) -> list[dict]:
         if not self.echo_text and not self.echo_tokens:
@@ -210,7 +277,7 @@ class CompletionShape(_Shape):
         return self.envelope("text_completion", [], usage=usage)
 
     def response(self, text: str, tokens: list[GeneratedToken], finish_reason: str, usage: dict) -> dict:
-        shifted = [GeneratedToken(t.text, t.logprob, t.offset + len(self.echo_text)) for t in tokens]
+        shifted = [dataclasses.replace(t, offset=t.offset + len(self.echo_text)) for t in tokens]
         choice = self._choice(self.echo_text + text, self.echo_tokens + shifted, finish_reason)
         return self.envelope("text_completion", [choice], usage=usage)
 
@@ -224,7 +291,8 @@ class ChatShape(_Shape):
         if not self.logprobs:
             return None
         return {"content": [{"token": t.text, "logprob": _logprob(t.logprob), "bytes": list(t.text.encode()),
-                             "top_logprobs": []} for t in tokens], "refusal": None}
+                             "top_logprobs": [{"token": text, "logprob": _logprob(lp), "bytes": list(text.encode())}
+                                              for text, lp in t.top or ()]} for t in tokens], "refusal": None}
 
     def _chunk(self, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from llama_dist.engine.structured_output import Grammar
 from llama_dist.errors import RequestError
 
 _request_ids = itertools.count()
@@ -34,6 +35,10 @@ class GenerationRequest:
     top_p: float
     seed: int | None = None  # None: the engine draws one from its own generator
     logprobs: bool = False  # each TokenEvent carries the token's log-probability
+    top_logprobs: int = 0  # each TokenEvent also carries this many most likely tokens and their log-probabilities
+    prompt_logprobs: bool = False  # the handle gets every prompt token's log-probability (echo + logprobs)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # {token id: bias} added before sampling
+    guided: Grammar | None = None  # the grammar the output follows (checked by the HTTP side)
     stop_tokens: tuple[int, ...] = ()  # ids that end the generation (not part of the output)
     id: int = field(default_factory=lambda: next(_request_ids))
 
@@ -42,6 +47,7 @@ class GenerationRequest:
 class TokenEvent:
     token: int
     logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None  # (token id, log-probability), most likely first
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,9 @@ class RequestHandle:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache (set before the first event)
+        # Each prompt token's log-probability (None for the first), when asked; set before the first event.
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # with top_logprobs
 
     def push(self, event: TokenEvent | Finished) -> None:
         """Called by the engine thread."""

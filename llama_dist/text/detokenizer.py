@@ -61,6 +61,7 @@ class GeneratedToken:
     text: str  # the text this token completed ("" when a later token completed its character)
     logprob: float | None
     offset: int  # where `text` starts in the completion
+    top: list[tuple[str, float]] | None = None  # the most likely tokens' texts and log-probabilities, when asked
 
 
 class CompletionText:
@@ -81,10 +82,10 @@ class CompletionText:
         self._released_chars = 0
         self._released_tokens = 0
 
-    def add(self, token: int, logprob: float | None = None) -> None:
+    def add(self, token: int, logprob: float | None = None, top: list[tuple[str, float]] | None = None) -> None:
         assert not (self.stopped or self._ended), "the completion has ended"
         piece = self._decoder.add(token)
-        self.tokens.append(GeneratedToken(piece, logprob, len(self.text)))
+        self.tokens.append(GeneratedToken(piece, logprob, len(self.text), top))
         self._append(piece)
 
     def end(self) -> None:

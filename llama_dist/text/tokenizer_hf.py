@@ -152,6 +152,11 @@ class HuggingFaceTokenizer(TokenizerInterface):
             raise TokenizerError(f"{config_path} names {name} {text!r}, which {self.model_path} does not hold")
         return token_id
 
+    def to_json(self) -> str:
+        """The tokenizer.json this tokenizer was read from, as the tokenizers library writes it (for libraries that
+        build their own view of the vocabulary, such as the grammar library)."""
+        return self._tokenizer.to_str()
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Ids of `text`, with BOS / EOS when asked and the tokenizer has them."""
         check_text(text)

@@ -25,6 +25,8 @@ from llama_dist.dist.local_launch import run_local  # noqa: E402
 from llama_dist.serve.api import DECODE_CONTEXT_TOKENS  # noqa: E402
 
 SLOTS, MAX_SEQ_LEN = 4, 128
+API_KEY = "test-key"  # every server here wants it: each test also shows the key is accepted
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPTS = ["one two three four", "The llama", "hello", "I like to eat", "five six seven eight nine ten", "cake"]
 DIALOG = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"}]
 
@@ -35,10 +37,10 @@ class Server(ServerProcess):
 
     def __init__(self, world_size: int, log_dir: Path):
         flags = ["--max_batch_size", str(SLOTS), "--max_seq_len", str(MAX_SEQ_LEN), "--dtype", "float32",
-                 "--max_queue", "40"]
+                 "--max_queue", "40", "--api_key", API_KEY]
         super().__init__(world_size, flags, log_dir, env={"OMP_NUM_THREADS": "1", "LLAMA_DIST_TIMEOUT": "120"},
                          start_timeout_s=120)
-        self.client = openai.OpenAI(base_url=self.url, api_key="none", timeout=120, max_retries=0)
+        self.client = openai.OpenAI(base_url=self.url, api_key=API_KEY, timeout=120, max_retries=0)
 
     def health(self) -> dict:
         return httpx.get(self.url.removesuffix("/v1") + "/health", timeout=10).json()
@@ -60,9 +62,13 @@ def offline_worker(prompts: list[str], dialog: list[dict]) -> dict:
         return {"ids": tokens[0], "logprobs": logprobs[0], "text": text}
 
     completions = [completion(p, 12) for p in prompts]
+    # Meta's echo: each prompt token's log-probability given the ones before (the first has none: 0 there).
+    ids = llm.tokenizer.encode(prompts[0], bos=True, eos=False)
+    echo = llm.generate([ids], 1, temperature=0, logprobs=True, echo=True)[1][0][: len(ids)]
+    first_text = llm.tokenizer.decode(completions[0]["ids"][:1])
     long = [completion(p, 20 + 4 * i)["text"] for i, p in enumerate(prompts)]
     chat = llm.chat_completion([dialog], temperature=0, max_gen_len=10)[0]["generation"]["content"]
-    return {"completions": completions, "long": long, "chat": chat}
+    return {"completions": completions, "long": long, "chat": chat, "echo": echo, "first_text": first_text}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +154,7 @@ def test_32_concurrent_requests_complete_with_at_most_the_slots_running(server, 
 
 
 def test_a_request_cancelled_mid_stream_frees_its_slot(server):
-    with httpx.stream("POST", server.url + "/completions", timeout=60,
+    with httpx.stream("POST", server.url + "/completions", timeout=60, headers=AUTH,
                       json={"model": "tiny", "prompt": "one", "max_tokens": MAX_SEQ_LEN - 8, "stream": True,
                             "temperature": 1.0}) as response:
         lines = response.iter_lines()
@@ -171,7 +177,7 @@ def test_a_request_cancelled_mid_stream_frees_its_slot(server):
 ])
 def test_a_bad_request_gets_400_and_the_server_keeps_serving(server, offline, body, param):
     endpoint = "/chat/completions" if "messages" in body else "/completions"
-    response = httpx.post(server.url + endpoint, json={"model": "tiny", **body}, timeout=30)
+    response = httpx.post(server.url + endpoint, json={"model": "tiny", **body}, timeout=30, headers=AUTH)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"], error
@@ -182,6 +188,84 @@ def test_seed_gives_reproducible_samples(server):
     first, second, other = (_complete(server, "hello", max_tokens=16, temperature=1.0, seed=s).choices[0].text
                             for s in (7, 7, 8))
     assert first == second and first != other
+
+
+# ---- the features users expect (structured output, logprobs, biases, scoring, keys, metrics) ----------------
+
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["answer", "n"], "additionalProperties": False}
+
+
+def test_structured_output_holds_on_random_weights(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    import re
+
+    for temperature in (0, 1.0):
+        reply = server.client.chat.completions.create(
+            model="tiny", messages=DIALOG, temperature=temperature, seed=3, max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}})
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+        regex = _complete(server, PROMPTS[0], max_tokens=20, temperature=temperature, seed=3,
+                          extra_body={"guided_regex": "[0-9]{2}-[a-z]{3}"})
+        assert re.fullmatch("[0-9]{2}-[a-z]{3}", regex.choices[0].text)
+        choice = server.client.chat.completions.create(model="tiny", messages=DIALOG, temperature=temperature,
+                                                       seed=3, extra_body={"guided_choice": ["yes", "no"]})
+        assert choice.choices[0].message.content in ("yes", "no")
+    anything = server.client.chat.completions.create(model="tiny", messages=DIALOG, max_tokens=60, temperature=0,
+                                                     response_format={"type": "json_object"})
+    assert anything.choices[0].finish_reason == "length" or isinstance(
+        json.loads(anything.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError):
+        _complete(server, PROMPTS[0], max_tokens=4, extra_body={"guided_regex": "(unclosed"})
+
+
+def test_top_logprobs_and_logit_bias(server, offline):
+    expected = offline["completions"][0]
+    top = _complete(server, PROMPTS[0], max_tokens=12, logprobs=5).choices[0].logprobs
+    assert all(len(t) == 5 for t in top.top_logprobs)
+    # Greedy: the chosen token is the most likely, and its log-probability is offline generation's.
+    assert [max(t.values()) for t in top.top_logprobs] == pytest.approx(expected["logprobs"], abs=1e-4)
+    chat = server.client.chat.completions.create(model="tiny", messages=DIALOG, temperature=0, max_tokens=4,
+                                                 logprobs=True, top_logprobs=5)
+    for token in chat.choices[0].logprobs.content:
+        assert len(token.top_logprobs) == 5 and token.top_logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-4)
+    banned = _complete(server, PROMPTS[0], max_tokens=1, logit_bias={str(expected["ids"][0]): -100})
+    assert not banned.choices[0].text.startswith(offline["first_text"].strip() or "\0")
+
+
+def test_echo_scores_the_prompt_as_offline_generation(server, offline):
+    response = _complete(server, PROMPTS[0], max_tokens=0, echo=True, logprobs=1)
+    logprobs = response.choices[0].logprobs
+    assert response.choices[0].text == PROMPTS[0] and response.usage.completion_tokens == 0
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(offline["echo"][1:], abs=1e-4)
+    assert all(max(t.values()) >= lp - 1e-4 for t, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
+
+
+def test_keys_models_and_metrics(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = server.url.removesuffix("/v1")
+    assert httpx.post(server.url + "/completions", json={"prompt": "hi"}, timeout=30).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="gpt-5", prompt="hi", max_tokens=2)
+
+    def generated() -> float:
+        text = httpx.get(root + "/metrics", timeout=30).raise_for_status().text  # open without the key
+        samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples["llama_dist:time_to_first_token_seconds_count"] >= 1
+        return samples["llama_dist:generation_tokens_total"]
+
+    before = generated()
+    _complete(server, PROMPTS[1], max_tokens=5)
+    assert generated() >= before + 5
+    tokens = httpx.post(root + "/tokenize", json={"prompt": PROMPTS[0]}, headers=AUTH, timeout=30).json()["tokens"]
+    assert httpx.post(root + "/detokenize", json={"tokens": tokens}, headers=AUTH, timeout=30).json()["prompt"] \
+        == PROMPTS[0]
 
 
 def test_sigterm_stops_every_rank_cleanly(server):
@@ -228,3 +312,4 @@ def test_a_lost_rank_ends_the_server_with_one_line(tmp_path):
     print(f"ended after {seconds:.1f} s, status {srv.proc.returncode}:\n{log[-2000:]}")
     assert srv.proc.returncode != 0 and seconds < 30
     assert "rank 0 lost contact with another rank" in log, log[-3000:]
+

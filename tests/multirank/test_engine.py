@@ -8,7 +8,7 @@ import torch
 from helpers import SPM_VOCAB, rel_diff, tiny_args, write_checkpoint
 
 from llama_dist.dist.local_launch import run_local
-from llama_dist.engine.decode_step import DecodeStep, compiles_by_default
+from llama_dist.engine.decode_step import DecodeStep, compiles_by_default, default_buckets
 from llama_dist.llm import Llama
 
 MAX_SEQ_LEN, MAX_BATCH = 48, 3
@@ -34,7 +34,7 @@ def engine_worker(ckpt: str) -> dict:
     torch._dynamo.reset()
     llm = Llama.build(ckpt, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH, dtype="float32", compile=False)
     runner = llm.engine.runner  # it owns the eager/compiled choice of decode-only steps
-    eager_step, compiled_step = runner.decode_step, DecodeStep(llm.model, compile=True)
+    eager_step, compiled_step = runner.decode_step, DecodeStep(llm.model, compile=True, buckets=(MAX_BATCH,))
     out = {"default_compiled": runner.compiled}
 
     # Greedy generation, eager then compiled: ragged prompts, then batches of 1 and 2 rows, 40 decode steps.
@@ -48,6 +48,13 @@ def engine_worker(ckpt: str) -> dict:
     out["compiled"] = generations()
     out["graphs"] = _unique_graphs() - graphs_before
     out["compile_s"] = compiled_step.compile_s
+
+    # Buckets: 1 row runs the 1-row step, 2 rows the 3-row step padded; one trace per bucket.
+    runner.decode_step = DecodeStep(llm.model, compile=True, buckets=(1, MAX_BATCH))
+    graphs_before = _unique_graphs()
+    out["bucketed"] = [llm.generate(RAGGED[:1], 10, temperature=0)[0], llm.generate(RAGGED[1:], 12, temperature=0)[0]]
+    out["bucket_graphs"] = _unique_graphs() - graphs_before
+    out["bucket_compiles"] = sorted(runner.decode_step.compile_s)
 
     # One step of rows at different positions (the server's case): the same logits eager and compiled.
     with torch.inference_mode():
@@ -84,7 +91,20 @@ def test_compiled_step_is_traced_once_across_steps_and_ragged_batches(results, w
         # 40 + 10 + 12 decode steps at batch 3, 1 and 2, then rows at three different positions: one graph.
         assert rank_out["graphs"] == 1
         assert rank_out["graphs_after_step"] == 1
-        assert rank_out["compile_s"] > 0
+        assert list(rank_out["compile_s"]) == [MAX_BATCH] and rank_out["compile_s"][MAX_BATCH] > 0
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_smaller_batch_runs_the_smallest_bucket_that_holds_it(results, world_size):
+    for rank_out in results[world_size]:
+        assert rank_out["bucketed"] == [rank_out["eager"][1], rank_out["eager"][2][0]]
+        # Both buckets ran; only the 1-row one was traced anew (the 3-row shape's trace above is reused).
+        assert rank_out["bucket_compiles"] == [1, MAX_BATCH] and rank_out["bucket_graphs"] == 1
+
+
+def test_default_buckets_are_powers_of_two_and_the_maximum():
+    assert default_buckets(1) == (1,) and default_buckets(3) == (1, 2, 3) and default_buckets(8) == (1, 2, 4, 8)
+    assert default_buckets(20) == (1, 2, 4, 8, 16, 20)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -167,3 +167,23 @@ def test_token_logprobs():
     for i, t in enumerate(targets.tolist()):
         want = logits[i, t] - math.log(logits[i].exp().sum())
         assert abs(got[i].item() - want.item()) < 1e-5
+
+
+def test_logit_bias_moves_sampling_but_not_logprobs():
+    sampler = Sampler("cpu", seed=7)
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9], [5.0, 4.9, 0.0, -2.0]])
+    params = [SamplingParams(temperature=0.0, logit_bias={1: -100}, logprobs=True),
+              SamplingParams(temperature=1.0, logit_bias={3: 100.0, 0: -100, 1: -100}, logprobs=True)]
+    out = sampler(logits, params, [None, None])
+    assert out.tokens.tolist() == [3, 3]  # the greedy token banned; a token all but forced
+    assert torch.allclose(out.logprobs, torch.log_softmax(logits, -1)[[0, 1], [3, 3]])
+    assert torch.equal(sampler(logits, [SamplingParams(temperature=0.0)] * 2, [None, None]).tokens,
+                       torch.tensor([1, 0]))  # no bias: the row's own argmax, the bias of another call gone
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {2: 101}, {2: "x"}, [1, 2]])
+def test_bad_logit_bias_is_a_request_error(bias):
+    from llama_dist.errors import RequestError
+
+    with pytest.raises(RequestError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)

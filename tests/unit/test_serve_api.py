@@ -16,6 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from llama_dist.dist.launch_env import free_port  # noqa: E402
+from llama_dist.engine.metrics import EngineMetrics  # noqa: E402
 from llama_dist.errors import ConfigError  # noqa: E402
 from llama_dist.serve.api import make_app  # noqa: E402
 from llama_dist.serve.http_server import HttpServer  # noqa: E402
@@ -45,6 +46,7 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.n_words
         self.max_seq_len = MAX_SEQ_LEN
+        self.metrics = EngineMetrics()
         self.script = tokenizer.encode(SCRIPT, bos=False, eos=False)
         self.submitted = []
         self.handles: dict[int, RequestHandle] = {}
@@ -77,6 +79,9 @@ class FakeEngine:
         request = handle.request
         tokens = self.script if self.endless else self.script + [self.tokenizer.eos_id]
         n = 0
+        if request.prompt_logprobs:  # the engine sets them before the first event
+            handle.prompt_logprobs = [None] + [-1.0 - 0.01 * i for i in range(1, len(request.prompt_tokens))]
+            handle.prompt_top_logprobs = [None] + [[(7, -0.25)]] * (len(request.prompt_tokens) - 1)
         for step in range(10_000):  # bounded even when endless: 10k tokens at most
             end = None
             if handle.cancelled:
@@ -90,7 +95,9 @@ class FakeEngine:
             if end is not None:
                 handle.push(end)
                 return
-            handle.push(TokenEvent(tokens[step % len(tokens)], -0.5 - 0.1 * (n % 3) if request.logprobs else None))
+            token = tokens[step % len(tokens)]
+            top = ((token, -0.5), (7, -1.5), (9, -2.5))[: request.top_logprobs] if request.top_logprobs else None
+            handle.push(TokenEvent(token, -0.5 - 0.1 * (n % 3) if request.logprobs else None, top))
             n += 1
             time.sleep(self.token_delay_s)
         handle.push(Finished("length", len(request.prompt_tokens), n))
@@ -184,13 +191,13 @@ def test_completion_stream_and_non_stream_agree(client, engine, tokenizer):
 def test_completion_token_prompt_length_limit_and_echo(client, engine, tokenizer):
     ids = tokenizer.encode("the model", bos=True, eos=False)
     for prompt in (ids, [ids]):
-        out = client.completions.create(model="m", prompt=prompt, max_tokens=3)
+        out = client.completions.create(model="fake-llama", prompt=prompt, max_tokens=3)
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
         assert engine.submitted[-1].prompt_tokens == ids
     assert out.choices[0].text == " " + tokenizer.decode(engine.script[:3])
-    echoed = client.completions.create(model="m", prompt=["the model"], max_tokens=3, echo=True)
+    echoed = client.completions.create(model="fake-llama", prompt=["the model"], max_tokens=3, echo=True)
     assert echoed.choices[0].text == "the model" + out.choices[0].text
-    default = client.completions.create(model="m", prompt="the model")
+    default = client.completions.create(model="fake-llama", prompt="the model")
     assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
 
 
@@ -215,7 +222,7 @@ def test_chat_stream_and_non_stream_agree(client, engine, tokenizer):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage.model_dump() == full.usage.model_dump()
 
-    short = client.chat.completions.create(model="m", messages=messages[1:], max_completion_tokens=2)
+    short = client.chat.completions.create(model="fake-llama", messages=messages[1:], max_completion_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
 
 
@@ -223,23 +230,23 @@ def test_chat_stream_and_non_stream_agree(client, engine, tokenizer):
 def test_stop_strings_cut_the_text(client, engine, stop):
     stops = [stop] if isinstance(stop, str) else stop
     expected = CONTINUATION[:min(CONTINUATION.find(s) for s in stops if s in CONTINUATION)]
-    out = client.completions.create(model="m", prompt="hi", max_tokens=None, stop=stop)
+    out = client.completions.create(model="fake-llama", prompt="hi", max_tokens=None, stop=stop)
     assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
     assert 0 < out.usage.completion_tokens < len(engine.script)
     assert engine.cancelled(engine.submitted[-1]), "the stop string did not cancel the request"
 
     texts, reasons = [], []
-    for chunk in client.completions.create(model="m", prompt="hi", max_tokens=None, stop=stop, stream=True):
+    for chunk in client.completions.create(model="fake-llama", prompt="hi", max_tokens=None, stop=stop, stream=True):
         texts.append(chunk.choices[0].text)
         reasons.append(chunk.choices[0].finish_reason)
     assert "".join(texts) == expected and reasons[-1] == "stop"
 
-    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stop=stop)
+    chat = client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}], stop=stop)
     assert chat.choices[0].message.content == expected.lstrip(" ") and chat.choices[0].finish_reason == "stop"
 
 
 def test_logprobs(client, engine):
-    out = client.completions.create(model="m", prompt="hi", max_tokens=8, logprobs=0)
+    out = client.completions.create(model="fake-llama", prompt="hi", max_tokens=8, logprobs=0)
     logprobs = out.choices[0].logprobs
     assert "".join(logprobs.tokens) == out.choices[0].text
     assert len(logprobs.token_logprobs) == 8 and all(lp < 0 for lp in logprobs.token_logprobs)
@@ -248,17 +255,17 @@ def test_logprobs(client, engine):
     assert engine.submitted[-1].logprobs is True
 
     streamed = [c.choices[0].logprobs for c in
-                client.completions.create(model="m", prompt="hi", max_tokens=8, logprobs=0, stream=True)]
+                client.completions.create(model="fake-llama", prompt="hi", max_tokens=8, logprobs=0, stream=True)]
     assert sum((lp.tokens for lp in streamed if lp), []) == logprobs.tokens
 
-    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+    chat = client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                           logprobs=True)
     content = chat.choices[0].logprobs.content
     assert "".join(t.token for t in content) == chat.choices[0].message.content == out.choices[0].text.lstrip(" ")
     assert [t.logprob for t in content] == logprobs.token_logprobs
     assert [t.bytes for t in content] == [list(t.token.encode()) for t in content]
 
-    plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    plain = client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert plain.choices[0].logprobs is None and engine.submitted[-1].logprobs is False
 
 
@@ -282,6 +289,9 @@ BAD_COMPLETIONS = {
     "five stop strings": {"stop": ["a", "b", "c", "d", "e"]},
     "a presence penalty": {"presence_penalty": 0.5},
     "no prompt": {"prompt": None},
+    "logit_bias key not a token id": {"logit_bias": {"x": 1}},
+    "logit_bias beyond the vocabulary": {"logit_bias": {"100000": 1}},
+    "logit_bias above 100": {"logit_bias": {"5": 101}},
 }
 BAD_CHATS = {
     "empty messages": {"messages": []},
@@ -289,7 +299,8 @@ BAD_CHATS = {
     "a Llama 2 dialog out of order": {"messages": [{"role": "assistant", "content": "hi"}]},
     "messages of the wrong type": {"messages": "hi"},
     "content of the wrong type": {"messages": [{"role": "user", "content": 5}]},
-    "top_logprobs": {"logprobs": True, "top_logprobs": 3},
+    "top_logprobs without logprobs": {"top_logprobs": 3},
+    "top_logprobs above 20": {"logprobs": True, "top_logprobs": 21},
     "n=2": {"n": 2},
     "dialog too long": {"messages": [{"role": "user", "content": "the llama model " * 40}]},
     "max_completion_tokens 0": {"max_completion_tokens": 0},
@@ -297,8 +308,8 @@ BAD_CHATS = {
 
 
 @pytest.mark.parametrize("path, body", [
-    *[("/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 4, **bad}) for bad in BAD_COMPLETIONS.values()],
-    *[("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}], **bad})
+    *[("/v1/completions", {"model": "fake-llama", "prompt": "hi", "max_tokens": 4, **bad}) for bad in BAD_COMPLETIONS.values()],
+    *[("/v1/chat/completions", {"model": "fake-llama", "messages": [{"role": "user", "content": "hi"}], **bad})
       for bad in BAD_CHATS.values()],
 ], ids=[*(f"completions: {k}" for k in BAD_COMPLETIONS), *(f"chat: {k}" for k in BAD_CHATS)])
 def test_bad_request_gets_400_and_the_server_keeps_serving(http, engine, path, body):
@@ -309,7 +320,7 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(http, engine, path, b
     assert error["type"] == "invalid_request_error" and isinstance(error["message"], str) and error["message"]
     assert set(error) == {"message", "type", "param", "code"}
     assert len(engine.submitted) == submitted, "a refused request reached the engine"
-    good = http.post(path, json={"model": "m", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
+    good = http.post(path, json={"model": "fake-llama", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
                                  "max_tokens": 2})
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
 
@@ -321,18 +332,18 @@ def test_malformed_json_gets_400(http):
 
 def test_openai_client_sees_bad_request(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="m", prompt="hi", max_tokens=4, temperature=3)
+        client.completions.create(model="fake-llama", prompt="hi", max_tokens=4, temperature=3)
     assert info.value.status_code == 400 and "temperature" in str(info.value)
 
 
 def test_busy_engine_gets_429(client, http, engine):
     engine.busy = True
     with pytest.raises(openai.RateLimitError):
-        client.completions.create(model="m", prompt="hi", max_tokens=2)
+        client.completions.create(model="fake-llama", prompt="hi", max_tokens=2)
     response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
     assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
     engine.busy = False
-    assert client.completions.create(model="m", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model="fake-llama", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_engine_failure_is_a_500_or_an_error_event(http, engine):
@@ -402,3 +413,119 @@ def test_completion_text_holds_back_possible_stops_and_partial_characters(tokeni
     released.append(completion.release()[0])
     assert "".join(released) == SCRIPT == completion.text == "".join(t.text for t in completion.tokens)
     assert not completion.stopped
+
+
+def test_metrics_are_prometheus_text_and_follow_the_engine(http, engine):
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        response = http.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return {s.name: s.value for family in text_string_to_metric_families(response.text) for s in family.samples
+                if s.labels.get("model_name") == "fake-llama" and "le" not in s.labels}
+
+    before = scrape()
+    assert before["llama_dist:num_requests_running"] == 0
+    seq = SimpleNamespace(first_token_s=None, last_token_s=None, arrival_s=time.monotonic() - 0.25)
+    engine.metrics.token_generated(seq, time.monotonic())  # a first token after ~0.25 s
+    engine.metrics.token_generated(seq, seq.last_token_s + 0.05)
+    engine.metrics.num_running, engine.metrics.prompt_tokens = 2, engine.metrics.prompt_tokens + 7
+    after = scrape()
+    assert after["llama_dist:num_requests_running"] == 2
+    assert after["llama_dist:prompt_tokens_total"] == before["llama_dist:prompt_tokens_total"] + 7
+    assert after["llama_dist:generation_tokens_total"] == before["llama_dist:generation_tokens_total"] + 2
+    assert after["llama_dist:time_to_first_token_seconds_count"] == before["llama_dist:time_to_first_token_seconds_count"] + 1
+    assert after["llama_dist:time_to_first_token_seconds_sum"] >= before["llama_dist:time_to_first_token_seconds_sum"] + 0.2
+    assert after["llama_dist:inter_token_latency_seconds_count"] == before["llama_dist:inter_token_latency_seconds_count"] + 1
+
+
+# ---- logprobs, scoring, biases, models, tokenizing, keys ------------------------------------------------------
+
+def test_top_logprobs_of_completions_and_chats(client, engine):
+    out = client.completions.create(model="fake-llama", prompt="hi", max_tokens=4, logprobs=2)
+    top = out.choices[0].logprobs.top_logprobs
+    assert engine.submitted[-1].top_logprobs == 2 and len(top) == 4
+    assert all(len(alternatives) == 2 for alternatives in top)
+    assert [max(t, key=t.get) for t in top] == out.choices[0].logprobs.tokens  # the token itself is most likely
+    chat = client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert engine.submitted[-1].top_logprobs == 3
+    assert all([a.logprob for a in t.top_logprobs] == [-0.5, -1.5, -2.5] for t in content)
+    # The reply's first word has no leading space (a chat reply starts its own text); the alternative keeps it.
+    assert all(t.top_logprobs[0].token == t.token for t in content[1:])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt_and_max_tokens_0_only_scores(client, engine, tokenizer, stream):
+    prompt = "the llama model"
+    n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
+    for max_tokens in (0, 3):
+        out = client.completions.create(model="fake-llama", prompt=prompt, max_tokens=max_tokens, echo=True,
+                                        logprobs=1, stream=stream)
+        choices = [c.choices[0] for c in out] if stream else out.choices
+        text = "".join(c.text for c in choices)
+        logprobs = [lp for c in choices if c.logprobs for lp in c.logprobs.token_logprobs]
+        tops = [t for c in choices if c.logprobs for t in c.logprobs.top_logprobs or []]
+        assert engine.submitted[-1].prompt_logprobs is True
+        assert text.startswith(prompt) and len(logprobs) == n_prompt + max_tokens
+        assert logprobs[0] is None and logprobs[1:n_prompt] == [-1.0 - 0.01 * i for i in range(1, n_prompt)]
+        assert tops[0] is None and all(len(t) == 1 for t in tops[1:])
+        if max_tokens == 0:
+            assert text == prompt
+
+
+def test_logit_bias_reaches_the_engine(client, engine):
+    client.completions.create(model="fake-llama", prompt="hi", max_tokens=2, logit_bias={"5": -100, "9": 2.5})
+    assert engine.submitted[-1].logit_bias == {5: -100.0, 9: 2.5}
+
+
+def test_an_unknown_model_is_a_404(client, http):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-5", prompt="hi", max_tokens=2)
+    assert info.value.status_code == 404 and "gpt-5" in str(info.value)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    response = http.post("/tokenize", json={"model": "gpt-5", "prompt": "hi"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_tokenize_and_detokenize(http, tokenizer):
+    response = http.post("/tokenize", json={"prompt": "the llama model"})
+    tokens = tokenizer.encode("the llama model", bos=True, eos=False)
+    assert response.status_code == 200 and response.json() == {"count": len(tokens), "max_model_len": MAX_SEQ_LEN,
+                                                                "tokens": tokens}
+    bare = http.post("/tokenize", json={"prompt": "the llama model", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokens[1:]
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == format_dialog(tokenizer, [{"role": "user", "content": "hi"}])
+    assert http.post("/detokenize", json={"tokens": tokens[1:]}).json() == {"prompt": "the llama model"}
+    assert http.post("/detokenize", json={"tokens": [100_000]}).status_code == 400
+    assert http.post("/tokenize", json={}).status_code == 400
+
+
+def test_developer_messages_are_system_messages(client, engine):
+    for role in ("developer", "system"):
+        client.chat.completions.create(model="fake-llama", max_tokens=1, messages=[
+            {"role": role, "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert engine.submitted[-1].prompt_tokens == engine.submitted[-2].prompt_tokens
+
+
+def test_an_api_key_guards_every_route_but_health_and_metrics(tokenizer):
+    server = HttpServer()
+    server.start(make_app(FakeEngine(tokenizer), api_key="s3cret"), "127.0.0.1", free_port())
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        keyed = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=WAIT_S)
+        assert keyed.completions.create(model="fake-llama", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        bare = httpx.post(url + "/v1/completions", json={"prompt": "hi"}, timeout=WAIT_S)
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(url + "/tokenize", json={"prompt": "hi"}, timeout=WAIT_S).status_code == 401
+        assert httpx.get(url + "/health", timeout=WAIT_S).status_code == 200
+        assert httpx.get(url + "/metrics", timeout=WAIT_S).status_code == 200
+    finally:
+        assert server.stop(timeout_s=WAIT_S)
