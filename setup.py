@@ -22,13 +22,15 @@ setup(
         "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1.6", "tqdm>=4.60",
         # The OpenAI-compatible server (`llama-dist serve`): the HTTP stack the ecosystem uses, not a hand-made one.
         "fastapi>=0.110", "uvicorn>=0.29",
-        # /metrics in Prometheus' text format.
-        "prometheus_client>=0.20",
+        # /metrics in Prometheus' text format; structured output's grammars (engine/structured_output.py says why
+        # llguidance).
+        "prometheus_client>=0.20", "llguidance>=1.0",
     ],
     extras_require={
         # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers; the official
         # openai client (and httpx for raw requests) as the server's test client.
-        "test": ["pytest>=8", "llama-models>=0.3", "transformers>=5.0", "openai>=1.40", "httpx>=0.27"],
+        "test": ["pytest>=8", "llama-models>=0.3", "transformers>=5.0", "openai>=1.40", "httpx>=0.27",
+                 "jsonschema>=4"],
     },
     # The bundled tiny model, found by the CLI under sys.prefix when the package is not run from a checkout.
     data_files=[("share/llama_dist/checkpoints/tiny", sorted(glob.glob("checkpoints/tiny/*")))],
