@@ -1,4 +1,4 @@
-"""`python -m llama_dist.bench run|make-checkpoint|quality|kernels|cache|serve ...` (under torchrun for N ranks)."""
+"""`python -m llama_dist.bench run|make-checkpoint|quality|kernels|cache|guided|serve ...` (under torchrun for N ranks)."""
 
 import sys
 
@@ -13,8 +13,9 @@ def main(argv: list[str]) -> None:
         return
     from llama_dist.bench.cache import run as cache
     from llama_dist.bench.decode import COMMANDS
+    from llama_dist.bench.guided import run as guided
 
-    fire.Fire({**COMMANDS, "cache": cache}, command=argv, name="python -m llama_dist.bench")
+    fire.Fire({**COMMANDS, "cache": cache, "guided": guided}, command=argv, name="python -m llama_dist.bench")
 
 
 if __name__ == "__main__":
