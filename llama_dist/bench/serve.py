@@ -35,44 +35,25 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import fire
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
+from llama_dist.bench.clients import Timing, decode_step_totals, percentile, run_clients
 from llama_dist.bench.decode import listed
+from llama_dist.bench.stall import Stall, format_stall, stall_test
 from llama_dist.checkpoint.formats import find_tokenizer
 from llama_dist.errors import ConfigError
 from llama_dist.text.tokenizer import load_tokenizer
 
 TARGET_CLIENTS, TARGET_SPEEDUP = 16, 5.0  # issue 14: 16 concurrent clients get >= 5x one client's tokens/s
 LLAMA3_VOCAB = 128256
-START_TIMEOUT_S, STOP_TIMEOUT_S, REQUEST_TIMEOUT_S = 900.0, 120.0, 900.0
+START_TIMEOUT_S, STOP_TIMEOUT_S = 900.0, 120.0
 # Prompts are cyclic runs of month or day names from a random start: varied text, and text that even the bundled
 # tiny model continues rather than ends (it learnt such runs), so its requests seldom stop early.
 CYCLES = ("january february march april may june july august september october november december".split(),
           "monday tuesday wednesday thursday friday saturday sunday".split())
-
-
-@dataclass
-class Timing:
-    """One request as its client saw it."""
-
-    ttft_s: float | None  # sent -> first chunk carrying a token (None: it stopped before any)
-    total_s: float  # sent -> last chunk
-    tokens: int  # generated tokens (the server's usage count): fewer than max_tokens if a stop token came
-    chunk_at: list[float] = field(default_factory=list)  # perf_counter() at the arrival of each chunk with tokens
-
-    @property
-    def gaps_s(self) -> list[float]:
-        """Seconds between consecutive chunks carrying tokens (one token each: logprobs=0)."""
-        return [b - a for a, b in zip(self.chunk_at, self.chunk_at[1:])]
-
-    @property
-    def per_token_s(self) -> float | None:
-        return None if self.tokens < 2 else (self.total_s - self.ttft_s) / (self.tokens - 1)
 
 
 @dataclass
@@ -111,17 +92,6 @@ class Row:
     @property
     def speedup_ok(self) -> bool | None:
         return None if self.clients != TARGET_CLIENTS or self.speedup is None else self.speedup >= TARGET_SPEEDUP
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between the closest ranks (numpy's default); NaN for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    at = (len(ordered) - 1) * q / 100
-    low = int(at)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
 def pick_tokenizer(ckpt_dir: str, tokenizer_path: str | None) -> Path:
@@ -215,76 +185,6 @@ class ServerProcess:
             self.proc.wait()
 
 
-def stream_completion(client: httpx.Client, url: str, prompt: list[int], max_tokens: int | None, seed: int,
-                      chunk_at: list[float] | None = None, stop: threading.Event | None = None) -> Timing:
-    """One streaming request. chunk_at: a list to append each token chunk's arrival time to as it comes (others may
-    read it meanwhile); stop: when set, the stream is closed at the next chunk (the server aborts the request) and
-    its tokens are those received. max_tokens None: as many as fit in max_seq_len."""
-    # logprobs=0 makes every token its own chunk, also one that is only part of a character (which would otherwise
-    # wait for the rest): TTFT is the first token's arrival. temperature 1 with a seed: reproducible, and a stop
-    # token is as unlikely as random weights make it (greedy could hit one on every run).
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "logprobs": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    chunk_at = [] if chunk_at is None else chunk_at
-    start = time.perf_counter()
-    ttft, tokens, received = None, None, 0
-    with client.stream("POST", f"{url}/completions", json=body, timeout=REQUEST_TIMEOUT_S) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            now = time.perf_counter()
-            chunk = json.loads(line[len("data: "):])
-            if "error" in chunk:
-                raise RuntimeError(f"the server failed a request: {chunk['error']}")
-            count = sum(len(c["logprobs"]["tokens"]) for c in chunk["choices"] if c["logprobs"])
-            if count:
-                ttft = now - start if ttft is None else ttft
-                received += count
-                chunk_at.append(now)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if stop is not None and stop.is_set():
-                tokens = received
-                break
-    if tokens is None:
-        raise RuntimeError("a request's stream ended without usage")
-    return Timing(ttft, time.perf_counter() - start, tokens, chunk_at)
-
-
-def decode_step_totals(url: str) -> tuple[float, int]:
-    """(seconds, count) of the server's decode-only engine steps so far, from its /metrics."""
-    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=REQUEST_TIMEOUT_S).raise_for_status().text
-    totals = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
-    return totals["llama_dist:engine_decode_step_seconds_sum"], int(totals["llama_dist:engine_decode_step_seconds_count"])
-
-
-def run_clients(url: str, prompts: list[list[int]], clients: int, requests_per_client: int,
-                max_tokens: int) -> tuple[list[Timing], float]:
-    """`clients` threads, each sending its requests back to back: (timings, seconds from first sent to last done)."""
-    timings: list[Timing] = []
-    errors: list[BaseException] = []
-
-    def client_loop(index: int) -> None:
-        try:
-            with httpx.Client() as client:
-                for r in range(requests_per_client):
-                    n = index * requests_per_client + r
-                    timings.append(stream_completion(client, url, prompts[n % len(prompts)], max_tokens, seed=n))
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return timings, time.perf_counter() - start
-
-
 def format_table(rows: list[Row], prompt_len: int, max_tokens: int, max_batch_size: int) -> str:
     def mark(ok: bool | None) -> str:
         return "-" if ok is None else ("pass" if ok else "FAIL")
@@ -315,120 +215,6 @@ def format_table(rows: list[Row], prompt_len: int, max_tokens: int, max_batch_si
     if early:  # the API has no ignore_eos: tokens/s counts what was generated, TTFT only requests that had a token
         lines.append(f"{early} request(s) ended on a stop token before max_tokens")
     return "\n".join(lines)
-
-
-@dataclass
-class Stall:
-    """The long-prompt scenario at one rank count: the running streams' token arrival times and the long request."""
-
-    ranks: int
-    prompt_len: int  # of the long request
-    streams: list[Timing]
-    warm_at: float  # perf_counter() when every stream had its first tokens (or had ended)
-    sent_at: float  # when the long request was sent
-    long: Timing
-
-    def gaps(self, start: float = -math.inf, end: float = math.inf) -> list[float]:
-        """Gaps between consecutive tokens of the streams, from warm_at on, that end within [start, end]."""
-        return [b - a for t in self.streams for a, b in zip(t.chunk_at, t.chunk_at[1:])
-                if a >= self.warm_at and start <= b <= end]
-
-    @property
-    def first_token_at(self) -> float:
-        return self.sent_at + (self.long.ttft_s if self.long.ttft_s is not None else self.long.total_s)
-
-    @property
-    def running(self) -> int:
-        """Streams that still had tokens coming after the long request's first token."""
-        return sum(1 for t in self.streams if t.chunk_at and t.chunk_at[-1] > self.first_token_at)
-
-
-def _gap_line(label: str, gaps: list[float]) -> str:
-    if not gaps:
-        return f"| {label} | 0 | - | - | - | - | - |"
-    median, p99, longest = percentile(gaps, 50), percentile(gaps, 99), max(gaps)
-    return (f"| {label} | {len(gaps)} | {median * 1e3:.0f} | {p99 * 1e3:.0f} | {longest * 1e3:.0f} "
-            f"| {p99 / median:.1f}x | {longest / median:.1f}x |")
-
-
-def format_stall(stall: Stall, batched_tokens: int | None) -> str:
-    # A first token that is a stop token ends the request without a token chunk: then the time to its end.
-    ttft = (f"{stall.long.total_s:.3f} s (its first token was a stop token: the time to its end)"
-            if stall.long.ttft_s is None else f"{stall.long.ttft_s:.3f} s")
-    budget = ""
-    if batched_tokens is not None:
-        chunks = math.ceil(stall.prompt_len / max(batched_tokens - len(stall.streams), 1))
-        budget = f"; budget {batched_tokens} tokens a step: about {chunks} prefill chunks beside the decodes"
-    header = (f"Long prompt admitted mid-stream, {stall.ranks} rank(s): {len(stall.streams)} streams running, then "
-              f"one {stall.prompt_len}-token prompt{budget}")
-    long = (f"Long request: time to first token {ttft}; {stall.running} stream(s) still running at its first token; "
-            f"tokens received per stream: {', '.join(str(len(t.chunk_at)) for t in stall.streams)}")
-    lines = [header, long,
-             ("| gaps between a running stream's consecutive tokens | gaps | median ms | p99 ms | longest ms "
-              "| p99 / median | longest / median |"),
-             "|---|---|---|---|---|---|---|",
-             _gap_line("all, whole window", stall.gaps()),
-             _gap_line("before the long prompt", stall.gaps(end=stall.sent_at)),
-             _gap_line("ending while it is admitted (sent -> its first token)",
-                       stall.gaps(stall.sent_at, stall.first_token_at)),
-             _gap_line("after its first token", stall.gaps(start=stall.first_token_at))]
-    early = [t for t in stall.streams if t.chunk_at and t.chunk_at[-1] <= stall.first_token_at]
-    if early:
-        lines.append(f"{len(early)} stream(s) ended before the long request's first token (a stop token or "
-                     "max_seq_len): only their tokens until then are counted")
-    return "\n".join(lines)
-
-
-def stall_test(url: str, ranks: int, stream_prompts: list[list[int]], long_prompt: list[int], warm_tokens: int = 2,
-               before_tokens: int = 16, after_tokens: int = 8, seed: int = 0) -> Stall:
-    """Stream one completion per prompt of `stream_prompts` (as many tokens as fit); the gaps count once each has
-    `warm_tokens` tokens (its prompt is in); after `before_tokens` more each from then (or its end), send
-    `long_prompt` and wait for its first token; let every stream get `after_tokens` more, then close them all (the
-    server aborts them)."""
-    chunk_lists: list[list[float]] = [[] for _ in stream_prompts]
-    timings: list[Timing | None] = [None] * len(stream_prompts)
-    done = [threading.Event() for _ in stream_prompts]
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def stream(i: int) -> None:
-        try:
-            with httpx.Client() as client:
-                timings[i] = stream_completion(client, url, stream_prompts[i], None, seed=10_000 + i,
-                                               chunk_at=chunk_lists[i], stop=stop)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-        finally:
-            done[i].set()
-
-    def wait_for(counts: list[int]) -> None:
-        deadline = time.monotonic() + REQUEST_TIMEOUT_S
-        while not all(len(c) >= n or d.is_set() for c, n, d in zip(chunk_lists, counts, done)):
-            if errors:
-                raise errors[0]
-            if time.monotonic() > deadline:
-                raise RuntimeError("the streams of the long-prompt scenario made no progress in time")
-            time.sleep(0.005)
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(len(stream_prompts))]
-    try:
-        for thread in threads:
-            thread.start()
-        wait_for([warm_tokens] * len(threads))
-        warm_at = time.perf_counter()
-        wait_for([len(c) + before_tokens for c in chunk_lists])
-        with httpx.Client() as client:
-            sent_at = time.perf_counter()
-            long = stream_completion(client, url, long_prompt, 1, seed=seed)
-        wait_for([len(c) + after_tokens for c in chunk_lists])
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=STOP_TIMEOUT_S)
-    if errors:
-        raise errors[0]
-    streams = [t if t is not None else Timing(None, 0.0, len(c), c) for t, c in zip(timings, chunk_lists)]
-    return Stall(ranks, len(long_prompt), streams, warm_at, sent_at, long)
 
 
 def merge_flags(defaults: list[str], extra: list[str]) -> list[str]:

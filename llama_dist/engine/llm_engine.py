@@ -123,9 +123,11 @@ class LLMEngine:
     # ---- requests (rank 0) ----------------------------------------------------------------------------------
 
     def add_request(self, request_id, prompt_token_ids: list[int], params: SamplingParams,
-                    detokenize: bool = False) -> Sequence:
+                    detokenize: bool = False, same_prompt_as=None) -> Sequence:
         """Queue a request (RequestError for a prompt that cannot run: empty, ids outside the vocabulary, longer
-        than max_seq_len). Its outputs carry text deltas when it has stop strings or `detokenize`."""
+        than max_seq_len). Its outputs carry text deltas when it has stop strings or `detokenize`. same_prompt_as:
+        the id of a request queued before with the same prompt (another choice of it, `n` > 1): this one starts
+        once that one's prompt is computed, so that it finds the prompt's blocks in the prefix cache."""
         prompt = list(prompt_token_ids)
         vocab = self.model.args.vocab_size
         if not prompt:
@@ -146,6 +148,7 @@ class LLMEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, prompt, params, frozenset(stops), max_tokens, generator, time.monotonic())
         seq.guide = guide
+        seq.prompt_leader = None if same_prompt_as is None else self.scheduler.find(same_prompt_as)
         if params.stop or detokenize:
             # A completion continues its prompt's text: the last prompt tokens shape its first word's spacing.
             seq.text = CompletionText(self.tokenizer, params.stop, prompt[-4:])
@@ -360,7 +363,7 @@ def _prompt_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Te
     if not k:
         return chosen
     top_logprobs, top_ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
-    return torch.cat([chosen, top_ids.float(), top_logprobs], dim=-1)
+    return torch.cat([chosen.double(), top_ids.double(), top_logprobs.double()], dim=-1)  # ids exact in float64
 
 
 def _to_host(batch, prompt_scores: list[torch.Tensor]) -> _HostBatch:

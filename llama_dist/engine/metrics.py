@@ -47,7 +47,8 @@ class EngineMetrics:
     def step_done(self, chunks, seconds: float, scheduler) -> None:
         self.steps += 1
         self._record("step_s", seconds)
-        if all(c.num_tokens == 1 and c.completes_sequence and c.start > 0 for c in chunks):
+        # A decode computes one token past the prompt (read after the step: the sequence has grown since).
+        if all(c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens for c in chunks):
             self._record("decode_step_s", seconds)
         self.prompt_tokens += sum(max(0, min(c.start + c.num_tokens, c.seq.num_prompt_tokens) - c.start) for c in chunks)
         for chunk in chunks:

@@ -72,7 +72,7 @@ class Scheduler:
                 chunks.append(self._prefill_chunk(seq, budget))
                 budget -= chunks[-1].num_tokens
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
-               and self.block_manager.can_allocate(self.waiting[0])):
+               and not self.waiting[0].waits_for_its_prompt and self.block_manager.can_allocate(self.waiting[0])):
             seq = self.waiting.popleft()
             self.block_manager.allocate(seq)  # may find a cached prefix: num_computed_tokens skips it
             seq.status = SequenceStatus.RUNNING

@@ -46,6 +46,14 @@ class Sequence:
     last_token_s: float | None = None
     text: CompletionText | None = None  # its text as it grows (stop strings are checked there), when asked
     guide: Guide | None = None  # its grammar's state (structured output), when it has one
+    prompt_leader: Sequence | None = None  # a choice of the same prompt whose prefill this one waits for (n > 1)
+
+    @property
+    def waits_for_its_prompt(self) -> bool:
+        """Its prompt is being computed by its leader: started now, it would compute it again."""
+        leader = self.prompt_leader
+        return leader is not None and not leader.is_finished and (
+            leader.status == SequenceStatus.WAITING or leader.prefilling)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_dist.engine.sampling_params import SamplingParams
@@ -39,9 +37,10 @@ from llama_dist.serve.openai_schema import (
     error_body,
     unsupported_settings,
 )
-from llama_dist.serve.requests import Finished, GenerationRequest, RequestHandle, ServerBusy, TokenEvent
+from llama_dist.serve.requests import GenerationRequest
+from llama_dist.serve.responses import TokenTexts, respond
 from llama_dist.text.chat import format_dialog
-from llama_dist.text.detokenizer import CompletionText, GeneratedToken, IncrementalDecoder
+from llama_dist.text.detokenizer import GeneratedToken, IncrementalDecoder
 
 __all__ = ["make_app"]
 
@@ -50,8 +49,6 @@ log = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 # Routes open without the API key: probes and scrapers carry none.
 OPEN_PATHS = ("/health", "/metrics")
-# Prompt tokens a completion is decoded after (enough for any tokenizer to spell the first new word as it follows).
-DECODE_CONTEXT_TOKENS = 4
 
 
 def make_app(engine, api_key: str | None = None) -> FastAPI:
@@ -117,7 +114,7 @@ def make_app(engine, api_key: str | None = None) -> FastAPI:
         if echo is not None and isinstance(prompt, str):
             echo = echo[0], prompt  # the prompt as the client wrote it, not as decoding spells it
         shape = CompletionShape(engine.model_name, body.logprobs is not None, echo)
-        return await _respond(engine, request, generation, body, shape, token_texts)
+        return await respond(engine, request, generation, body, shape, token_texts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -128,7 +125,7 @@ def make_app(engine, api_key: str | None = None) -> FastAPI:
                                          logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
                                          guided=await _checked_grammar(engine, body))
         shape = ChatShape(engine.model_name, bool(body.logprobs))
-        return await _respond(engine, request, generation, body, shape, token_texts)
+        return await respond(engine, request, generation, body, shape, token_texts)
 
     return app
 
@@ -234,189 +231,6 @@ def _prompt_tokens(tokenizer, prompt_ids: list[int]) -> tuple[list[GeneratedToke
     rest = decoder.flush()
     tokens[-1].text += rest
     return tokens, text + rest
-
-
-class TokenTexts:
-    """A token's text as it reads inside a text (an alternative in top_logprobs): decoded after an anchor token,
-    since decoding a token alone drops the leading space of a SentencePiece word. Cached per id."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._anchor = tokenizer.encode("a", bos=False, eos=False)[-1:]
-        self._anchor_text = tokenizer.decode(self._anchor)
-        self._texts: dict[int, str] = {}
-
-    def __getitem__(self, token: int) -> str:
-        text = self._texts.get(token)
-        if text is None:
-            both = self.tokenizer.decode(self._anchor + [token])
-            text = both[len(self._anchor_text):] if both.startswith(self._anchor_text) else self.tokenizer.decode([token])
-            if len(self._texts) < 1_000_000:
-                self._texts[token] = text
-        return text
-
-
-# ---- reading the engine's events -----------------------------------------------------------------------------
-
-class _Run:
-    """A submitted request being read: its text so far, its token count, and why it ended."""
-
-    def __init__(self, handle: RequestHandle, completion: CompletionText, token_texts: TokenTexts):
-        self.handle, self.completion, self.token_texts = handle, completion, token_texts
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self._engine_done = False
-
-    async def pieces(self) -> AsyncIterator[tuple[str, list[GeneratedToken]]]:
-        """The text that may be sent, piece by piece, and the tokens it completes; raises ApiError when the engine
-        fails the request."""
-        async for event in self.handle.events():
-            if isinstance(event, TokenEvent):
-                self.completion_tokens += 1
-                self.completion.add(event.token, event.logprob, self.texts(event.top))
-                if self.completion.stopped:
-                    self.finish_reason = "stop"
-                    self.stop_engine()  # the rest would be thrown away: give the slot to the next request
-                    break
-            elif isinstance(event, Finished):
-                self._engine_done = True
-                self.finish_reason = _finish_reason(event)
-                self.completion.end()
-                break
-            text, tokens = self.completion.release()
-            if self._worth_sending(text, tokens):
-                yield text, tokens
-        text, tokens = self.completion.release()
-        if self._worth_sending(text, tokens):
-            yield text, tokens
-
-    def texts(self, top) -> list[tuple[str, float]] | None:
-        """(token id, logprob) alternatives as (the token's own text, logprob)."""
-        return None if top is None else [(self.token_texts[token], logprob) for token, logprob in top]
-
-    def score_prompt(self, shape) -> None:
-        """Give the echoed prompt its log-probabilities, once the engine has sent them (with the first event)."""
-        if self.handle.request.prompt_logprobs and isinstance(shape, CompletionShape):
-            top = self.handle.prompt_top_logprobs
-            shape.score_prompt(self.handle.prompt_logprobs or [], top and [self.texts(t) for t in top])
-
-    def _worth_sending(self, text: str, tokens: list[GeneratedToken]) -> bool:
-        # Tokens that are part of a character not yet complete have no text: only their logprobs would go.
-        return bool(text or (tokens and self.handle.request.logprobs))
-
-    def stop_engine(self) -> None:
-        if not self._engine_done:
-            self.handle.cancel()
-            self._engine_done = True
-
-    def usage(self) -> dict:
-        prompt_tokens = len(self.handle.request.prompt_tokens)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.handle.cached_tokens}}
-
-
-def _finish_reason(event: Finished) -> str:
-    if event.reason in ("stop", "length"):
-        return event.reason
-    if event.reason == "cancelled":  # not by us (we stop reading once we cancel): the server is shutting down
-        raise ApiError("the server ended the request before it finished (shutting down)", 503, type="server_error")
-    raise ApiError(f"generation failed: {event.error or event.reason}", 500, type="server_error")
-
-
-async def _respond(engine, request: Request, generation: GenerationRequest, body, shape,
-                   token_texts: TokenTexts) -> Response:
-    # A text completion continues its prompt (prompt + text is the whole document, " Paris" after "... is"), while a
-    # chat reply is a text of its own (no leading space before its first word, as Meta's chat_completion gives it).
-    context = generation.prompt_tokens[-DECODE_CONTEXT_TOKENS:] if isinstance(body, CompletionRequest) else ()
-    completion = CompletionText(engine.tokenizer, body.stop_strings(), context)  # before submit: it may refuse
-    try:
-        handle = engine.submit(generation)
-    except ServerBusy as e:
-        raise ApiError(str(e) or "the server is busy", 429, type="rate_limit_error", code="rate_limit_exceeded",
-                       headers={"Retry-After": "1"}) from None
-    except RequestError as e:
-        raise ApiError(str(e)) from None
-    run = _Run(handle, completion, token_texts)
-    if body.stream:
-        return _EventStream(_events(run, shape, body.include_usage), on_close=run.stop_engine)
-    try:
-        if not await _unless_disconnected(request, _read_all(run)):
-            return Response(status_code=499)  # nobody reads it: the client is gone
-    finally:
-        run.stop_engine()  # a no-op once the engine has finished
-    run.score_prompt(shape)
-    return JSONResponse(shape.response(completion.text, completion.tokens, run.finish_reason, run.usage()))
-
-
-async def _read_all(run: _Run) -> None:
-    async for _ in run.pieces():
-        pass
-
-
-async def _unless_disconnected(request: Request, work) -> bool:
-    """Run `work` to its end (True), unless the client disconnects first (False; `work` is cancelled)."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait((work_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
-        if work_task.done():
-            work_task.result()  # raises what the work raised
-            return True
-        return False
-    finally:
-        work_task.cancel()
-        watch_task.cancel()
-
-
-async def _events(run: _Run, shape, include_usage: bool) -> AsyncIterator[str]:
-    try:
-        try:
-            pieces, first = run.pieces(), []
-            if run.handle.request.prompt_logprobs:  # the echoed prompt's scores come with the engine's first event
-                first = [piece for piece in [await anext(pieces, None)] if piece is not None]
-                run.score_prompt(shape)
-            for chunk in shape.opening_chunks():
-                yield _sse(chunk)
-            for text, tokens in first:
-                yield _sse(shape.chunk(text, tokens, None))
-            async for text, tokens in pieces:
-                yield _sse(shape.chunk(text, tokens, None))
-            yield _sse(shape.chunk("", [], run.finish_reason))
-            if include_usage:
-                yield _sse(shape.usage_chunk(run.usage()))
-        except ApiError as e:  # the status line is sent: the error travels as an event
-            yield _sse(e.body())
-        yield "data: [DONE]\n\n"
-    finally:  # also when the client disconnects (the generator is closed or cancelled)
-        run.stop_engine()
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events that call `on_close` as soon as the response ends, however it ends (a client that went
-    away included), so its request frees the engine slot at once rather than when the generator is
-    garbage-collected, or never when the client left before the generator started."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[str], on_close):
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
-
-    async def stream_response(self, send) -> None:
-        try:
-            await super().stream_response(send)
-        finally:
-            self._on_close()  # first: the awaits below may be cancelled
-            await self.body_iterator.aclose()
 
 
 # ---- errors in OpenAI's shape ----------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class ServingEngine:
                                 prompt_logprobs=request.prompt_logprobs, logit_bias=dict(request.logit_bias),
                                 guided=request.guided)
         try:
-            self.engine.add_request(request.id, request.prompt_tokens, params)
+            self.engine.add_request(request.id, request.prompt_tokens, params, same_prompt_as=request.same_prompt_as)
         except RequestError as exc:  # checked at submit already; one request's error never ends the loop
             handle.push(Finished("error", len(request.prompt_tokens), 0, str(exc)))
             return

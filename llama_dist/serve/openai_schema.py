@@ -24,6 +24,7 @@ __all__ = [
     "unsupported_settings", "CompletionShape", "ChatShape", "TokenizeRequest", "DetokenizeRequest",
 ]
 
+MAX_CHOICES = 64  # n: choices of one request
 # JSON has no -inf; OpenAI reports a token it considers impossible with this value.
 LOWEST_LOGPROB = -9999.0
 # torch.Generator.manual_seed takes any value that fits 64 bits, signed or not.
@@ -203,8 +204,8 @@ def unsupported_settings(body: CompletionRequest | ChatCompletionRequest) -> Non
     def refuse(param: str, why: str) -> None:
         raise ApiError(f"{param}: {why} is not supported by this server", param=param)
 
-    if body.n not in (None, 1):
-        refuse("n", "more than one choice per request")
+    if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+        raise ApiError(f"n must be 1 to {MAX_CHOICES}, got {body.n}", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name) not in (None, 0):
             refuse(name, "a non-zero penalty")
@@ -249,7 +250,7 @@ class CompletionShape(_Shape):
         self.echo_tokens, self.echo_text = echo or ([], "")
 
     def _choice(self, text: str, tokens: list[GeneratedToken], finish_reason: str | None,
-                offset_base: int = 0) -> dict:
+                offset_base: int = 0, index: int = 0) -> dict:
         logprobs = None
         if self.logprobs:
             top = None
@@ -257,7 +258,7 @@ class CompletionShape(_Shape):
                 top = [None if t.top is None else {text: _logprob(lp) for text, lp in t.top} for t in tokens]
             logprobs = {"tokens": [t.text for t in tokens], "token_logprobs": [_logprob(t.logprob) for t in tokens],
                         "top_logprobs": top, "text_offset": [offset_base + t.offset for t in tokens]}
-        return {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def score_prompt(self, logprobs: list[float | None], top: list[list[tuple[str, float]] | None] | None) -> None:
         """The echoed prompt's tokens get their log-probabilities (and alternatives) once the engine has them."""
@@ -265,21 +266,25 @@ class CompletionShape(_Shape):
             token.logprob = logprobs[i] if i < len(logprobs) else None
             token.top = top[i] if top and i < len(top) else None
 
-    def opening_chunks(self) -> list[dict]:
+    def opening_chunks(self, index: int = 0) -> list[dict]:
         if not self.echo_text and not self.echo_tokens:
             return []
-        return [self.envelope("text_completion", [self._choice(self.echo_text, self.echo_tokens, None)])]
+        return [self.envelope("text_completion", [self._choice(self.echo_text, self.echo_tokens, None, 0, index)])]
 
-    def chunk(self, text: str, tokens: list[GeneratedToken], finish_reason: str | None) -> dict:
-        return self.envelope("text_completion", [self._choice(text, tokens, finish_reason, len(self.echo_text))])
+    def chunk(self, text: str, tokens: list[GeneratedToken], finish_reason: str | None, index: int = 0) -> dict:
+        return self.envelope("text_completion",
+                             [self._choice(text, tokens, finish_reason, len(self.echo_text), index)])
 
     def usage_chunk(self, usage: dict) -> dict:
         return self.envelope("text_completion", [], usage=usage)
 
-    def response(self, text: str, tokens: list[GeneratedToken], finish_reason: str, usage: dict) -> dict:
-        shifted = [dataclasses.replace(t, offset=t.offset + len(self.echo_text)) for t in tokens]
-        choice = self._choice(self.echo_text + text, self.echo_tokens + shifted, finish_reason)
-        return self.envelope("text_completion", [choice], usage=usage)
+    def response(self, choices: list[tuple[str, list[GeneratedToken], str]], usage: dict) -> dict:
+        """choices: each one's (text, tokens, finish_reason)."""
+        bodies = []
+        for index, (text, tokens, finish_reason) in enumerate(choices):
+            shifted = [dataclasses.replace(t, offset=t.offset + len(self.echo_text)) for t in tokens]
+            bodies.append(self._choice(self.echo_text + text, self.echo_tokens + shifted, finish_reason, 0, index))
+        return self.envelope("text_completion", bodies, usage=usage)
 
 
 class ChatShape(_Shape):
@@ -294,21 +299,23 @@ class ChatShape(_Shape):
                              "top_logprobs": [{"token": text, "logprob": _logprob(lp), "bytes": list(text.encode())}
                                               for text, lp in t.top or ()]} for t in tokens], "refusal": None}
 
-    def _chunk(self, delta: dict, logprobs: dict | None, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    def _chunk(self, delta: dict, logprobs: dict | None, finish_reason: str | None, index: int) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return self.envelope("chat.completion.chunk", [choice])
 
-    def opening_chunks(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""}, None, None)]
+    def opening_chunks(self, index: int = 0) -> list[dict]:
+        return [self._chunk({"role": "assistant", "content": ""}, None, None, index)]
 
-    def chunk(self, text: str, tokens: list[GeneratedToken], finish_reason: str | None) -> dict:
+    def chunk(self, text: str, tokens: list[GeneratedToken], finish_reason: str | None, index: int = 0) -> dict:
         delta = {"content": text} if text or finish_reason is None else {}
-        return self._chunk(delta, self._logprobs(tokens) if tokens else None, finish_reason)
+        return self._chunk(delta, self._logprobs(tokens) if tokens else None, finish_reason, index)
 
     def usage_chunk(self, usage: dict) -> dict:
         return self.envelope("chat.completion.chunk", [], usage=usage)
 
-    def response(self, text: str, tokens: list[GeneratedToken], finish_reason: str, usage: dict) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": self._logprobs(tokens), "finish_reason": finish_reason}
-        return self.envelope("chat.completion", [choice], usage=usage)
+    def response(self, choices: list[tuple[str, list[GeneratedToken], str]], usage: dict) -> dict:
+        """choices: each one's (text, tokens, finish_reason)."""
+        bodies = [{"index": index, "message": {"role": "assistant", "content": text},
+                   "logprobs": self._logprobs(tokens), "finish_reason": finish_reason}
+                  for index, (text, tokens, finish_reason) in enumerate(choices)]
+        return self.envelope("chat.completion", bodies, usage=usage)

@@ -9,6 +9,7 @@ seen), after which the engine frees its slot at the next step and sends `Finishe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -39,8 +40,15 @@ class GenerationRequest:
     prompt_logprobs: bool = False  # the handle gets every prompt token's log-probability (echo + logprobs)
     logit_bias: dict[int, float] = field(default_factory=dict)  # {token id: bias} added before sampling
     guided: Grammar | None = None  # the grammar the output follows (checked by the HTTP side)
+    same_prompt_as: int | None = None  # the id of another choice (n > 1) of the same prompt, submitted before
     stop_tokens: tuple[int, ...] = ()  # ids that end the generation (not part of the output)
     id: int = field(default_factory=lambda: next(_request_ids))
+
+    def another_choice(self, index: int) -> GenerationRequest:
+        """Choice `index` (n > 1) of this request: its own id, seed + index when seeded, and the engine told it
+        shares this one's prompt (computed once, then found in the prefix cache)."""
+        return dataclasses.replace(self, id=next(_request_ids), seed=None if self.seed is None else self.seed + index,
+                                   same_prompt_as=self.id)
 
 
 @dataclass(frozen=True)

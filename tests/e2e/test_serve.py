@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 from llama_dist.bench.serve import ServerProcess  # noqa: E402
 from llama_dist.dist.local_launch import run_local  # noqa: E402
-from llama_dist.serve.api import DECODE_CONTEXT_TOKENS  # noqa: E402
+from llama_dist.serve.responses import DECODE_CONTEXT_TOKENS  # noqa: E402
 
 SLOTS, MAX_SEQ_LEN = 4, 128
 API_KEY = "test-key"  # every server here wants it: each test also shows the key is accepted
@@ -56,7 +56,7 @@ def offline_worker(prompts: list[str], dialog: list[dict]) -> dict:
         ids = llm.tokenizer.encode(prompt, bos=True, eos=False)
         tokens, logprobs = llm.generate([ids], max_gen_len, temperature=0, logprobs=True)
         # OpenAI's completion text continues the prompt (" world" after "Hello"): the server decodes the new tokens
-        # after the prompt's last few (serve.api.DECODE_CONTEXT_TOKENS).
+        # after the prompt's last few (serve.responses.DECODE_CONTEXT_TOKENS).
         context = ids[-DECODE_CONTEXT_TOKENS:]
         text = llm.tokenizer.decode(context + tokens[0])[len(llm.tokenizer.decode(context)):]
         return {"ids": tokens[0], "logprobs": logprobs[0], "text": text}
@@ -266,6 +266,23 @@ def test_keys_models_and_metrics(server):
     tokens = httpx.post(root + "/tokenize", json={"prompt": PROMPTS[0]}, headers=AUTH, timeout=30).json()["tokens"]
     assert httpx.post(root + "/detokenize", json={"tokens": tokens}, headers=AUTH, timeout=30).json()["prompt"] \
         == PROMPTS[0]
+
+
+def test_n_choices_compute_their_prompt_once(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def cache_hits() -> float:
+        text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30).text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}[
+            "llama_dist:prefix_cache_hits_total"]
+
+    prompt = "march april may june july august " * 6  # a prompt no other test sends: 2+ full blocks of 16 tokens
+    before = cache_hits()
+    out = _complete(server, prompt, max_tokens=6, n=3, temperature=1.0, seed=11)
+    assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 18
+    assert cache_hits() - before >= 2 * 32  # choices 1 and 2 found choice 0's full prompt blocks
+    alone = [_complete(server, prompt, max_tokens=6, temperature=1.0, seed=11 + i).choices[0].text for i in range(3)]
+    assert [c.text for c in out.choices] == alone  # choice i is the request with seed + i
 
 
 def test_sigterm_stops_every_rank_cleanly(server):

@@ -272,7 +272,8 @@ def test_logprobs(client, engine):
 # ---- refusals -------------------------------------------------------------------------------------------------
 
 BAD_COMPLETIONS = {
-    "n=2": {"n": 2},
+    "n=0": {"n": 0},
+    "n above 64": {"n": 65},
     "temperature above 2": {"temperature": 2.5},
     "negative temperature": {"temperature": -0.1},
     "top_p 0": {"top_p": 0},
@@ -301,7 +302,7 @@ BAD_CHATS = {
     "content of the wrong type": {"messages": [{"role": "user", "content": 5}]},
     "top_logprobs without logprobs": {"top_logprobs": 3},
     "top_logprobs above 20": {"logprobs": True, "top_logprobs": 21},
-    "n=2": {"n": 2},
+    "n=0": {"n": 0},
     "dialog too long": {"messages": [{"role": "user", "content": "the llama model " * 40}]},
     "max_completion_tokens 0": {"max_completion_tokens": 0},
 }
@@ -529,3 +530,33 @@ def test_an_api_key_guards_every_route_but_health_and_metrics(tokenizer):
         assert httpx.get(url + "/metrics", timeout=WAIT_S).status_code == 200
     finally:
         assert server.stop(timeout_s=WAIT_S)
+
+
+def test_engine_metrics_tell_decode_steps_from_prefill_steps():
+    from types import SimpleNamespace
+
+    from llama_dist.engine.scheduler import ScheduledChunk
+
+    seq = SimpleNamespace(num_prompt_tokens=5, num_tokens=7, is_finished=False)
+    blocks = SimpleNamespace(usage=0.5, queries=0, hits=0)
+    scheduler = SimpleNamespace(waiting=[], running=[seq], block_manager=blocks, num_preemptions=0)
+    metrics = EngineMetrics()
+    metrics.step_done([ScheduledChunk(seq, 5, 1)], 0.1, scheduler)  # the first generated token's step
+    metrics.step_done([ScheduledChunk(seq, 0, 5)], 0.2, scheduler)  # a prompt
+    metrics.step_done([ScheduledChunk(seq, 4, 1)], 0.3, scheduler)  # a prompt's last token
+    assert list(metrics.step_s) == [0.1, 0.2, 0.3] and list(metrics.decode_step_s) == [0.1]
+
+
+def test_n_choices_share_one_prompt_and_get_their_own_seeds(client, engine):
+    out = client.completions.create(model="fake-llama", prompt="hi", max_tokens=3, n=3, seed=7)
+    assert [c.index for c in out.choices] == [0, 1, 2] and all(c.finish_reason == "length" for c in out.choices)
+    first, *others = engine.submitted[-3:]
+    assert [r.seed for r in engine.submitted[-3:]] == [7, 8, 9]
+    assert first.same_prompt_as is None and all(r.same_prompt_as == first.id for r in others)
+    assert out.usage.completion_tokens == 9 and out.usage.prompt_tokens == len(first.prompt_tokens)
+    chunks = list(client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, n=2, stream=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert "".join(c.delta.content or "" for c in mine)
