@@ -50,6 +50,7 @@ from llama_dist.text.tokenizer import load_tokenizer
 TARGET_CLIENTS, TARGET_SPEEDUP = 16, 5.0  # issue 14: 16 concurrent clients get >= 5x one client's tokens/s
 LLAMA3_VOCAB = 128256
 START_TIMEOUT_S, STOP_TIMEOUT_S = 900.0, 120.0
+KILL_GRACE_S = 15.0
 # Prompts are cyclic runs of month or day names from a random start: varied text, and text that even the bundled
 # tiny model continues rather than ends (it learnt such runs), so its requests seldom stop early.
 CYCLES = ("january february march april may june july august september october november december".split(),
@@ -180,9 +181,15 @@ class ServerProcess:
         return rc
 
     def kill(self) -> None:
+        """End the server now. torchrun starts its ranks in sessions of their own, out of reach of a signal to
+        its group, and stops them on SIGTERM: so SIGTERM first, and SIGKILL for whatever is left after a while."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 def format_table(rows: list[Row], prompt_len: int, max_tokens: int, max_batch_size: int) -> str:

@@ -279,7 +279,7 @@ def test_n_choices_compute_their_prompt_once(server):
     prompt = "march april may june july august " * 6  # a prompt no other test sends: 2+ full blocks of 16 tokens
     before = cache_hits()
     out = _complete(server, prompt, max_tokens=6, n=3, temperature=1.0, seed=11)
-    assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 18
+    assert [c.index for c in out.choices] == [0, 1, 2] and 3 <= out.usage.completion_tokens <= 18
     assert cache_hits() - before >= 2 * 32  # choices 1 and 2 found choice 0's full prompt blocks
     alone = [_complete(server, prompt, max_tokens=6, temperature=1.0, seed=11 + i).choices[0].text for i in range(3)]
     assert [c.text for c in out.choices] == alone  # choice i is the request with seed + i
