@@ -39,6 +39,7 @@ from llama_dist.serve.openai_schema import (
 )
 from llama_dist.serve.requests import GenerationRequest
 from llama_dist.serve.responses import TokenTexts, respond
+from llama_dist.serve.tools import call_grammar, checked_tools, chosen_tools, template_messages
 from llama_dist.text.chat import format_dialog
 from llama_dist.text.detokenizer import GeneratedToken, IncrementalDecoder
 
@@ -46,7 +47,7 @@ __all__ = ["make_app"]
 
 log = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 # Routes open without the API key: probes and scrapers carry none.
 OPEN_PATHS = ("/health", "/metrics")
 
@@ -120,11 +121,21 @@ def make_app(engine, api_key: str | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         unsupported_settings(body)
         _check_model(engine, body.model)
-        prompt_ids = _chat_prompt(engine.tokenizer, body)
+        try:
+            tools, must_call = chosen_tools(checked_tools(body.tools), body.tool_choice)
+        except RequestError as e:
+            raise ApiError(str(e), param="tools") from None
+        prompt_ids = _chat_prompt(engine.tokenizer, body, body.tools or None)
+        grammar = await _checked_grammar(engine, body)
+        if must_call:  # "required" or a named function: the reply can only be a call
+            if grammar is not None:
+                raise ApiError("tool_choice required or a named function leaves no room for a response_format",
+                               param="tool_choice")
+            grammar = await _checked_grammar(engine, body, call_grammar(tools))
         generation = _generation_request(engine, body, prompt_ids, body.token_limit, "messages",
                                          logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0,
-                                         guided=await _checked_grammar(engine, body))
-        shape = ChatShape(engine.model_name, bool(body.logprobs))
+                                         guided=grammar)
+        shape = ChatShape(engine.model_name, bool(body.logprobs), tools=bool(tools))
         return await respond(engine, request, generation, body, shape, token_texts)
 
     return app
@@ -163,23 +174,26 @@ def _encode(tokenizer, text: str) -> list[int]:
         raise ApiError(str(e), param="prompt") from None
 
 
-def _chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt(tokenizer, body: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
     if not body.messages:
         raise ApiError("messages is empty: a chat needs at least one message", param="messages")
     for i, message in enumerate(body.messages):
         if message.role not in CHAT_ROLES:
             raise ApiError(f"messages[{i}] has role {message.role!r}; supported roles are {', '.join(CHAT_ROLES)}",
                            param=f"messages[{i}].role")
-    dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    dialog = template_messages([
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text(), "tool_calls": m.tool_calls,
+         "tool_call_id": m.tool_call_id} for m in body.messages])
     try:
-        return format_dialog(tokenizer, dialog)
+        return format_dialog(tokenizer, dialog, tools)
     except (DialogError, TokenizerError) as e:
         raise ApiError(str(e), param="messages") from None
 
 
-async def _checked_grammar(engine, body) -> Grammar | None:
-    """The request's grammar, checked (and compiled, cached) on a worker thread, away from the event loop."""
-    grammar = body.grammar()
+async def _checked_grammar(engine, body, grammar: Grammar | None = None) -> Grammar | None:
+    """The request's grammar (or `grammar`), checked (and compiled, cached) on a worker thread, away from the event
+    loop."""
+    grammar = body.grammar() if grammar is None else grammar
     if grammar is not None:
         try:
             await asyncio.to_thread(engine.check_grammar, grammar)

@@ -17,6 +17,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from llama_dist.engine.structured_output import Grammar
+from llama_dist.serve.tools import CallWatch, parse_tool_calls
 from llama_dist.text.detokenizer import GeneratedToken
 
 __all__ = [
@@ -163,6 +164,8 @@ class ChatMessage(_Body):
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None  # accepted; the Llama chat formats have no place for it
+    tool_calls: list[dict] | None = None  # an assistant's calls, in the history
+    tool_call_id: StrictStr | None = None  # a tool's answer: to which call
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -178,6 +181,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[dict] | None = None
+    tool_choice: StrictStr | dict | None = None
 
     @property
     def token_limit(self) -> int | None:
@@ -219,8 +223,6 @@ def unsupported_settings(body: CompletionRequest | ChatCompletionRequest) -> Non
     else:
         if body.top_logprobs and not body.logprobs:
             raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
-        if body.tools:
-            refuse("tools", "tool calling")
 
 
 # ---- OpenAI's response shapes -------------------------------------------------------------------------------
@@ -288,9 +290,13 @@ class CompletionShape(_Shape):
 
 
 class ChatShape(_Shape):
-    def __init__(self, model: str, logprobs: bool):
+    """tools: the reply may be tool calls (serve.tools): they become `tool_calls`, and a stream holds its text back
+    while it may still be one."""
+
+    def __init__(self, model: str, logprobs: bool, tools: bool = False):
         super().__init__(model, "chatcmpl")
-        self.logprobs = logprobs
+        self.logprobs, self.tools = logprobs, tools
+        self._watches: dict[int, tuple[CallWatch, list[GeneratedToken]]] = {}  # per choice: held text and tokens
 
     def _logprobs(self, tokens: list[GeneratedToken]) -> dict | None:
         if not self.logprobs:
@@ -306,16 +312,47 @@ class ChatShape(_Shape):
     def opening_chunks(self, index: int = 0) -> list[dict]:
         return [self._chunk({"role": "assistant", "content": ""}, None, None, index)]
 
-    def chunk(self, text: str, tokens: list[GeneratedToken], finish_reason: str | None, index: int = 0) -> dict:
+    def chunk(self, text: str, tokens: list[GeneratedToken], finish_reason: str | None,
+              index: int = 0) -> dict | None:
+        """The chunk to send, or None while a possible tool call is held back."""
+        if self.tools:
+            text, tokens, calls = self._watch(index, text, tokens, finish_reason is not None)
+            if calls:
+                return self._chunk({"tool_calls": [dict(call, index=j) for j, call in enumerate(calls)]}, None,
+                                   "tool_calls", index)
+            if not text and not tokens and finish_reason is None:
+                return None
         delta = {"content": text} if text or finish_reason is None else {}
         return self._chunk(delta, self._logprobs(tokens) if tokens else None, finish_reason, index)
+
+    def _watch(self, index: int, text: str, tokens: list[GeneratedToken], final: bool):
+        """(text, tokens) that may go now, and the tool calls once the reply has ended as calls."""
+        watch, held = self._watches.setdefault(index, (CallWatch(), []))
+        released = watch.add(text)
+        if watch.decided_text:
+            out, held[:] = held + tokens, []
+            return released, out, None
+        held += tokens
+        if not final:
+            return "", [], None
+        calls = parse_tool_calls(watch.held)
+        if calls:
+            return "", [], calls
+        text, out = watch.held, list(held)
+        watch.held, watch.decided_text, held[:] = "", True, []
+        return text, out, None
 
     def usage_chunk(self, usage: dict) -> dict:
         return self.envelope("chat.completion.chunk", [], usage=usage)
 
     def response(self, choices: list[tuple[str, list[GeneratedToken], str]], usage: dict) -> dict:
         """choices: each one's (text, tokens, finish_reason)."""
-        bodies = [{"index": index, "message": {"role": "assistant", "content": text},
-                   "logprobs": self._logprobs(tokens), "finish_reason": finish_reason}
-                  for index, (text, tokens, finish_reason) in enumerate(choices)]
+        bodies = []
+        for index, (text, tokens, finish_reason) in enumerate(choices):
+            message = {"role": "assistant", "content": text}
+            calls = parse_tool_calls(text) if self.tools else None
+            if calls:
+                message, finish_reason = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            bodies.append({"index": index, "message": message, "logprobs": self._logprobs(tokens),
+                           "finish_reason": finish_reason})
         return self.envelope("chat.completion", bodies, usage=usage)

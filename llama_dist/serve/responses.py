@@ -221,10 +221,10 @@ async def _events(runs: list[_Run], shape, include_usage: bool) -> AsyncIterator
                     opened[index] = True
                     for chunk in shape.opening_chunks(index):
                         yield _sse(chunk)
-                if text is None:
-                    yield _sse(shape.chunk("", [], runs[index].finish_reason, index))
-                else:
-                    yield _sse(shape.chunk(text, tokens, None, index))
+                chunk = (shape.chunk("", [], runs[index].finish_reason, index) if text is None
+                         else shape.chunk(text, tokens, None, index))
+                if chunk is not None:  # None: held back (it may be a tool call)
+                    yield _sse(chunk)
             if include_usage:
                 yield _sse(shape.usage_chunk(_usage(runs)))
         except ApiError as e:  # the status line is sent: the error travels as an event

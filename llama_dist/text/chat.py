@@ -97,21 +97,25 @@ def _format_llama2(tokenizer: TokenizerInterface, dialog: Dialog) -> list[int]:
     return ids
 
 
-def _format_with_template(tokenizer: TokenizerInterface, dialog: Dialog) -> list[int]:
+def _format_with_template(tokenizer: TokenizerInterface, dialog: Dialog, tools: list[dict] | None = None) -> list[int]:
     # As transformers' apply_chat_template(add_generation_prompt=True, tokenize=True): the template writes every
     # special token itself (BOS included, if the model wants one), so nothing is added to its text.
-    text = render_chat_template(tokenizer.chat_template, dialog, tokenizer.template_tokens)
+    text = render_chat_template(tokenizer.chat_template, dialog, tokenizer.template_tokens, tools=tools)
     ids = tokenizer.encode_template_output(text)
     if not ids:
         raise DialogError("the chat template rendered this dialog as empty text")
     return ids
 
 
-def format_dialog(tokenizer: TokenizerInterface, dialog: Dialog) -> list[int]:
+def format_dialog(tokenizer: TokenizerInterface, dialog: Dialog, tools: list[dict] | None = None) -> list[int]:
     """Prompt ids for `dialog`: through the tokenizer's chat template when it has one, else in the built-in
-    format of `tokenizer.family` (Meta's tokenizers, and Hugging Face ones that ship no template)."""
+    format of `tokenizer.family` (Meta's tokenizers, and Hugging Face ones that ship no template). tools: the
+    functions the model may call, for a template that shows them (DialogError for any other format)."""
+    if tools and (tokenizer.chat_template is None or "tools" not in tokenizer.chat_template):
+        raise DialogError("this checkpoint's chat format has no place for tools: tool calling needs a chat template "
+                          "that takes them (Llama 3.1+ tokenizer_config.json)")
     if tokenizer.chat_template is not None:
-        return _format_with_template(tokenizer, dialog)
+        return _format_with_template(tokenizer, dialog, tools)
     if tokenizer.family == "llama3":
         return _format_llama3(tokenizer, dialog)
     if tokenizer.family == "llama2":

@@ -115,17 +115,19 @@ def checked_template_messages(dialog) -> list[dict]:
 
 
 def render_chat_template(
-    template: str, dialog, special_tokens: Mapping[str, str], add_generation_prompt: bool = True
+    template: str, dialog, special_tokens: Mapping[str, str], add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> str:
     """The prompt text `template` makes of `dialog`, ending (with add_generation_prompt) where the assistant's
-    reply begins. `special_tokens`: the named tokens the template may use, e.g. {"bos_token": "<s>"}."""
+    reply begins. `special_tokens`: the named tokens the template may use, e.g. {"bos_token": "<s>"}. tools: the
+    functions the model may call (OpenAI's shape), for templates that show them."""
     compiled = _compiled(template)
     messages = checked_template_messages(dialog)
     try:
         return compiled.render(
             **{name: str(token) for name, token in special_tokens.items()},
             messages=messages,
-            tools=None,
+            tools=[_plain(t) for t in tools] if tools else None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
         )

@@ -269,6 +269,13 @@ def test_keys_models_and_metrics(server):
         == PROMPTS[0]
 
 
+def test_tools_need_a_chat_format_that_takes_them(server):
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as info:  # the bundled model speaks Llama 2's chat format
+        server.client.chat.completions.create(model="tiny", messages=DIALOG, tools=[tool])
+    assert "tools" in str(info.value)
+
+
 def test_n_choices_compute_their_prompt_once(server):
     from prometheus_client.parser import text_string_to_metric_families
 
