@@ -359,6 +359,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
     name = model_name or (Path(options.ckpt_dir) if options.ckpt_dir else default_checkpoint()).resolve().name
     engine = ServingEngine(llm, name, max_queue=max_queue, seed=options.seed)
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_DIST_API_KEY") or None
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print0(f"Warning: serving on {host} without --api_key: anyone who can reach this port can use the model")
     on_main_then_share(lambda: http.start(make_app(engine, api_key=None if api_key is None else str(api_key))))
     _stop_on_signals(engine)
     url = f"http://{host}:{http.port}/v1" if http else ""

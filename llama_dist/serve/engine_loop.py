@@ -19,7 +19,14 @@ from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.sequence import RequestOutput
 from llama_dist.engine.step_plan import PlanKind
 from llama_dist.errors import RequestError
-from llama_dist.serve.requests import Finished, GenerationRequest, RequestHandle, ServerBusy, TokenEvent
+from llama_dist.serve.requests import (
+    Finished,
+    GenerationRequest,
+    RequestHandle,
+    ServerBusy,
+    ServerStopping,
+    TokenEvent,
+)
 
 DEFAULT_MAX_QUEUE = 64
 # An idle rank 0 still sends an empty plan this often, so the other ranks' waits stay within the group timeout
@@ -27,6 +34,9 @@ DEFAULT_MAX_QUEUE = 64
 HEARTBEAT_S = 1.0
 # After a shutdown request, running requests get this long to finish before they are ended.
 DRAIN_S = 5.0
+# /health fails when work is pending and the engine has not finished a step for this long (a step of a big model
+# on a CPU takes seconds; a first compiled step on a GPU, a minute or so).
+STALL_S = 180.0
 
 # The engine's finish reasons as the HTTP side names them.
 _REASONS = {"stop": "stop", "length": "length", "abort": "cancelled", "error": "error"}
@@ -59,6 +69,7 @@ class ServingEngine:
         self._handles: dict[int, RequestHandle] = {}  # in the engine (loop thread only)
         self._waiting = 0  # in the engine but not running yet, as of the last step
         self._running = 0
+        self._last_step_at = time.monotonic()  # when the engine last finished a step (or was idle)
         self._stopping_since: float | None = None
         self._counters = _Counters()
 
@@ -75,8 +86,9 @@ class ServingEngine:
         handle = RequestHandle(request, asyncio.get_running_loop())
         with self._lock:
             if self._stopping_since is not None:
-                raise ServerBusy("the server is shutting down")
-            queued = len(self._inbox) + self._waiting
+                raise ServerStopping("the server is shutting down")
+            # Only what cannot be placed now queues: requests that free slots will take at the next step do not.
+            queued = len(self._inbox) + self._waiting - max(0, self.max_batch_size - self._running)
             if queued >= self.max_queue:
                 raise ServerBusy(f"{queued} requests are waiting already (the queue holds {self.max_queue}); retry later")
             self._inbox.append(handle)
@@ -90,8 +102,11 @@ class ServingEngine:
 
     def health(self) -> dict:
         with self._lock:
+            pending = self._running + self._waiting + len(self._inbox)
+            stalled = pending and time.monotonic() - self._last_step_at > STALL_S
+            status = "stopping" if self._stopping_since is not None else "stalled" if stalled else "ok"
             return {
-                "status": "stopping" if self._stopping_since is not None else "ok",
+                "status": status,
                 "running": self._running,
                 "waiting": self._waiting + len(self._inbox),
                 "slots": self.max_batch_size,
@@ -121,6 +136,7 @@ class ServingEngine:
                 with self._lock:
                     self._waiting = len(self.engine.scheduler.waiting)
                     self._running = len(self.engine.scheduler.running)
+                    self._last_step_at = time.monotonic()
 
     # ---- rank 0's side of the loop ------------------------------------------------------------------------
 
@@ -142,15 +158,13 @@ class ServingEngine:
         # Shutting down: what has not started ends now; what runs gets DRAIN_S to finish.
         drained = time.monotonic() - self._stopping_since >= DRAIN_S
         for seq in [*self.engine.scheduler.waiting, *(self.engine.scheduler.running if drained else [])]:
-            self._deliver(self.engine.abort(seq.request_id), error="the server is shutting down")
+            self._deliver(self.engine.abort(seq.request_id), reason="shutdown")
         return PlanKind.SHUTDOWN  # sent once nothing runs any more
 
     def _admit(self, handle: RequestHandle) -> None:
         request = handle.request
         if self._stopping_since is not None or handle.cancelled:
-            reason = "cancelled" if handle.cancelled else "error"
-            handle.push(Finished(reason, len(request.prompt_tokens), 0,
-                                 None if handle.cancelled else "the server is shutting down"))
+            handle.push(Finished("cancelled" if handle.cancelled else "shutdown", len(request.prompt_tokens), 0))
             return
         params = SamplingParams(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
                                 stop_token_ids=list(request.stop_tokens), ignore_eos=True, seed=request.seed,
@@ -164,7 +178,8 @@ class ServingEngine:
             return
         self._handles[request.id] = handle
 
-    def _deliver(self, output: RequestOutput, error: str | None = None) -> None:
+    def _deliver(self, output: RequestOutput, reason: str | None = None) -> None:
+        """Push the output's tokens to its handle, and its end; `reason` overrides the engine's finish reason."""
         handle = self._handles.get(output.request_id)
         if handle is None:
             return
@@ -178,5 +193,5 @@ class ServingEngine:
         if output.finished:
             del self._handles[output.request_id]
             self._counters.served += 1
-            reason = "error" if error else _REASONS[output.finish_reason]
-            handle.push(Finished(reason, output.num_prompt_tokens, output.num_output_tokens, error or output.error))
+            handle.push(Finished(reason or _REASONS[output.finish_reason], output.num_prompt_tokens,
+                                 output.num_output_tokens, output.error))

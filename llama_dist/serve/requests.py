@@ -25,6 +25,10 @@ class ServerBusy(RequestError):
     """The waiting queue is full (HTTP 429)."""
 
 
+class ServerStopping(ServerBusy):
+    """The server is shutting down and takes no new request (HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate, checked by the HTTP side: ids in the vocabulary, len(prompt) + max_tokens within
@@ -61,7 +65,8 @@ class TokenEvent:
 @dataclass(frozen=True)
 class Finished:
     """The last event of a request. reason: "stop" (a stop token), "length" (max_tokens or the cache's end),
-    "cancelled" (cancel() was called), "error" (the engine failed; `error` says why)."""
+    "cancelled" (cancel() was called), "shutdown" (the server is stopping), "error" (the engine failed; `error`
+    says why)."""
 
     reason: str
     prompt_tokens: int

@@ -13,7 +13,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llama_dist.errors import RequestError
 from llama_dist.serve.openai_schema import ApiError, CompletionRequest, CompletionShape
-from llama_dist.serve.requests import Finished, GenerationRequest, RequestHandle, ServerBusy, TokenEvent
+from llama_dist.serve.requests import (
+    Finished,
+    GenerationRequest,
+    RequestHandle,
+    ServerBusy,
+    ServerStopping,
+    TokenEvent,
+)
 from llama_dist.text.detokenizer import CompletionText, GeneratedToken
 
 __all__ = ["DECODE_CONTEXT_TOKENS", "TokenTexts", "respond"]
@@ -99,8 +106,9 @@ class _Run:
 def _finish_reason(event: Finished) -> str:
     if event.reason in ("stop", "length"):
         return event.reason
-    if event.reason == "cancelled":  # not by us (we stop reading once we cancel): the server is shutting down
-        raise ApiError("the server ended the request before it finished (shutting down)", 503, type="server_error")
+    if event.reason in ("cancelled", "shutdown"):  # not by us (we stop reading once we cancel): shutting down
+        raise ApiError("the server ended the request before it finished (shutting down)", 503, type="server_error",
+                       code="shutting_down", headers={"Retry-After": "5"})
     raise ApiError(f"generation failed: {event.error or event.reason}", 500, type="server_error")
 
 
@@ -119,6 +127,9 @@ async def respond(engine, request: Request, generation: GenerationRequest, body,
     except (ServerBusy, RequestError) as e:
         for run in runs:  # the choices submitted already: all of them or none
             run.stop_engine()
+        if isinstance(e, ServerStopping):
+            raise ApiError(str(e), 503, type="server_error", code="shutting_down",
+                           headers={"Retry-After": "5"}) from None
         if isinstance(e, ServerBusy):
             raise ApiError(str(e) or "the server is busy", 429, type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None

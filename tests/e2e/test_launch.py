@@ -107,7 +107,7 @@ def test_serve_sbatch_on_real_slurm(slurm_cluster):
     """launch/serve.sbatch with 2 tasks answers /v1/completions from rank 0 until scancel ends the job."""
     httpx = pytest.importorskip("httpx")
     port = free_port()
-    env = {"PORT": str(port), "HOST": "127.0.0.1", "OMP_NUM_THREADS": "1", "LLAMA_DIST_TIMEOUT": "120"}
+    env = {"PORT": str(port), "OMP_NUM_THREADS": "1", "LLAMA_DIST_TIMEOUT": "120"}  # HOST: 127.0.0.1 by default
     job_id, out_file = slurm_cluster.start_job(REPO / "launch/serve.sbatch", env=env,
                                                args=["--dtype", "float32", "--max_seq_len", "64"],
                                                sbatch_args=["--nodes=1", "--ntasks-per-node=2"])
@@ -122,7 +122,8 @@ def test_serve_sbatch_on_real_slurm(slurm_cluster):
 
     try:
         _wait_for(serving, 180, "'Serving' line from rank 0")
-        assert f"2 rank(s), URL http://{slurm_cluster.hostname}:{port}/v1" in output()
+        assert f"2 rank(s), URL http://127.0.0.1:{port}/v1 on {slurm_cluster.hostname}" in output()
+        assert f"ssh -L {port}:127.0.0.1:{port} {slurm_cluster.hostname}" in output()
         assert "(2 rank(s)" in output()
         response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                               json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})

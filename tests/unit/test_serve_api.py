@@ -560,3 +560,73 @@ def test_n_choices_share_one_prompt_and_get_their_own_seeds(client, engine):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
         assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
         assert "".join(c.delta.content or "" for c in mine)
+
+
+# ---- the serving engine's admission, health and shutdown (no model: a stand-in engine) ----------------------
+
+def _serving(slots: int = 2, max_queue: int = 2):
+    from types import SimpleNamespace
+
+    from llama_dist.serve.engine_loop import ServingEngine
+
+    engine = SimpleNamespace(metrics=EngineMetrics(), max_seq_len=64, max_num_seqs=slots,
+                             check_fits=lambda prompt, max_tokens: None)
+    llm = SimpleNamespace(engine=engine, tokenizer=None, model=SimpleNamespace(args=SimpleNamespace(vocab_size=99)),
+                          dist=SimpleNamespace(is_main=True))
+    return ServingEngine(llm, "m", max_queue=max_queue)
+
+
+def _request():
+    from llama_dist.serve.requests import GenerationRequest
+
+    return GenerationRequest(prompt_tokens=[1, 2], max_tokens=4, temperature=0.0, top_p=1.0)
+
+
+def test_only_requests_beyond_the_free_slots_count_against_the_queue():
+    from llama_dist.serve.requests import ServerStopping
+
+    async def scenario():
+        serving = _serving(slots=2, max_queue=2)
+        for _ in range(4):  # 2 take the free slots at the next step, 2 wait: the queue is full only then
+            serving.submit(_request())
+        with pytest.raises(ServerBusy) as busy:
+            serving.submit(_request())
+        assert not isinstance(busy.value, ServerStopping)
+        serving.request_shutdown()
+        with pytest.raises(ServerStopping):
+            serving.submit(_request())
+        assert serving.health()["status"] == "stopping"
+
+    asyncio.run(scenario())
+
+
+def test_health_says_stalled_when_work_waits_on_an_engine_that_does_not_step(monkeypatch):
+    from llama_dist.serve import engine_loop
+
+    async def scenario():
+        serving = _serving()
+        assert serving.health()["status"] == "ok"
+        serving.submit(_request())
+        assert serving.health()["status"] == "ok"  # pending, but the engine is young
+        monkeypatch.setattr(engine_loop, "STALL_S", 0.0)
+        time.sleep(0.01)
+        assert serving.health()["status"] == "stalled"
+
+    asyncio.run(scenario())
+
+
+def test_shutdown_is_a_503_with_retry_after(http, engine):
+    from llama_dist.serve.requests import ServerStopping
+
+    original = engine.submit
+
+    def stopping(request):
+        raise ServerStopping("the server is shutting down")
+
+    engine.submit = stopping
+    try:
+        response = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    finally:
+        engine.submit = original
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert response.json()["error"]["code"] == "shutting_down"
