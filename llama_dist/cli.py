@@ -334,7 +334,8 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
 
 @command
 def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
-          model_name: str | None = None, api_key: str | None = None, *, options: RunOptions):
+          model_name: str | None = None, api_key: str | None = None, max_request_mb: float = 4.0, *,
+          options: RunOptions):
     """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
     /tokenize, /detokenize) from
     rank 0, decoding up to --max_batch_size requests at once (continuous batching); Ctrl-C or SIGTERM to rank 0
@@ -348,6 +349,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
         model_name: the model id clients name (default: the checkpoint directory's name); another name is a 404
         api_key: requests must carry `Authorization: Bearer <api_key>` (401 otherwise; /health and /metrics stay
             open); default: the LLAMA_DIST_API_KEY environment variable, else none
+        max_request_mb: larger request bodies get HTTP 413 before they are read whole
     """
     from llama_dist.serve.api import make_app  # the HTTP stack loads only for serving
     from llama_dist.serve.http_server import HttpServer
@@ -361,7 +363,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_DIST_API_KEY") or None
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print0(f"Warning: serving on {host} without --api_key: anyone who can reach this port can use the model")
-    on_main_then_share(lambda: http.start(make_app(engine, api_key=None if api_key is None else str(api_key))))
+    on_main_then_share(lambda: http.start(make_app(engine, api_key=None if api_key is None else str(api_key),
+                                                             max_request_mb=float(max_request_mb))))
     _stop_on_signals(engine)
     url = f"http://{host}:{http.port}/v1" if http else ""
     print0(f"Serving {name} at {url} ({dist.get_world_size()} rank(s), {options.max_batch_size} slots); "

@@ -48,16 +48,21 @@ __all__ = ["make_app"]
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
+DEFAULT_MAX_REQUEST_MB = 4.0  # a request body larger than this gets 413, before it is parsed
+# A text prompt longer than this many characters per position of max_seq_len cannot fit in any tokenizer's tokens:
+# refused before tokenizing (which holds the GIL, and the engine loop is a thread of the same process).
+MAX_CHARS_PER_TOKEN = 32
 # Routes open without the API key: probes and scrapers carry none.
 OPEN_PATHS = ("/health", "/metrics")
 
 
-def make_app(engine, api_key: str | None = None) -> FastAPI:
+def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> FastAPI:
     """The FastAPI app serving `engine` (see the module docstring for what it must offer); with `api_key`, requests
-    need `Authorization: Bearer <api_key>` (401 otherwise)."""
+    need `Authorization: Bearer <api_key>` (401 otherwise); bodies over `max_request_mb` get 413."""
     app = FastAPI(title="llama_dist", summary="OpenAI-compatible API over a tensor-parallel Llama")
     _install_error_handlers(app)
-    if api_key:
+    app.add_middleware(_LimitBody, max_bytes=int(max_request_mb * 2**20))
+    if api_key:  # added last: it runs first, so a request without the key is refused before its body is read
         app.add_middleware(_RequireApiKey, api_key=api_key)
     started = int(time.time())
     metrics = ServerMetrics(engine.metrics, engine.model_name)
@@ -86,6 +91,7 @@ def make_app(engine, api_key: str | None = None) -> FastAPI:
         if body.messages is not None:
             tokens = _chat_prompt(engine.tokenizer, ChatCompletionRequest(messages=body.messages))
         elif body.prompt is not None:
+            _check_length(body.prompt, engine.max_seq_len)
             tokens = engine.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
         else:
             raise ApiError("give a prompt or messages to tokenize", param="prompt")
@@ -104,7 +110,7 @@ def make_app(engine, api_key: str | None = None) -> FastAPI:
         _check_model(engine, body.model)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
-            prompt_ids = _encode(engine.tokenizer, prompt)
+            prompt_ids = _encode(engine.tokenizer, prompt, engine.max_seq_len)
         else:
             prompt_ids = prompt
         logprobs = body.logprobs is not None
@@ -125,6 +131,7 @@ def make_app(engine, api_key: str | None = None) -> FastAPI:
             tools, must_call = chosen_tools(checked_tools(body.tools), body.tool_choice)
         except RequestError as e:
             raise ApiError(str(e), param="tools") from None
+        _check_length("".join(m.text() for m in body.messages), engine.max_seq_len, "messages")
         prompt_ids = _chat_prompt(engine.tokenizer, body, body.tools or None)
         grammar = await _checked_grammar(engine, body)
         if must_call:  # "required" or a named function: the reply can only be a call
@@ -139,6 +146,52 @@ def make_app(engine, api_key: str | None = None) -> FastAPI:
         return await respond(engine, request, generation, body, shape, token_texts)
 
     return app
+
+
+class _LimitBody:
+    """ASGI middleware: 413 in OpenAI's shape for a body over `max_bytes`: by its Content-Length at once; a body
+    without one (chunked) is read here up to the limit and handed on whole, or refused as soon as it passes it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server holds the client to its declared length
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        body, delivered = b"".join(chunks), False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnects, as the app expects
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        body = error_body(f"the request body is over {self.max_bytes / 2**20:g} MB (--max_request_mb)",
+                          code="request_too_large")
+        await JSONResponse(body, status_code=413)(scope, receive, send)
 
 
 class _RequireApiKey:
@@ -167,7 +220,15 @@ def _check_model(engine, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _check_length(text: str, max_seq_len: int, param: str = "prompt") -> None:
+    """400 for text no tokenizer could fit in max_seq_len tokens, before tokenizing it."""
+    if len(text) > MAX_CHARS_PER_TOKEN * max_seq_len:
+        raise ApiError(f"the {param} ({len(text)} characters) cannot fit in any {max_seq_len}-token context",
+                       param=param, code="context_length_exceeded")
+
+
+def _encode(tokenizer, text: str, max_seq_len: int) -> list[int]:
+    _check_length(text, max_seq_len)
     try:
         return tokenizer.encode(text, bos=True, eos=False)
     except TokenizerError as e:

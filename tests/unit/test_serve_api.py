@@ -630,3 +630,24 @@ def test_shutdown_is_a_503_with_retry_after(http, engine):
         engine.submit = original
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert response.json()["error"]["code"] == "shutting_down"
+
+
+def test_a_body_over_the_limit_is_a_413_and_a_huge_prompt_is_refused_before_tokenizing(http, engine):
+    huge = {"prompt": "x" * (5 * 2**20), "max_tokens": 2}  # over the default 4 MB
+    response = http.post("/v1/completions", json=huge)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(6):
+            yield b"x" * 2**20
+        yield b'"}'
+
+    streamed = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    submitted = len(engine.submitted)
+    long = http.post("/v1/completions", json={"prompt": "x" * (32 * MAX_SEQ_LEN + 1), "max_tokens": 2})
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 40 * MAX_SEQ_LEN}]})
+    assert chat.status_code == 400 and len(engine.submitted) == submitted
+    assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
