@@ -358,11 +358,12 @@ class _HostBatch:
 def _prompt_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Tensor:
     """(len(targets), 1 + 2k): each row's raw log-probability of its target, then its k most likely token ids and
     their log-probabilities (prompt_logprobs, with top_logprobs)."""
-    logits = logits[: len(targets)]
-    chosen = token_logprobs(logits, torch.tensor(targets, device=logits.device)).unsqueeze(-1)
+    logits, targets = logits[: len(targets)], torch.tensor(targets, device=logits.device)
     if not k:
-        return chosen
-    top_logprobs, top_ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+        return token_logprobs(logits, targets).unsqueeze(-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # once, for the targets and the top k alike
+    top_logprobs, top_ids = torch.topk(logp, k, dim=-1)
+    chosen = logp.gather(-1, targets.long().unsqueeze(-1))
     return torch.cat([chosen.double(), top_ids.double(), top_logprobs.double()], dim=-1)  # ids exact in float64
 
 

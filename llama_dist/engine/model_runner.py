@@ -81,8 +81,7 @@ class ModelRunner:
         evenly spaced (Meta's rows, fresh allocations); on CPUs, runs of consecutive blocks when they are long
         (each a slice copy, where a gather costs one more copy of the whole context); else a (rows, blocks)
         tensor to gather through."""
-        block_size = self.cache.block_size
-        blocks = -(-length // block_size)
+        block_size, blocks = self.cache.block_size, self.cache.row_blocks(length)
         tables = [t[:blocks] for t in tables]
         padded = [t + [0] * (blocks - len(t)) for t in tables]  # a shorter row reads block 0 past its end (masked)
         view = as_strided_rows(padded, block_size)
