@@ -360,6 +360,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
     llm, _ = start(options, lambda: http.bind(host, port))
     name = model_name or (Path(options.ckpt_dir) if options.ckpt_dir else default_checkpoint()).resolve().name
     engine = ServingEngine(llm, name, max_queue=max_queue, seed=options.seed)
+    llm.engine.warm_up()  # every compiled shape before the port listens: no client waits for a compile
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_DIST_API_KEY") or None
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print0(f"Warning: serving on {host} without --api_key: anyone who can reach this port can use the model")

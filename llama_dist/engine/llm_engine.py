@@ -215,6 +215,11 @@ class LLMEngine:
         self.metrics.step_done(chunks, time.monotonic() - started, self.scheduler)
         return plan.kind, outputs
 
+    def warm_up(self) -> list[int]:
+        """Compile every shape the compiled decode step runs (its batch-size buckets); the buckets warmed, none when
+        eager. Collective: every rank calls it, before serving."""
+        return self.runner.warm_up()
+
     def run_until_done(self) -> Iterator[list[RequestOutput]]:
         """Step on every rank until rank 0 has nothing unfinished (it then sends DONE); yields each step's outputs
         (empty on other ranks). Every rank must call it alike."""

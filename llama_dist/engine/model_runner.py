@@ -93,6 +93,21 @@ class ModelRunner:
                 return runs
         return torch.tensor(padded, device=self.device)
 
+    @torch.inference_mode()
+    def warm_up(self) -> list[int]:
+        """Compile every batch-size bucket of the compiled step now (a server does it before it listens, so no
+        client waits for a compile); the buckets warmed, none when eager. Collective: every rank calls it. Each
+        row is a padding row: it writes only the scratch block 0."""
+        if not self.compiled:
+            return []
+        max_blocks = self.cache.row_blocks(self.decode_step.max_seq_len)
+        for size in self.decode_step.buckets:
+            tokens = torch.zeros(size, dtype=torch.long, device=self.device)
+            positions = torch.full((size,), self.decode_step.max_seq_len - 1, dtype=torch.long, device=self.device)
+            tables = torch.zeros(size, max_blocks, dtype=torch.long, device=self.device)
+            self.decode_step(tokens, positions, tables=tables)
+        return list(self.decode_step.buckets)
+
     def _compiled_decode(self, plan: StepPlan) -> torch.Tensor | None:
         """The plan's rows padded to the compiled step's next bucket: the padding rows decode a dummy token at the
         last position of the scratch block 0 (written, never read)."""

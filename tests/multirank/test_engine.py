@@ -67,6 +67,15 @@ def engine_worker(ckpt: str) -> dict:
         prefix = [torch.cat((tokens[i, : positions[i]], step_tokens[i : i + 1])) for i in range(MAX_BATCH)]
         out["step_reference"] = [llm.model(p[None], 0, last_only=True).logits[0, -1] for p in prefix]
     out["graphs_after_step"] = _unique_graphs() - graphs_before
+
+    # A server warms every bucket before it listens: no trace is left for its requests.
+    runner.decode_step = DecodeStep(llm.model, compile=True, buckets=(1, 2, MAX_BATCH))
+    out["warmed"] = llm.engine.warm_up()
+    out["warm_compiles"] = sorted(runner.decode_step.compile_s)
+    graphs_warm = _unique_graphs()
+    out["after_warm"] = [llm.generate(RAGGED[:1], 10, temperature=0)[0], llm.generate(RAGGED[1:], 12, temperature=0)[0],
+                         llm.generate(RAGGED, 40, temperature=0)[0]]
+    out["graphs_after_warm"] = _unique_graphs() - graphs_warm
     return out
 
 
@@ -100,6 +109,14 @@ def test_a_smaller_batch_runs_the_smallest_bucket_that_holds_it(results, world_s
         assert rank_out["bucketed"] == [rank_out["eager"][1], rank_out["eager"][2][0]]
         # Both buckets ran; only the 1-row one was traced anew (the 3-row shape's trace above is reused).
         assert rank_out["bucket_compiles"] == [1, MAX_BATCH] and rank_out["bucket_graphs"] == 1
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_warm_up_compiles_every_bucket_before_the_first_request(results, world_size):
+    for rank_out in results[world_size]:
+        assert rank_out["warmed"] == rank_out["warm_compiles"] == [1, 2, MAX_BATCH]
+        assert rank_out["graphs_after_warm"] == 0  # generation after the warm-up traces nothing
+        assert rank_out["after_warm"] == [rank_out["eager"][1], rank_out["eager"][2][0], rank_out["eager"][0]]
 
 
 def test_default_buckets_are_powers_of_two_and_the_maximum():
