@@ -6,14 +6,20 @@ extension, a `tojson` that does not HTML-escape, and the globals templates rely 
 `strftime_now`). The variables are `messages`, `add_generation_prompt`, `tools`, `documents` and the
 tokenizer's named special tokens (`bos_token`, `eos_token`, ...).
 
-A template is a program from the model's publisher: it runs in jinja2's sandbox, and whatever goes wrong in it
-(a syntax error, a `raise_exception` call, a missing variable it indexes) is a DialogError with its message.
+A template is a program from the model's publisher, run on input from any client: it runs in jinja2's sandbox,
+within bounds on what one render may do (items in a `range`, the size of a string it repeats, pads or joins, the
+size of its output, its time), and whatever goes wrong in it (a syntax error, a `raise_exception` call, a missing
+variable it indexes, a bound passed) is a DialogError that names the problem.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
+import string
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
@@ -25,6 +31,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_dist.errors import DialogError
 
 __all__ = ["render_chat_template", "checked_template_messages"]
+
+# What one render may do. A prompt is at most a few MB of text: a template asking for more is broken or hostile.
+MAX_RANGE = 100_000  # items in one range()
+MAX_CHARS = 16 * 2**20  # characters of the output, and of any string or list it builds by repeating or padding
+MAX_RENDER_S = 5.0  # seconds one render may take
+_WIDTH_METHODS = ("ljust", "rjust", "center", "zfill", "expandtabs")  # str methods whose number is an output size
+_PERCENT_WIDTHS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d+|\*)?(?:\.(\d+|\*))?")
 
 
 def _raise_exception(message):
@@ -57,19 +70,125 @@ class _GenerationBlock(jinja2.ext.Extension):
         return caller()
 
 
+# ---- bounds on one render ----------------------------------------------------------------------------------------
+
+_render = threading.local()  # this thread's render: its deadline (renders run on the server's worker threads)
+
+
+def _check_time() -> None:
+    if time.monotonic() > getattr(_render, "deadline", float("inf")):
+        raise DialogError(f"the chat template ran longer than {MAX_RENDER_S:g} s")
+
+
+def _check_size(size: int, what: str, unit: str = "items") -> None:
+    if size > MAX_CHARS:
+        raise DialogError(f"the chat template {what} of {size} {unit} (at most {MAX_CHARS} are allowed)")
+
+
+def _check_width(value) -> None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        _check_size(value, "asked for a width or count", "characters")
+
+
+def _check_format(text: str) -> None:
+    """Refuse a format string whose field widths or precisions alone would build too large a string."""
+    try:
+        specs = [spec for _, _, spec, _ in string.Formatter().parse(text) if spec]
+    except ValueError:
+        specs = []  # not a valid format string: str.format will say so
+    numbers = [int(n) for spec in specs for n in re.findall(r"\d+", spec)]
+    numbers += [int(n) for match in _PERCENT_WIDTHS.finditer(text) for n in match.groups() if n and n.isdigit()]
+    for number in numbers:
+        _check_width(number)
+
+
+def _bounded_range(*args) -> range:
+    try:
+        items = range(*args)
+        size = len(items)
+    except OverflowError:
+        size = MAX_RANGE + 1
+    if size > MAX_RANGE:
+        raise DialogError(f"the chat template asked for a range of more than {MAX_RANGE} items")
+    return items
+
+
+def _bounded_join(parts) -> str:
+    """`~` (jinja's string concatenation), its result's size checked."""
+    parts = [str(part) for part in parts]
+    _check_size(sum(map(len, parts)), "built a string")
+    return "".join(parts)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with the bounds above on repetition, padding, formatting and time."""
+
+    intercepted_binops = frozenset(["*", "**", "%"])
+
+    def call_binop(self, context, operator, left, right):
+        _check_time()
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
+                    _check_size(len(sequence) * count, "built a string or list")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+            _check_size(left.bit_length() * right // 8, "built a number", "bytes")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
+        _check_time()
+        if getattr(__obj, "__name__", None) in _WIDTH_METHODS and isinstance(getattr(__obj, "__self__", None), str):
+            for value in (*args, *kwargs.values()):
+                _check_width(value)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        _check_time()
+        if attribute in ("format", "format_map") and isinstance(obj, str):
+            _check_format(obj)
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _check_time()
+        return super().getitem(obj, argument)
+
+
+def _bounded_filter(name: str, fn):
+    """A builtin filter whose numeric arguments (widths, counts) are bounded; `format`'s format string too."""
+
+    @functools.wraps(fn)
+    def bounded(*args, **kwargs):
+        _check_time()
+        for value in (*args, *kwargs.values()):
+            _check_width(value)
+            if name == "format" and isinstance(value, str):
+                _check_format(value)
+        return fn(*args, **kwargs)
+
+    return bounded
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
+    for name in ("center", "indent", "batch", "slice", "format", "wordwrap", "truncate"):
+        env.filters[name] = _bounded_filter(name, env.filters[name])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["range"] = _bounded_range
     try:
-        return env.from_string(template)
+        compiled = env.from_string(template)
     except jinja2.TemplateError as e:
         line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
         raise DialogError(f"the chat template is not valid jinja{line}: {e.message or e}") from e
+    # `~` compiles to a call of the module's str_join, which no sandbox hook sees: the bounded one takes its place.
+    compiled.root_render_func.__globals__["str_join"] = _bounded_join
+    return compiled
 
 
 def _plain(value):
@@ -123,17 +242,28 @@ def render_chat_template(
     functions the model may call (OpenAI's shape), for templates that show them."""
     compiled = _compiled(template)
     messages = checked_template_messages(dialog)
+    _render.deadline = time.monotonic() + MAX_RENDER_S
     try:
-        return compiled.render(
+        pieces, size = [], 0
+        for piece in compiled.generate(
             **{name: str(token) for name, token in special_tokens.items()},
             messages=messages,
             tools=[_plain(t) for t in tools] if tools else None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
-        )
+        ):
+            pieces.append(piece)
+            size += len(piece)
+            if size > MAX_CHARS:
+                raise DialogError(f"the chat template's output passed {MAX_CHARS} characters")
+            _check_time()
+        return "".join(pieces)
     except DialogError:
         raise
     except jinja2.TemplateError as e:  # includes the sandbox's SecurityError
         raise DialogError(f"the chat template failed: {e.message or e}") from e
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+            RecursionError, MemoryError) as e:
         raise DialogError(f"the chat template failed on this dialog: {type(e).__name__}: {e}") from e
+    finally:
+        _render.deadline = float("inf")

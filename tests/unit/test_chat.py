@@ -3,6 +3,7 @@ import copy
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,41 @@ def test_chat_template_globals_and_extensions_match_transformers(hf_pair):
                                       tokenize=True, return_dict=False)
     assert format_dialog(ours, dialog) == expected
     assert "(2 turns, eos <|end_of_text|>)" in ours.decode(expected)
+
+
+# A template is a program from the model's publisher run on any client's input: one render is bounded.
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(10**10) %}{% endfor %}", "range of more than 100000 items"),
+    ("{{ 'x' * 10**10 }}", "built a string or list of 10000000000 items"),
+    ("{{ ([0] * 10**9) | length }}", "built a string or list of 1000000000 items"),
+    ("{{ 2 ** (10**10) }}", "built a number of"),
+    ("{% set ns = namespace(x='ab') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+     "built a string of 33554432 items"),
+    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "output passed 16777216 characters"),
+    ("{{ 'x' | center(10**10) }}", "width or count of 10000000000"),
+    ("{{ 'x'.ljust(10**10) }}", "width or count of 10000000000"),
+    ("{{ '{:>10000000000}'.format(1) }}", "width or count of 10000000000"),
+    ("{{ '%10000000000d' % 1 }}", "width or count of 10000000000"),
+    ("{{ '%10000000000d' | format(1) }}", "width or count of 10000000000"),
+    ("{{ [1] | batch(10**10, 0) | list }}", "width or count of 10000000000"),
+])
+def test_a_chat_template_is_bounded(template, message):
+    from llama_dist.text.chat_template import render_chat_template
+
+    dialog = [{"role": "user", "content": "hi"}]
+    started = time.monotonic()
+    with pytest.raises(DialogError, match=re.escape(message)):
+        render_chat_template(template, dialog, {})
+    assert time.monotonic() - started < 3.0  # refused before the work, not after
+
+
+def test_a_chat_template_that_runs_too_long_is_stopped(monkeypatch):
+    from llama_dist.text import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_RENDER_S", 0.2)
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0].role[:0] }}{% endfor %}{% endfor %}"
+    with pytest.raises(DialogError, match="ran longer than 0.2 s"):
+        chat_template.render_chat_template(slow, [{"role": "user", "content": "hi"}], {})
+    # Widths, repetitions and ranges within the bounds render as jinja2 renders them.
+    fine = "{% for i in range(3) %}{{ '%3d' % i }}{{ '{:>3}'.format('a') }}{{ 'ab' * 2 }}{{ 'c' | center(3) }}{% endfor %}"
+    assert chat_template.render_chat_template(fine, [{"role": "user", "content": "hi"}], {}) == "  0  aabab c   1  aabab c   2  aabab c "
