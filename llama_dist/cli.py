@@ -26,6 +26,7 @@ from llama_dist.dist.groups import (
     init_distributed,
     is_main_process,
     long_wait_group,
+    lost_contact,
     on_main_then_share,
     print0,
     shutdown_distributed,
@@ -334,8 +335,8 @@ def chat(dialogs_file: str | None = None, system: str | None = None, *, options:
 
 @command
 def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
-          model_name: str | None = None, api_key: str | None = None, max_request_mb: float = 4.0, *,
-          options: RunOptions):
+          model_name: str | None = None, api_key: str | None = None, max_request_mb: float = 4.0,
+          request_timeout_s: float = 30.0, max_connections: int | None = None, *, options: RunOptions):
     """Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
     /tokenize, /detokenize) from
     rank 0, decoding up to --max_batch_size requests at once (continuous batching); Ctrl-C or SIGTERM to rank 0
@@ -350,11 +351,19 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
         api_key: requests must carry `Authorization: Bearer <api_key>` (401 otherwise; /health and /metrics stay
             open); default: the LLAMA_DIST_API_KEY environment variable, else none
         max_request_mb: larger request bodies get HTTP 413 before they are read whole
+        request_timeout_s: a client has this long to send a request's headers, and again its body; then HTTP 408
+            and the connection closes (idle connections close after it too)
+        max_connections: requests on open connections beyond this many get HTTP 503 (default: the open-file limit,
+            raised to its maximum, less a reserve)
     """
     from llama_dist.serve.api import make_app  # the HTTP stack loads only for serving
     from llama_dist.serve.http_server import HttpServer
 
-    http = HttpServer() if is_main_process() else None
+    if float(request_timeout_s) <= 0 or (max_connections is not None and int(max_connections) < 1):
+        raise ConfigError("--request_timeout_s must be above 0 and --max_connections at least 1")  # on every rank
+    http = HttpServer(request_timeout_s=float(request_timeout_s),
+                      max_connections=None if max_connections is None else int(max_connections)) \
+        if is_main_process() else None
     # The port is the input of serve: bound before loading (a taken port fails at once, not after minutes of
     # loading), listened on only once the engine is ready.
     llm, _ = start(options, lambda: http.bind(host, port))
@@ -365,7 +374,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MA
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print0(f"Warning: serving on {host} without --api_key: anyone who can reach this port can use the model")
     on_main_then_share(lambda: http.start(make_app(engine, api_key=None if api_key is None else str(api_key),
-                                                             max_request_mb=float(max_request_mb))))
+                                                   max_request_mb=float(max_request_mb),
+                                                   request_timeout_s=float(request_timeout_s))))
     _stop_on_signals(engine)
     url = f"http://{host}:{http.port}/v1" if http else ""
     print0(f"Serving {name} at {url} ({dist.get_world_size()} rank(s), {options.max_batch_size} slots); "
@@ -399,18 +409,6 @@ def _stop_on_signals(engine: ServingEngine) -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-
-
-# Where gloo's transport raises a peer's death or a receive timeout; it gives them no type of their own.
-_GLOO_TRANSPORT = "gloo/transport/"
-
-
-def lost_contact(exc: BaseException) -> bool:
-    """A peer died or a collective timed out: torch's distributed error types (NCCL, the c10d store, our
-    shared-memory all-reduce), or the RuntimeError gloo's transport raises for it."""
-    return isinstance(exc, dist.DistError) or (
-        type(exc) is RuntimeError and _GLOO_TRANSPORT in str(exc)
-    )
 
 
 # convert and quantize run in one process and take none of the run options.

@@ -363,6 +363,18 @@ def long_wait_group(timeout_s: float = 7 * 24 * 3600):
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+# Where gloo's transport raises a peer's death or a receive timeout; it gives them no type of their own.
+_GLOO_TRANSPORT = "gloo/transport/"
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """A peer died or a collective timed out: torch's distributed error types (NCCL, the c10d store, our
+    shared-memory all-reduce), or the RuntimeError gloo's transport raises for it."""
+    return isinstance(exc, dist.DistError) or (
+        type(exc) is RuntimeError and _GLOO_TRANSPORT in str(exc)
+    )
+
+
 class RemoteRankError(RuntimeError):
     """Another rank failed a step that every rank had to pass, with an error that could not be sent as is."""
 

@@ -2,8 +2,11 @@
 /tokenize and /detokenize (vLLM's shapes). With an API key, every route but /health and /metrics wants it.
 
 A route checks and tokenizes the request, submits it to the engine, and turns the engine's token events into
-OpenAI's response JSON or its server-sent-event stream. All of it runs on the HTTP thread's event loop and reaches
-the engine only through `submit` and the returned handle, so no request can block the engine loop.
+OpenAI's response JSON or its server-sent-event stream. It runs on the HTTP thread's event loop and reaches the
+engine only through `submit` and the returned handle. Templating, tokenizing and compiling grammars run on worker
+threads, after the checks that bound their work (body size, text length, the template sandbox's limits): the event
+loop keeps serving the other streams meanwhile, and, since they hold the GIL, the bounds keep them from slowing
+the engine loop's thread for long.
 
 What is used of `engine`: `submit(GenerationRequest) -> RequestHandle` (raising `ServerBusy` when its queue is
 full), `tokenizer`, `vocab_size`, `max_seq_len`, `model_name`, `health() -> dict`, `metrics` (the engine's
@@ -25,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.structured_output import Grammar
 from llama_dist.errors import DialogError, RequestError, TokenizerError
+from llama_dist.serve.http_server import DEFAULT_REQUEST_TIMEOUT_S
 from llama_dist.serve.metrics import CONTENT_TYPE, ServerMetrics
 from llama_dist.serve.openai_schema import (
     ApiError,
@@ -56,12 +60,14 @@ MAX_CHARS_PER_TOKEN = 32
 OPEN_PATHS = ("/health", "/metrics")
 
 
-def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> FastAPI:
+def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+             request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving `engine` (see the module docstring for what it must offer); with `api_key`, requests
-    need `Authorization: Bearer <api_key>` (401 otherwise); bodies over `max_request_mb` get 413."""
+    need `Authorization: Bearer <api_key>` (401 otherwise); bodies over `max_request_mb` get 413, bodies that take
+    longer than `request_timeout_s` to arrive 408."""
     app = FastAPI(title="llama_dist", summary="OpenAI-compatible API over a tensor-parallel Llama")
     _install_error_handlers(app)
-    app.add_middleware(_LimitBody, max_bytes=int(max_request_mb * 2**20))
+    app.add_middleware(_BoundedBody, max_bytes=int(max_request_mb * 2**20), timeout_s=request_timeout_s)
     if api_key:  # added last: it runs first, so a request without the key is refused before its body is read
         app.add_middleware(_RequireApiKey, api_key=api_key)
     started = int(time.time())
@@ -89,10 +95,12 @@ def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT
     async def tokenize(body: TokenizeRequest) -> dict:
         _check_model(engine, body.model)
         if body.messages is not None:
-            tokens = _chat_prompt(engine.tokenizer, ChatCompletionRequest(messages=body.messages))
+            chat = ChatCompletionRequest(messages=body.messages)
+            _check_length("".join(m.text() for m in chat.messages), engine.max_seq_len, "messages")
+            tokens = await asyncio.to_thread(_chat_prompt, engine.tokenizer, chat)
         elif body.prompt is not None:
             _check_length(body.prompt, engine.max_seq_len)
-            tokens = engine.tokenizer.encode(body.prompt, bos=body.add_special_tokens, eos=False)
+            tokens = await asyncio.to_thread(_encode, engine.tokenizer, body.prompt, body.add_special_tokens)
         else:
             raise ApiError("give a prompt or messages to tokenize", param="prompt")
         return {"count": len(tokens), "max_model_len": engine.max_seq_len, "tokens": tokens}
@@ -110,7 +118,8 @@ def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT
         _check_model(engine, body.model)
         prompt = body.single_prompt()
         if isinstance(prompt, str):
-            prompt_ids = _encode(engine.tokenizer, prompt, engine.max_seq_len)
+            _check_length(prompt, engine.max_seq_len)
+            prompt_ids = await asyncio.to_thread(_encode, engine.tokenizer, prompt)
         else:
             prompt_ids = prompt
         logprobs = body.logprobs is not None
@@ -132,7 +141,7 @@ def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT
         except RequestError as e:
             raise ApiError(str(e), param="tools") from None
         _check_length("".join(m.text() for m in body.messages), engine.max_seq_len, "messages")
-        prompt_ids = _chat_prompt(engine.tokenizer, body, body.tools or None)
+        prompt_ids = await asyncio.to_thread(_chat_prompt, engine.tokenizer, body, body.tools or None)
         grammar = await _checked_grammar(engine, body)
         if must_call:  # "required" or a named function: the reply can only be a call
             if grammar is not None:
@@ -148,36 +157,36 @@ def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT
     return app
 
 
-class _LimitBody:
-    """ASGI middleware: 413 in OpenAI's shape for a body over `max_bytes`: by its Content-Length at once; a body
-    without one (chunked) is read here up to the limit and handed on whole, or refused as soon as it passes it."""
+class _BoundedBody:
+    """ASGI middleware: a request body is read here whole, then handed on, within bounds: 413 in OpenAI's shape for
+    one over `max_bytes` (at once by its Content-Length, else as soon as it passes the limit), 408 for one not
+    complete within `timeout_s` (a client that stops half-way must not hold its request open forever)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            await self.app(scope, receive, send)  # the server holds the client to its declared length
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, 413, f"the request body is over {self.max_bytes / 2**20:g} MB "
+                               "(--max_request_mb)", "request_too_large")
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-        body, delivered = b"".join(chunks), False
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except asyncio.TimeoutError:
+            await self._refuse(scope, receive, send, 408, f"the request body did not arrive within {self.timeout_s:g}"
+                               " s (--request_timeout_s)", "request_timeout")
+            return
+        if body is None:  # the client left
+            return
+        if len(body) > self.max_bytes:
+            await self._refuse(scope, receive, send, 413, f"the request body is over {self.max_bytes / 2**20:g} MB "
+                               "(--max_request_mb)", "request_too_large")
+            return
+        delivered = False
 
         async def replay():
             nonlocal delivered
@@ -188,10 +197,23 @@ class _LimitBody:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send) -> None:
-        body = error_body(f"the request body is over {self.max_bytes / 2**20:g} MB (--max_request_mb)",
-                          code="request_too_large")
-        await JSONResponse(body, status_code=413)(scope, receive, send)
+    async def _read(self, receive) -> bytes | None:
+        """The whole body; past max_bytes, what was read so far and a byte more (refused); None if the client left."""
+        chunks, size, more = [], 0, True
+        while more and size <= self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _refuse(scope, receive, send, status: int, message: str, code: str) -> None:
+        # The rest of the body is not read: the connection closes after the answer.
+        await JSONResponse(error_body(message, code=code), status_code=status,
+                           headers={"Connection": "close"})(scope, receive, send)
 
 
 class _RequireApiKey:
@@ -227,10 +249,9 @@ def _check_length(text: str, max_seq_len: int, param: str = "prompt") -> None:
                        param=param, code="context_length_exceeded")
 
 
-def _encode(tokenizer, text: str, max_seq_len: int) -> list[int]:
-    _check_length(text, max_seq_len)
+def _encode(tokenizer, text: str, bos: bool = True) -> list[int]:
     try:
-        return tokenizer.encode(text, bos=True, eos=False)
+        return tokenizer.encode(text, bos=bos, eos=False)
     except TokenizerError as e:
         raise ApiError(str(e), param="prompt") from None
 

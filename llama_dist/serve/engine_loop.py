@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.sequence import RequestOutput
+from llama_dist.dist.groups import lost_contact
 from llama_dist.engine.step_plan import PlanKind
-from llama_dist.errors import RequestError
+from llama_dist.errors import RequestError, one_line
 from llama_dist.serve.requests import (
     Finished,
     GenerationRequest,
@@ -71,6 +72,7 @@ class ServingEngine:
         self._running = 0
         self._last_step_at = time.monotonic()  # when the engine last finished a step (or was idle)
         self._stopping_since: float | None = None
+        self._failure: str | None = None  # why the loop ended by an error (every request is refused since)
         self._counters = _Counters()
 
     # ---- the HTTP side (rank 0) ---------------------------------------------------------------------------
@@ -85,6 +87,8 @@ class ServingEngine:
         self.engine.check_fits(len(request.prompt_tokens), request.max_tokens)
         handle = RequestHandle(request, asyncio.get_running_loop())
         with self._lock:
+            if self._failure is not None:
+                raise ServerStopping(f"the server is stopping: {self._failure}")
             if self._stopping_since is not None:
                 raise ServerStopping("the server is shutting down")
             # Only what cannot be placed now queues: requests that free slots will take at the next step do not.
@@ -104,7 +108,8 @@ class ServingEngine:
         with self._lock:
             pending = self._running + self._waiting + len(self._inbox)
             stalled = pending and time.monotonic() - self._last_step_at > STALL_S
-            status = "stopping" if self._stopping_since is not None else "stalled" if stalled else "ok"
+            status = ("failed" if self._failure is not None else "stopping" if self._stopping_since is not None
+                      else "stalled" if stalled else "ok")
             return {
                 "status": status,
                 "running": self._running,
@@ -123,7 +128,16 @@ class ServingEngine:
     # ---- the loop (every rank) ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until rank 0 plans a shutdown. Collective: every rank calls it."""
+        """Serve until rank 0 plans a shutdown. Collective: every rank calls it. When the loop fails (a rank is
+        lost, an interrupt), rank 0 ends every open request with an error first, then the error propagates."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            if self._is_main:
+                self._end_every_request(exc)
+            raise
+
+    def _serve(self) -> None:
         while True:
             when_idle = self._prepare() if self._is_main else PlanKind.IDLE
             kind, outputs = self.engine.step(when_idle)
@@ -137,6 +151,21 @@ class ServingEngine:
                     self._waiting = len(self.engine.scheduler.waiting)
                     self._running = len(self.engine.scheduler.running)
                     self._last_step_at = time.monotonic()
+
+    def _end_every_request(self, exc: BaseException) -> None:
+        """Finish every open request with reason "failed" (streams get an error event, the others a 503)."""
+        if lost_contact(exc):
+            why = "it lost contact with one of its ranks"
+        elif isinstance(exc, KeyboardInterrupt):
+            why = "it was interrupted"
+        else:
+            why = f"its engine failed ({one_line(exc, first=True)})"
+        with self._lock:
+            self._failure = why
+            inbox, self._inbox = self._inbox, []
+        for handle in [*inbox, *self._handles.values()]:
+            handle.push(Finished("failed", len(handle.request.prompt_tokens), 0, f"the server is stopping: {why}"))
+        self._handles.clear()
 
     # ---- rank 0's side of the loop ------------------------------------------------------------------------
 

@@ -65,8 +65,8 @@ class TokenEvent:
 @dataclass(frozen=True)
 class Finished:
     """The last event of a request. reason: "stop" (a stop token), "length" (max_tokens or the cache's end),
-    "cancelled" (cancel() was called), "shutdown" (the server is stopping), "error" (the engine failed; `error`
-    says why)."""
+    "cancelled" (cancel() was called), "shutdown" (the server is stopping), "error" (the engine failed this request;
+    `error` says why), "failed" (the server itself failed, e.g. lost a rank, and is stopping; `error` says why)."""
 
     reason: str
     prompt_tokens: int

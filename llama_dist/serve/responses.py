@@ -109,6 +109,8 @@ def _finish_reason(event: Finished) -> str:
     if event.reason in ("cancelled", "shutdown"):  # not by us (we stop reading once we cancel): shutting down
         raise ApiError("the server ended the request before it finished (shutting down)", 503, type="server_error",
                        code="shutting_down", headers={"Retry-After": "5"})
+    if event.reason == "failed":  # the server is going down: another one may answer a retry
+        raise ApiError(event.error or "the server failed", 503, type="server_error", code="server_failed")
     raise ApiError(f"generation failed: {event.error or event.reason}", 500, type="server_error")
 
 
