@@ -651,3 +651,22 @@ def test_a_body_over_the_limit_is_a_413_and_a_huge_prompt_is_refused_before_toke
     chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 40 * MAX_SEQ_LEN}]})
     assert chat.status_code == 400 and len(engine.submitted) == submitted
     assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_connections_beyond_max_connections_get_503_and_idle_ones_close(tokenizer):
+    import socket
+
+    server = HttpServer(request_timeout_s=1.0, max_connections=3)
+    server.start(make_app(FakeEngine(tokenizer)), "127.0.0.1", free_port())
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) for _ in range(3)]
+        time.sleep(0.2)
+        assert httpx.get(url + "/health", timeout=WAIT_S).status_code == 503  # a 4th connection's request
+        for sock in idle:  # after request_timeout_s without a request: 408, closed
+            answer = sock.recv(1024)
+            assert answer.startswith(b"HTTP/1.1 408 ") and sock.recv(1024) == b""
+            sock.close()
+        assert httpx.get(url + "/health", timeout=WAIT_S).status_code == 200
+    finally:
+        assert server.stop(timeout_s=WAIT_S)
