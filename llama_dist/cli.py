@@ -82,6 +82,10 @@ class RunOptions:
     keep_output_precision: bool = False
     compile: bool | None = None
     kernel_choice: str | None = None
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_max: int = 4
+    ngram_min: int = 2
 
     def __post_init__(self):
         """Refuse a flag of the wrong kind before anything starts (fire passes `--seed abc` as the text "abc" and
@@ -142,6 +146,12 @@ RUN_OPTIONS_HELP = """\
         kernel_choice: measure or static: time the matmul kernels of each weight shape at start (CPU, about 2 s
             at most, cached in $LLAMA_DIST_CACHE or ~/.cache/llama_dist for the next start) and run the fastest, or
             keep the fixed rules (default: $LLAMA_DIST_KERNEL_CHOICE, else measure)
+        speculative: ngram: speculative decoding by prompt lookup: each step guesses a sequence's next tokens from
+            where its last tokens occurred earlier in it and checks them all at once (greedy output unchanged;
+            sampled output keeps the model's distribution); default off
+        num_speculative_tokens: tokens guessed per step at most (with --speculative)
+        ngram_max: the longest run of last tokens looked up (with --speculative ngram)
+        ngram_min: the shortest run of last tokens looked up (with --speculative ngram)
 """
 
 
@@ -224,7 +234,9 @@ def start(options: RunOptions, read_input, *args):
         compile=options.compile, kernel_choice=options.kernel_choice,
         max_num_batched_tokens=options.max_num_batched_tokens, block_size=options.block_size,
         kv_cache_tokens=options.kv_cache_tokens, gpu_memory_fraction=options.gpu_memory_fraction,
-        prefix_caching=options.prefix_caching,
+        prefix_caching=options.prefix_caching, speculative=options.speculative,
+        num_speculative_tokens=options.num_speculative_tokens, ngram_max=options.ngram_max,
+        ngram_min=options.ngram_min,
     )
     return llm, user_input
 

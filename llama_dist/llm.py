@@ -20,6 +20,7 @@ from llama_dist.dist.groups import DistContext, checked_on_all_ranks, init_distr
 from llama_dist.dist.launch_env import local_world_size
 from llama_dist.engine.generation import GenerationStats, Generator, StreamStep
 from llama_dist.engine.llm_engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from llama_dist.engine.speculative import SpeculativeConfig
 from llama_dist.errors import CheckpointError, ConfigError, RequestError
 from llama_dist.model.kernel_choice import choose_kernels, resolve_mode
 from llama_dist.model.llama import Transformer
@@ -64,6 +65,10 @@ class Llama(Generator):
         kv_cache_tokens: int | None = None,
         gpu_memory_fraction: float | None = None,
         prefix_caching: bool = True,
+        speculative: str | None = None,
+        num_speculative_tokens: int = 4,
+        ngram_max: int = 4,
+        ngram_min: int = 2,
     ) -> "Llama":
         """Load the tokenizer and this rank's slice of the model, on a process group started once.
 
@@ -90,6 +95,9 @@ class Llama(Generator):
         kernel_choice: "measure" times the candidate matmul kernels of each weight shape on every rank at once
         (about 2 s at most, cached on disk for the next start: `model.kernel_choice`) and runs the fastest; "static"
         keeps the fixed rules; None: $LLAMA_DIST_KERNEL_CHOICE, else "measure". CPU only (CUDA keeps its rules).
+        speculative: "ngram" guesses up to num_speculative_tokens tokens per step by prompt lookup (the sequence's
+        last ngram_max down to ngram_min tokens found earlier in it) and verifies them in the same step
+        (`engine.speculative`: greedy output unchanged, sampled output from the model's distribution); None: off.
         """
         if context is None:
             context = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
@@ -100,7 +108,9 @@ class Llama(Generator):
         kernel_choice = resolve_mode(kernel_choice)  # bad values fail before anything loads
         engine = EngineConfig(max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                               kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
-                              prefix_caching=prefix_caching)
+                              prefix_caching=prefix_caching,
+                              speculative=None if speculative is None else SpeculativeConfig(
+                                  str(speculative), num_speculative_tokens, ngram_max, ngram_min))
         engine.check()
         torch.manual_seed(seed)
         dtype = resolve_dtype(dtype, context.device)

@@ -153,6 +153,21 @@ class BlockManager:
             else:
                 parent = block.key
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past `seq`'s tokens, taken ahead for guesses that were rejected (speculative
+        decoding): the cache then holds what it would without them (they were never published). On CPUs they
+        stay reserved for `seq` to grow into, keeping its run."""
+        keep = self.blocks_for(seq.num_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if self.seek_runs:  # popped last first: the next block to grow into ends the list
+                    self._reservations.setdefault(id(seq), []).append(block_id)
+                    self._reserved[block_id] = id(seq)
+
     def free(self, seq: Sequence) -> None:
         """Give `seq`'s blocks back, the last ones first (least likely to be shared, so evicted first)."""
         for block_id in self._reservations.pop(id(seq), []):

@@ -27,6 +27,7 @@ from llama_dist.engine.sampler import Sampler, token_logprobs
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.scheduler import ScheduledChunk, Scheduler
 from llama_dist.engine.sequence import RequestOutput, Sequence
+from llama_dist.engine.speculative import NgramProposer, SpeculativeConfig
 from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
 from llama_dist.engine.structured_output import GrammarCompiler
 from llama_dist.errors import ConfigError, PromptTooLongError, RequestError
@@ -50,7 +51,8 @@ class EngineConfig:
     max_num_batched_tokens: a step's token budget (decodes first, then prefill chunks); block_size: tokens per KV
     block; kv_cache_tokens: each rank's pool (None: max_batch_size x max_seq_len, the memory the model was sized
     for); gpu_memory_fraction: instead, the share of the GPU's memory the weights and the pool may take (CUDA only);
-    prefix_caching: reuse the cached blocks of earlier prompts."""
+    prefix_caching: reuse the cached blocks of earlier prompts; speculative: guess tokens ahead and verify them in
+    one step (`engine.speculative`), or None."""
 
     max_num_seqs: int | None = None
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -58,8 +60,11 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     gpu_memory_fraction: float | None = None
     prefix_caching: bool = True
+    speculative: SpeculativeConfig | None = None
 
     def check(self) -> None:
+        if self.speculative is not None:
+            self.speculative.check()
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -112,13 +117,22 @@ class LLMEngine:
         # On CPUs attention reads a run of consecutive blocks as one slice: sequences get runs when there is room.
         self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching,
                                           seek_runs=torch.device(device).type == "cpu")
-        self.scheduler = Scheduler(self.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        self.scheduler = Scheduler(self.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
+                                   self._proposer(config.speculative))
         self.sampler = Sampler(device, seed)
         # Structured output (rank 0): the grammar vocabulary is built on the first grammar's check.
         self.grammars = GrammarCompiler(tokenizer, model.args.vocab_size)
         self._any_token = torch.ones(model.args.vocab_size, dtype=torch.bool)  # the mask of a row with no grammar
         self.metrics = EngineMetrics()
         self._failure: BaseException | None = None  # rank 0's own error, raised once every rank knows
+
+    @staticmethod
+    def _proposer(config: SpeculativeConfig | None):
+        """propose(seq, k) for the scheduler: prompt lookup over the sequence's tokens, at most config.num_tokens."""
+        if config is None:
+            return None
+        lookup = NgramProposer(config.ngram_min, config.ngram_max)
+        return lambda seq, k: lookup.propose(seq.token_ids(0, seq.num_tokens), min(k, config.num_tokens))
 
     # ---- requests (rank 0) ----------------------------------------------------------------------------------
 
@@ -234,7 +248,8 @@ class LLMEngine:
         for chunk in chunks:
             first = len(plan.token_ids)
             plan.rows.append(PlanRow(chunk.seq.block_table, chunk.start, chunk.num_tokens))
-            plan.token_ids += chunk.seq.token_ids(chunk.start, chunk.start + chunk.num_tokens)
+            plan.token_ids += chunk.seq.token_ids(chunk.start, chunk.start + chunk.num_tokens - len(chunk.draft))
+            plan.token_ids += chunk.draft
             plan.logits_indices += [first + i for i in self._logit_positions(chunk)]
         return plan
 
@@ -243,8 +258,8 @@ class LLMEngine:
         """Which of the chunk's tokens rank 0 needs logits of: every prompt token's (prompt logprobs: each scores
         the next), or the last one's when the sequence's next token is sampled from it."""
         seq = chunk.seq
-        if seq.params.prompt_logprobs and chunk.start < seq.num_prompt_tokens:
-            return range(chunk.num_tokens)
+        if chunk.draft or (seq.params.prompt_logprobs and chunk.start < seq.num_prompt_tokens):
+            return range(chunk.num_tokens)  # a speculative row: every guess is checked
         return range(chunk.num_tokens - 1, chunk.num_tokens) if chunk.completes_sequence else range(0)
 
     # ---- rank 0's bookkeeping -------------------------------------------------------------------------------
@@ -254,11 +269,15 @@ class LLMEngine:
         row = 0
         sampled: list[tuple[ScheduledChunk, int]] = []  # (chunk, its logits row) of the sequences sampled now
         scored: list[tuple[ScheduledChunk, slice, list[int]]] = []  # prompt logprobs: rows and targets
+        verified: list[tuple[ScheduledChunk, slice]] = []  # speculative rows
         for chunk in chunks:
             positions = self._logit_positions(chunk)
             rows = slice(row, row + len(positions))
             row += len(positions)
             seq = chunk.seq
+            if chunk.draft:
+                verified.append((chunk, rows))
+                continue
             seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.publish(seq)  # its blocks filled this step become findable for later prompts
             if seq.params.prompt_logprobs and chunk.start < seq.num_prompt_tokens:
@@ -291,6 +310,8 @@ class LLMEngine:
         outputs = {}
         for i, (chunk, _) in enumerate(sampled):
             outputs[chunk.seq.request_id] = self._append(chunk.seq, host, i)
+        for chunk, rows in verified:
+            outputs[chunk.seq.request_id] = self._verify(chunk, logits[rows])
         for chunk in chunks:  # a prompt scored to its end with nothing to generate (max_tokens 0)
             seq = chunk.seq
             if chunk.completes_sequence and not seq.is_finished and len(seq.output_token_ids) >= seq.max_tokens:
@@ -298,13 +319,45 @@ class LLMEngine:
                 outputs[seq.request_id] = self._output(seq, [], None, None)
         return list(outputs.values())
 
+    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
+        """A speculative row: keep the guesses the model agrees with and one token of its own, count the kept
+        guesses as computed, give back the blocks taken for the rest, and append the tokens one by one (a stop
+        inside the run ends the output there)."""
+        seq = chunk.seq
+        row = self.sampler.verify(logits, list(chunk.draft), seq.params, seq.generator)
+        self.metrics.speculated(len(chunk.draft), len(row.tokens) - 1)
+        seq.num_computed_tokens += len(row.tokens)  # the newest token and the kept guesses (the last one is new)
+        if not row.finite:
+            return self._append_token(seq, None, None, None)
+        tokens, logprobs, tops = [], [], []
+        for i, token in enumerate(row.tokens):
+            output = self._append_token(seq, token, row.logprobs[i] if row.logprobs else None,
+                                        row.top[i] if row.top else None)
+            tokens += output.new_token_ids
+            logprobs += output.new_logprobs or []
+            tops += output.new_top_logprobs or []
+            if seq.is_finished:
+                break
+        if not seq.is_finished:
+            self.block_manager.publish(seq)
+            self.block_manager.trim(seq)
+        output.new_token_ids, output.new_logprobs, output.new_top_logprobs = tokens, logprobs or None, tops or None
+        return output
+
     def _append(self, seq: Sequence, host: "_HostBatch", i: int) -> RequestOutput:
-        now = time.monotonic()
         if not host.finite[i]:
+            return self._append_token(seq, None, None, None)
+        logprob = host.logprobs[i] if seq.params.logprobs or seq.params.top_logprobs else None
+        top = host.top[i][: seq.params.top_logprobs] if seq.params.top_logprobs else None
+        return self._append_token(seq, host.tokens[i], logprob, top)
+
+    def _append_token(self, seq: Sequence, token: int | None, logprob: float | None, top) -> RequestOutput:
+        """Add one generated token to `seq` (None: its logits were not finite), checking every way it may end."""
+        now = time.monotonic()
+        if token is None:
             dtype = str(self.model.tok_embeddings.weight.dtype).removeprefix("torch.")
             self.scheduler.finish(seq, "error", NON_FINITE.format(dtype=dtype))
             return self._output(seq, [], None, None)
-        token = host.tokens[i]
         self.metrics.token_generated(seq, now)
         if token in seq.stop_token_ids:  # a stop token ends the output and is no part of it
             self.scheduler.finish(seq, "stop")
@@ -318,8 +371,6 @@ class LLMEngine:
                 return self._output(seq, [token], None, None)
             if seq.guide.finished:  # the grammar is complete: nothing may follow
                 self.scheduler.finish(seq, "stop")
-        logprob = host.logprobs[i] if seq.params.logprobs or seq.params.top_logprobs else None
-        top = host.top[i][: seq.params.top_logprobs] if seq.params.top_logprobs else None
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         if top is not None:

@@ -22,6 +22,9 @@ class EngineMetrics:
     preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, found (not computed again)
+    spec_drafts: int = 0  # speculative rows verified (one per sequence and step that had guesses)
+    spec_draft_tokens: int = 0  # tokens guessed in them
+    spec_accepted_tokens: int = 0  # of those, kept
     step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
     decode_step_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))  # decodes only
     time_to_first_token_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT))
@@ -43,6 +46,21 @@ class EngineMetrics:
         else:
             self._record("inter_token_latency_s", now - seq.last_token_s)
         seq.last_token_s = now
+
+    def speculated(self, guessed: int, kept: int) -> None:
+        self.spec_drafts += 1
+        self.spec_draft_tokens += guessed
+        self.spec_accepted_tokens += kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """The share of guessed tokens kept (speculative decoding), None before any."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens a speculative row gave on average: its kept guesses and the model's own one."""
+        return (self.spec_accepted_tokens + self.spec_drafts) / self.spec_drafts if self.spec_drafts else None
 
     def step_done(self, chunks, seconds: float, scheduler) -> None:
         self.steps += 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from llama_dist.engine.sampling_params import SamplingParams
+from llama_dist.engine.speculative import accept_greedy, accept_sampled
 
 
 @dataclass
@@ -22,6 +23,17 @@ class SampledBatch:
     top_ids: torch.Tensor  # (rows, K) int64, K = the largest top_logprobs over the rows (0 columns when none asked)
     top_logprobs: torch.Tensor  # (rows, K) float32: raw log-softmax of the K most likely tokens, descending
     finite: torch.Tensor  # (rows,) bool: the row's logits were all finite (if False its token is meaningless)
+
+
+@dataclass
+class VerifiedRow:
+    """What one speculative row gave, on the host: the kept guesses and the model's own token after them, each
+    token's raw log-probability and top alternatives when asked, and whether the logits were all finite."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    top: list[list[tuple[int, float]]] | None
+    finite: bool
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,10 +94,52 @@ class Sampler:
             top_ids = torch.empty((rows, 0), dtype=torch.long, device=logits.device)
         return SampledBatch(tokens, chosen, top_ids, top_logprobs, finite)
 
+    def verify(self, logits: torch.Tensor, draft: list[int], params: SamplingParams,
+               generator: torch.Generator | None) -> VerifiedRow:
+        """Speculative decoding: the tokens one sequence gains from its (k+1)-token row, logits (k+1, vocab) at its
+        newest token and its k guessed ones (`engine.speculative`: exact for greedy and sampled rows alike)."""
+        raw = logits.float()
+        finite = bool(torch.isfinite(raw.sum(dim=-1)).all())
+        clean = torch.where(torch.isfinite(raw.sum(dim=-1, keepdim=True)), raw, 0.0)
+        rows = [params] * clean.shape[0]
+        if params.logit_bias:
+            clean = self._biased(clean, rows)
+        if params.greedy:
+            tokens = accept_greedy(clean.max(dim=-1).indices.tolist(), draft)
+        else:
+            uniforms = torch.rand(len(draft) + 1, generator=generator or self.generator, device=self.device)
+            tokens = accept_sampled(self.probabilities(clean, rows), draft, uniforms)
+        logprobs = top = None
+        if params.logprobs or params.top_logprobs:
+            logp = torch.log_softmax(raw[: len(tokens)], dim=-1)
+            logprobs = logp.gather(-1, torch.tensor(tokens, device=logp.device).unsqueeze(-1)).squeeze(-1).tolist()
+            if params.top_logprobs:
+                values, ids = torch.topk(logp, min(params.top_logprobs, logp.shape[-1]), dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return VerifiedRow(tokens, logprobs, top, finite)
+
+    def probabilities(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """(rows, vocab): each row's sampling distribution after temperature, top-k and top-p, summing to 1."""
+        kept, order = self._kept(logits, params)
+        probs = torch.zeros_like(kept).scatter_(-1, order, kept)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
     def _sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> torch.Tensor:
         """Inverse-CDF sampling of every row (greedy rows too, harmlessly: the caller ignores them)."""
+        vocab = logits.shape[-1]
+        kept, order = self._kept(logits, params)
+        # The kept mass needs no renormalising: scale the uniform by it instead. Dropped tokens add nothing to the
+        # cumulative sum, so the first index reaching the target is always a kept token with probability > 0.
+        cum = torch.cumsum(kept, dim=-1)
+        target = self._uniforms(params, generators).unsqueeze(-1) * cum[:, -1:]
+        index = torch.searchsorted(cum, target).clamp_(max=vocab - 1)  # clamp: rounding past the end
+        return order.gather(-1, index).squeeze(-1)
+
+    def _kept(self, logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's probabilities after temperature, top-k and top-p, sorted descending (those dropped are 0, the
+        rest not renormalised), and the token order of that sort."""
         vocab = logits.shape[-1]
         # Greedy rows get temperature 1 only so that their (unused) row stays well-defined. top_p 1 becomes inf
         # so that rounding in the cumulative sum (mass a hair over 1) can never drop a tail token.
@@ -111,14 +165,7 @@ class Sampler:
         mass_before = cum_k - after_k
         keep = mass_before < top_p.unsqueeze(-1) * cum_k[:, -1:]
         keep[:, 0] = True
-        kept = after_k.masked_fill(~keep, 0.0)
-
-        # The kept mass needs no renormalising: scale the uniform by it instead. Dropped tokens add nothing to the
-        # cumulative sum, so the first index reaching the target is always a kept token with probability > 0.
-        cum = torch.cumsum(kept, dim=-1)
-        target = self._uniforms(params, generators).unsqueeze(-1) * cum[:, -1:]
-        index = torch.searchsorted(cum, target).clamp_(max=vocab - 1)  # clamp: rounding past the end
-        return order.gather(-1, index).squeeze(-1)
+        return after_k.masked_fill(~keep, 0.0), order
 
     def _biased(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Each row's logit_bias added to its logits (a copy; ids past the vocabulary are ignored)."""

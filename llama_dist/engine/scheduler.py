@@ -5,6 +5,10 @@ stalls the streams already running), then prompts are prefilled in chunks fillin
 first those already started, then waiting ones in arrival order (FIFO), as long as a sequence slot and cache blocks
 are free. A prompt longer than the budget is prefilled over several steps, alongside the decodes.
 
+With speculative decoding (`propose`), a decoding sequence's chunk also carries the tokens guessed to follow its
+newest one: they count against the budget, and blocks for them are taken ahead (given back by the engine for
+the guesses it rejects).
+
 When a decoding sequence needs a new block and none is free, the newest running sequence is preempted: it gives
 its blocks back and waits at the front of the queue, to be recomputed from its tokens (prompt and output so far;
 its random generator keeps its state, so its output is the same as without the preemption).
@@ -13,6 +17,7 @@ its random generator keeps its state, so its output is the same as without the p
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llama_dist.engine.block_manager import BlockManager
@@ -26,15 +31,19 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    draft: tuple[int, ...] = ()  # guessed tokens after the sequence's newest (speculative decoding), included above
 
     @property
     def completes_sequence(self) -> bool:
         """After this step every token of the sequence is cached: its next token is sampled from the last one."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens - len(self.draft) == self.seq.num_tokens
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
+                 propose: Callable[[Sequence, int], list[int]] | None = None):
+        """propose(seq, k): up to k tokens guessed to follow seq's tokens (speculative decoding), or None."""
+        self.propose = propose
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_manager = block_manager
@@ -58,15 +67,19 @@ class Scheduler:
         """This step's chunks: decodes first, then prefill chunks, within max_num_batched_tokens."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        speculative: list[ScheduledChunk] = []  # after the one-token decodes: the plan wants those first
         for seq in list(self.running):
             if seq.prefilling or seq not in self.running or budget <= 0:
                 continue
             while not self.block_manager.can_append(seq, seq.num_tokens) and seq in self.running:
                 self.preempt(self.running[-1])  # the newest gives its blocks back (possibly seq itself)
             if seq in self.running:
-                self.block_manager.append(seq, seq.num_tokens)
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
-                budget -= 1
+                draft = self._draft(seq, budget - 1)
+                self.block_manager.append(seq, seq.num_tokens + len(draft))
+                chunk = ScheduledChunk(seq, seq.num_computed_tokens, 1 + len(draft), tuple(draft))
+                (speculative if draft else chunks).append(chunk)
+                budget -= chunk.num_tokens
+        chunks += speculative
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 chunks.append(self._prefill_chunk(seq, budget))
@@ -80,6 +93,18 @@ class Scheduler:
             chunks.append(self._prefill_chunk(seq, budget))
             budget -= chunks[-1].num_tokens
         return chunks
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """The guesses `seq` is verified with this step: within the budget, the tokens it may still generate (the
+        last one is always the model's own) and the free blocks (never preempting another sequence for them).
+        None for a sequence with a grammar: its guesses would need the grammar's mask at every position."""
+        room = min(budget, seq.max_tokens - len(seq.output_token_ids) - 1)
+        if self.propose is None or room < 1 or seq.guide is not None:
+            return []
+        draft = self.propose(seq, room)[:room]
+        while draft and not self.block_manager.can_append(seq, seq.num_tokens + len(draft)):
+            draft.pop()
+        return draft
 
     def preempt(self, seq: Sequence) -> None:
         """Take `seq`'s blocks back; it waits first in line and is recomputed from its tokens."""

@@ -48,7 +48,12 @@ class _EngineCollector(Collector):
                     ("num_preemptions", "Sequences preempted (recomputed later) when the KV cache ran out.",
                      m.preemptions),
                     ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m.prefix_cache_queries),
-                    ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", m.prefix_cache_hits))
+                    ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", m.prefix_cache_hits),
+                    ("spec_decode_num_drafts", "Speculative rows verified (a sequence's guesses in one step).",
+                     m.spec_drafts),
+                    ("spec_decode_num_draft_tokens", "Tokens guessed by speculative decoding.", m.spec_draft_tokens),
+                    ("spec_decode_num_accepted_tokens", "Guessed tokens the model agreed with (kept).",
+                     m.spec_accepted_tokens))
         for name, help_text, value in gauges:
             family = GaugeMetricFamily(PREFIX + name, help_text, labels=["model_name"])
             family.add_metric(label, value)

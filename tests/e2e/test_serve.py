@@ -32,11 +32,14 @@ DIALOG = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "co
 
 class Server(ServerProcess):
     """`llama-dist serve` on a free port, as one process (world size 1) or under llama_dist.torchrun, with an
-    openai client for it."""
+    openai client for it. The 2-rank server decodes speculatively (prompt lookup): every case holds with it too,
+    greedy output equal to offline generation without it."""
 
     def __init__(self, world_size: int, log_dir: Path):
         flags = ["--max_batch_size", str(SLOTS), "--max_seq_len", str(MAX_SEQ_LEN), "--dtype", "float32",
                  "--max_queue", "40", "--api_key", API_KEY]
+        if world_size > 1:
+            flags += ["--speculative", "ngram", "--ngram_min", "1"]
         super().__init__(world_size, flags, log_dir, env={"OMP_NUM_THREADS": "1", "LLAMA_DIST_TIMEOUT": "120"},
                          start_timeout_s=120)
         self.client = openai.OpenAI(base_url=self.url, api_key=API_KEY, timeout=120, max_retries=0)
@@ -263,6 +266,14 @@ def test_keys_models_and_metrics(server):
     before = generated()
     _complete(server, PROMPTS[1], max_tokens=5)
     assert generated() >= before + 5
+    text = httpx.get(root + "/metrics", timeout=30).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    if "--speculative" in server.proc.args:  # the earlier tests' guesses, some of them kept
+        assert samples["llama_dist:spec_decode_num_draft_tokens_total"] > 0
+        assert 0 < samples["llama_dist:spec_decode_num_accepted_tokens_total"] <= \
+            samples["llama_dist:spec_decode_num_draft_tokens_total"]
+    else:
+        assert samples["llama_dist:spec_decode_num_draft_tokens_total"] == 0
     tokens = httpx.post(root + "/tokenize", json={"prompt": PROMPTS[0]}, headers=AUTH, timeout=30).json()["tokens"]
     assert httpx.post(root + "/detokenize", json={"tokens": tokens}, headers=AUTH, timeout=30).json()["prompt"] \
         == PROMPTS[0]
