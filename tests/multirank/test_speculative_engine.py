@@ -5,7 +5,6 @@ cache and prefix index after rejections as if the rejected guesses never came.""
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama_dist.dist.local_launch import run_local
 from llama_dist.engine.llm_engine import EngineConfig, LLMEngine
