@@ -86,6 +86,8 @@ class RunOptions:
     num_speculative_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
+    draft_ckpt_dir: str | None = None
+    draft_quantize: str | None = None
 
     def __post_init__(self):
         """Refuse a flag of the wrong kind before anything starts (fire passes `--seed abc` as the text "abc" and
@@ -146,12 +148,15 @@ RUN_OPTIONS_HELP = """\
         kernel_choice: measure or static: time the matmul kernels of each weight shape at start (CPU, about 2 s
             at most, cached in $LLAMA_DIST_CACHE or ~/.cache/llama_dist for the next start) and run the fastest, or
             keep the fixed rules (default: $LLAMA_DIST_KERNEL_CHOICE, else measure)
-        speculative: ngram: speculative decoding by prompt lookup: each step guesses a sequence's next tokens from
-            where its last tokens occurred earlier in it and checks them all at once (greedy output unchanged;
-            sampled output keeps the model's distribution); default off
+        speculative: ngram or draft: speculative decoding: each step guesses a sequence's next tokens (ngram: from
+            where its last tokens occurred earlier in it; draft: with a draft model) and checks them all at once
+            (greedy output unchanged; sampled output keeps the model's distribution); default off
         num_speculative_tokens: tokens guessed per step at most (with --speculative)
         ngram_max: the longest run of last tokens looked up (with --speculative ngram)
         ngram_min: the shortest run of last tokens looked up (with --speculative ngram)
+        draft_ckpt_dir: with --speculative draft: a smaller model with the same tokenizer that guesses
+        draft_quantize: with --speculative draft: int4 or int8: the guesser is this model itself, quantized (a
+            draft every user has; with --draft_ckpt_dir, that model quantized)
 """
 
 
@@ -236,7 +241,7 @@ def start(options: RunOptions, read_input, *args):
         kv_cache_tokens=options.kv_cache_tokens, gpu_memory_fraction=options.gpu_memory_fraction,
         prefix_caching=options.prefix_caching, speculative=options.speculative,
         num_speculative_tokens=options.num_speculative_tokens, ngram_max=options.ngram_max,
-        ngram_min=options.ngram_min,
+        ngram_min=options.ngram_min, draft_ckpt_dir=options.draft_ckpt_dir, draft_quantize=options.draft_quantize,
     )
     return llm, user_input
 

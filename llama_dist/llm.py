@@ -69,6 +69,8 @@ class Llama(Generator):
         num_speculative_tokens: int = 4,
         ngram_max: int = 4,
         ngram_min: int = 2,
+        draft_ckpt_dir: str | Path | None = None,
+        draft_quantize: str | None = None,
     ) -> "Llama":
         """Load the tokenizer and this rank's slice of the model, on a process group started once.
 
@@ -96,8 +98,10 @@ class Llama(Generator):
         (about 2 s at most, cached on disk for the next start: `model.kernel_choice`) and runs the fastest; "static"
         keeps the fixed rules; None: $LLAMA_DIST_KERNEL_CHOICE, else "measure". CPU only (CUDA keeps its rules).
         speculative: "ngram" guesses up to num_speculative_tokens tokens per step by prompt lookup (the sequence's
-        last ngram_max down to ngram_min tokens found earlier in it) and verifies them in the same step
-        (`engine.speculative`: greedy output unchanged, sampled output from the model's distribution); None: off.
+        last ngram_max down to ngram_min tokens found earlier in it), "draft" by a draft model (draft_ckpt_dir, a
+        smaller model with the same vocabulary, or the model itself quantized with draft_quantize, e.g. "int4"),
+        and verifies them in the same step (`engine.speculative`: greedy output unchanged, sampled output from the
+        model's distribution); None: off.
         """
         if context is None:
             context = init_distributed(backend=backend, device=device, timeout_s=timeout_s)
@@ -110,7 +114,8 @@ class Llama(Generator):
                               kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
                               prefix_caching=prefix_caching,
                               speculative=None if speculative is None else SpeculativeConfig(
-                                  str(speculative), num_speculative_tokens, ngram_max, ngram_min))
+                                  str(speculative), num_speculative_tokens, ngram_max, ngram_min,
+                                  None if draft_ckpt_dir is None else str(draft_ckpt_dir), draft_quantize))
         engine.check()
         torch.manual_seed(seed)
         dtype = resolve_dtype(dtype, context.device)
@@ -138,14 +143,29 @@ class Llama(Generator):
                 )
             return tokenizer, load_model(checkpoint, device=context.device, dtype=dtype, quantize=scheme)
 
+        def load_draft(vocab_size: int):
+            spec = engine.speculative
+            if spec is None or spec.method != "draft":
+                return None
+            draft_dir = ckpt_dir if spec.draft_ckpt_dir is None else spec.draft_ckpt_dir
+            checkpoint = open_checkpoint(draft_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+            if checkpoint.args.vocab_size != vocab_size:
+                raise CheckpointError(f"the draft model {draft_dir} has a vocabulary of {checkpoint.args.vocab_size}, "
+                                      f"the model {vocab_size}: a draft must share the model's tokenizer")
+            scheme = make_scheme(spec.draft_quantize, int4_group_size, keep_output_precision)
+            return load_model(checkpoint, device=context.device, dtype=dtype, quantize=scheme)
+
         tokenizer, model = checked_on_all_ranks(load)
+        draft_model = checked_on_all_ranks(load_draft, model.args.vocab_size)
         print0(
             f"Loaded {ckpt_dir} on {context.world_size} rank(s) ({context.backend}, {context.device.type}, "
             f"{str(dtype).removeprefix('torch.')}{_describe_quantization(model)}) "
             f"in {time.perf_counter() - start:.2f} s"
         )
         choose_kernels(model, kernel_choice)  # collective: after loading, which must not be
-        return Llama(model, tokenizer, context, seed, compile, engine)
+        if draft_model is not None:
+            print0(f"Draft model: {engine.speculative.draft_ckpt_dir or ckpt_dir}{_describe_quantization(draft_model)}")
+        return Llama(model, tokenizer, context, seed, compile, engine, draft_model)
 
     def text_completion(
         self,

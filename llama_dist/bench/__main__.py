@@ -1,4 +1,5 @@
-"""`python -m llama_dist.bench run|make-checkpoint|quality|kernels|cache|guided|serve ...` (under torchrun for N ranks)."""
+"""`python -m llama_dist.bench run|make-checkpoint|quality|kernels|cache|guided|spec|serve ...` (under torchrun for N
+ranks)."""
 
 import sys
 
@@ -14,8 +15,10 @@ def main(argv: list[str]) -> None:
     from llama_dist.bench.cache import run as cache
     from llama_dist.bench.decode import COMMANDS
     from llama_dist.bench.guided import run as guided
+    from llama_dist.bench.speculative import run as speculative
 
-    fire.Fire({**COMMANDS, "cache": cache, "guided": guided}, command=argv, name="python -m llama_dist.bench")
+    fire.Fire({**COMMANDS, "cache": cache, "guided": guided, "spec": speculative}, command=argv,
+              name="python -m llama_dist.bench")
 
 
 if __name__ == "__main__":

@@ -55,13 +55,14 @@ class Generator:
     """Generates continuations of token-id prompts with one model on every rank of its group."""
 
     def __init__(self, model: Transformer, tokenizer: TokenizerInterface, dist_ctx: DistContext, seed: int = 1,
-                 compile: bool | None = None, engine_config: EngineConfig | None = None):
+                 compile: bool | None = None, engine_config: EngineConfig | None = None,
+                 draft_model: Transformer | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.dist = dist_ctx
         # Only rank 0 samples: its engine's generator decides every token of a request without a seed.
         self.engine = LLMEngine(model, tokenizer, dist_ctx.device, dist_ctx.is_main, engine_config, seed=seed,
-                                compile=compile)
+                                compile=compile, draft_model=draft_model)
         self.last_stats = GenerationStats()
 
     @property

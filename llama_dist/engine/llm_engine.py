@@ -21,6 +21,7 @@ import torch
 
 from llama_dist.dist.groups import RemoteRankError, all_reduce_min
 from llama_dist.engine.block_manager import RESERVED_BLOCKS, BlockManager
+from llama_dist.engine.draft import DraftModel
 from llama_dist.engine.metrics import EngineMetrics
 from llama_dist.engine.model_runner import ModelRunner
 from llama_dist.engine.sampler import Sampler, token_logprobs
@@ -100,7 +101,9 @@ def pool_tokens(model: Transformer, config: EngineConfig, device: torch.device) 
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: TokenizerInterface, device: torch.device, is_main: bool,
-                 config: EngineConfig | None = None, *, seed: int = 1, compile: bool | None = None):
+                 config: EngineConfig | None = None, *, seed: int = 1, compile: bool | None = None,
+                 draft_model: Transformer | None = None):
+        """draft_model: the guessing model of config.speculative's "draft" method (loaded on every rank alike)."""
         self.model, self.tokenizer, self.device, self.is_main = model, tokenizer, device, is_main
         config = EngineConfig() if config is None else config
         config.check()
@@ -117,8 +120,12 @@ class LLMEngine:
         # On CPUs attention reads a run of consecutive blocks as one slice: sequences get runs when there is room.
         self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching,
                                           seek_runs=torch.device(device).type == "cpu")
+        speculative = config.speculative
+        if (speculative is not None and speculative.method == "draft") != (draft_model is not None):
+            raise ConfigError("a draft model goes with speculative method 'draft', and that method needs one")
+        self.draft = None if draft_model is None else DraftModel(draft_model, num_blocks, block_size)
         self.scheduler = Scheduler(self.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
-                                   self._proposer(config.speculative))
+                                   self._proposer(speculative))
         self.sampler = Sampler(device, seed)
         # Structured output (rank 0): the grammar vocabulary is built on the first grammar's check.
         self.grammars = GrammarCompiler(tokenizer, model.args.vocab_size)
@@ -128,9 +135,13 @@ class LLMEngine:
 
     @staticmethod
     def _proposer(config: SpeculativeConfig | None):
-        """propose(seq, k) for the scheduler: prompt lookup over the sequence's tokens, at most config.num_tokens."""
+        """propose(seq, k) for the scheduler: prompt lookup over the sequence's tokens, or, with a draft model,
+        placeholders for the guesses it makes once the step is scheduled (`DraftModel.propose`); at most
+        config.num_tokens."""
         if config is None:
             return None
+        if config.method == "draft":
+            return lambda seq, k: [0] * min(k, config.num_tokens)
         lookup = NgramProposer(config.ngram_min, config.ngram_max)
         return lambda seq, k: lookup.propose(seq.token_ids(0, seq.num_tokens), min(k, config.num_tokens))
 
@@ -207,8 +218,16 @@ class LLMEngine:
                 plan = StepPlan(PlanKind.ABORT)
             else:
                 chunks = self.scheduler.schedule()
-                plan = self._plan(chunks) if chunks else StepPlan(when_idle)
+                if self.draft is not None and chunks:
+                    try:  # the draft's sub-steps: collective, the other ranks follow them below
+                        self.draft.propose(chunks, self.sampler)
+                    except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, or wait forever
+                        self._failure, chunks = exc, []
+                plan = (StepPlan(PlanKind.ABORT) if self._failure is not None
+                        else self._plan(chunks) if chunks else StepPlan(when_idle))
         plan = exchange(plan)
+        if self.draft is not None and not self.is_main:
+            plan = self.draft.follow(plan)
         if plan.kind == PlanKind.ABORT:
             self.abort_all()
             if self._failure is not None:
@@ -324,24 +343,27 @@ class LLMEngine:
         guesses as computed, give back the blocks taken for the rest, and append the tokens one by one (a stop
         inside the run ends the output there)."""
         seq = chunk.seq
-        row = self.sampler.verify(logits, list(chunk.draft), seq.params, seq.generator)
+        row = self.sampler.verify(logits, list(chunk.draft), seq.params, seq.generator, chunk.draft_probs)
         self.metrics.speculated(len(chunk.draft), len(row.tokens) - 1)
         seq.num_computed_tokens += len(row.tokens)  # the newest token and the kept guesses (the last one is new)
+        seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)  # its rejected guesses too
         if not row.finite:
             return self._append_token(seq, None, None, None)
-        tokens, logprobs, tops = [], [], []
+        tokens, logprobs, tops, text = [], [], [], ""
         for i, token in enumerate(row.tokens):
             output = self._append_token(seq, token, row.logprobs[i] if row.logprobs else None,
                                         row.top[i] if row.top else None)
             tokens += output.new_token_ids
             logprobs += output.new_logprobs or []
             tops += output.new_top_logprobs or []
+            text += output.text
             if seq.is_finished:
                 break
         if not seq.is_finished:
             self.block_manager.publish(seq)
             self.block_manager.trim(seq)
         output.new_token_ids, output.new_logprobs, output.new_top_logprobs = tokens, logprobs or None, tops or None
+        output.text = text
         return output
 
     def _append(self, seq: Sequence, host: "_HostBatch", i: int) -> RequestOutput:

@@ -95,9 +95,11 @@ class Sampler:
         return SampledBatch(tokens, chosen, top_ids, top_logprobs, finite)
 
     def verify(self, logits: torch.Tensor, draft: list[int], params: SamplingParams,
-               generator: torch.Generator | None) -> VerifiedRow:
+               generator: torch.Generator | None, draft_probs: torch.Tensor | None = None) -> VerifiedRow:
         """Speculative decoding: the tokens one sequence gains from its (k+1)-token row, logits (k+1, vocab) at its
-        newest token and its k guessed ones (`engine.speculative`: exact for greedy and sampled rows alike)."""
+        newest token and its k guessed ones (`engine.speculative`: exact for greedy and sampled rows alike).
+        draft_probs: (k, vocab) the distributions a draft model drew the guesses from; None: drawn with certainty
+        (prompt lookup, or a greedy draft)."""
         raw = logits.float()
         finite = bool(torch.isfinite(raw.sum(dim=-1)).all())
         clean = torch.where(torch.isfinite(raw.sum(dim=-1, keepdim=True)), raw, 0.0)
@@ -108,7 +110,7 @@ class Sampler:
             tokens = accept_greedy(clean.max(dim=-1).indices.tolist(), draft)
         else:
             uniforms = torch.rand(len(draft) + 1, generator=generator or self.generator, device=self.device)
-            tokens = accept_sampled(self.probabilities(clean, rows), draft, uniforms)
+            tokens = accept_sampled(self.probabilities(clean, rows), draft, uniforms, draft_probs)
         logprobs = top = None
         if params.logprobs or params.top_logprobs:
             logp = torch.log_softmax(raw[: len(tokens)], dim=-1)

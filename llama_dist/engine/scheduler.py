@@ -20,6 +20,8 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from llama_dist.engine.block_manager import BlockManager
 from llama_dist.engine.sequence import Sequence, SequenceStatus
 
@@ -32,6 +34,7 @@ class ScheduledChunk:
     start: int
     num_tokens: int
     draft: tuple[int, ...] = ()  # guessed tokens after the sequence's newest (speculative decoding), included above
+    draft_probs: torch.Tensor | None = None  # (len(draft), vocab): the distributions a draft model drew them from
 
     @property
     def completes_sequence(self) -> bool:
@@ -110,7 +113,7 @@ class Scheduler:
         """Take `seq`'s blocks back; it waits first in line and is recomputed from its tokens."""
         self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.status, seq.num_computed_tokens, seq.num_draft_computed = SequenceStatus.WAITING, 0, 0
         seq.prompt_logprobs.clear()  # recomputed with the rest
         seq.prompt_top_logprobs.clear()
         seq.num_preemptions += 1

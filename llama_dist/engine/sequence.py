@@ -31,6 +31,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
+    num_draft_computed: int = 0  # the same in the draft model's cache (speculative decoding with a draft model)
     block_table: list[int] = field(default_factory=list)  # the cache blocks holding its tokens, in order
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0  # times its blocks were taken back (it is recomputed from its tokens)

@@ -23,24 +23,26 @@ import torch
 
 from llama_dist.errors import ConfigError
 
-__all__ = ["SpeculativeConfig", "NgramProposer", "accept_greedy", "accept_sampled"]
+__all__ = ["SpeculativeConfig", "NgramProposer", "accept_greedy", "accept_sampled", "sample_from"]
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """method: "ngram" (prompt lookup: no extra model). num_tokens: guesses per step at most. ngram_max,
-    ngram_min: the lengths of the sequence's last tokens looked up earlier in it, longest first."""
+    """method: "ngram" (prompt lookup: no extra model) or "draft" (a draft model: `engine.draft`). num_tokens:
+    guesses per step at most. ngram_max, ngram_min: the lengths of the sequence's last tokens looked up earlier in
+    it, longest first. draft_ckpt_dir: the draft model's checkpoint (None: the target's own, then with
+    draft_quantize, e.g. "int4", a copy every user has)."""
 
     method: str = "ngram"
     num_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
+    draft_ckpt_dir: str | None = None
+    draft_quantize: str | None = None
 
     def check(self) -> None:
-        if self.method == "draft":
-            raise ConfigError("speculative decoding with a draft model is not available yet; use --speculative ngram")
         if self.method not in METHODS:
             raise ConfigError(f"--speculative must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("num_tokens", "ngram_max", "ngram_min"):
@@ -49,6 +51,11 @@ class SpeculativeConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.ngram_min > self.ngram_max:
             raise ConfigError(f"ngram_min ({self.ngram_min}) must not be above ngram_max ({self.ngram_max})")
+        if self.method == "draft" and self.draft_ckpt_dir is None and self.draft_quantize is None:
+            raise ConfigError("--speculative draft needs --draft_ckpt_dir (a smaller model with the same tokenizer) "
+                              "or --draft_quantize (an int4 or int8 copy of the model itself)")
+        if self.method != "draft" and (self.draft_ckpt_dir is not None or self.draft_quantize is not None):
+            raise ConfigError("--draft_ckpt_dir and --draft_quantize go with --speculative draft")
 
 
 class NgramProposer:
@@ -109,9 +116,14 @@ def accept_sampled(probs: torch.Tensor, draft: list[int], uniforms: torch.Tensor
             last[draft[kept]] = 0.0
         else:
             last = (last - draft_probs[kept]).clamp(min=0.0)
-    cumulative = torch.cumsum(last, dim=-1)
-    target = uniforms[k] * cumulative[-1]
-    token = int(torch.searchsorted(cumulative, target.unsqueeze(0), right=True).clamp(max=last.shape[-1] - 1))
-    while last[token] == 0 and token > 0:  # rounding at the top end: the last token with mass
+    return draft[:kept] + [sample_from(last, uniforms[k])]
+
+
+def sample_from(weights: torch.Tensor, uniform: torch.Tensor) -> int:
+    """A token drawn from (vocab,) non-negative `weights` (not necessarily normalised) with one uniform in [0, 1)."""
+    cumulative = torch.cumsum(weights, dim=-1)
+    target = uniform * cumulative[-1]
+    token = int(torch.searchsorted(cumulative, target.reshape(1), right=True).clamp(max=weights.shape[-1] - 1))
+    while weights[token] == 0 and token > 0:  # rounding at the top end: the last token with mass
         token -= 1
-    return draft[:kept] + [token]
+    return token

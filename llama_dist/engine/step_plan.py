@@ -23,6 +23,7 @@ class PlanKind(enum.IntEnum):
     DONE = 2  # the work the loop was started for is finished (offline generation returns)
     SHUTDOWN = 3  # the server stops
     ABORT = 4  # rank 0 failed deciding or sampling: every rank raises
+    DRAFT = 5  # compute the rows with the draft model (speculative decoding); the step's own plan follows
 
 
 HEADER_SIZE = 5  # kind, rows, tokens, logits, block table entries

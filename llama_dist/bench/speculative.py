@@ -1,0 +1,124 @@
+"""Speculative decoding benchmark: `python -m llama_dist.bench spec` (one rank; under torchrun for N).
+
+Two tables:
+1. what verifying costs: one step of a (k+1)-token row (the newest token and k guesses, every position's logits,
+   the verification on rank 0) against one decode step, batch 1, after a `context`-token prompt, for each k of
+   `ks` (`ckpt_dir`, by default the Llama-3.2-1B-shaped random checkpoint);
+2. prompt lookup end to end on a copy-heavy task with a trained model (`text_ckpt`, made by
+   `checkpoints/make_text_model.py`): each prompt is a held-out paragraph, a blank line and the paragraph's first
+   words, which a model trained on such text continues by repeating the paragraph; greedy, batch 1, tok/s with and
+   without speculation (the outputs are checked equal), the share of guesses kept and the tokens per verify row.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llama_dist.bench.decode import TokenIdsOnly
+from llama_dist.checkpoint.loader import load_model, open_checkpoint
+from llama_dist.config import resolve_dtype
+from llama_dist.dist.groups import init_distributed, print0
+from llama_dist.engine.llm_engine import EngineConfig, LLMEngine
+from llama_dist.engine.sampling_params import SamplingParams
+from llama_dist.engine.speculative import SpeculativeConfig
+from llama_dist.engine.step_plan import PlanRow, StepPlan
+from llama_dist.llm import Llama
+from llama_dist.model.kernel_choice import choose_kernels, resolve_mode
+
+
+def verify_cost(ckpt_dir: str, dtype: str, context: int, ks: list[int], repeats: int,
+                kernel_choice: str | None) -> None:
+    ctx = init_distributed()
+    max_k = max(ks)
+    checkpoint = open_checkpoint(ckpt_dir, max_seq_len=context + max_k + 8, max_batch_size=1)
+    model = load_model(checkpoint, device=ctx.device, dtype=resolve_dtype(dtype, ctx.device))
+    choose_kernels(model, resolve_mode(kernel_choice))
+    engine = LLMEngine(model, TokenIdsOnly(model.args.vocab_size), ctx.device, ctx.is_main, EngineConfig())
+    blocks = list(range(1, 1 + engine.block_manager.blocks_for(context + max_k + 1)))  # keys: whatever is there
+    gen = torch.Generator().manual_seed(0)
+    greedy = SamplingParams(temperature=0)
+
+    def step(k: int) -> float:
+        tokens = torch.randint(1, model.args.vocab_size, (k + 1,), generator=gen).tolist()
+        plan = StepPlan(rows=[PlanRow(blocks, context, k + 1)], token_ids=tokens, logits_indices=list(range(k + 1)))
+        started = time.perf_counter()
+        logits = engine.runner.execute(plan)
+        if logits is not None:
+            if k:
+                engine.sampler.verify(logits, tokens[1:], greedy, None)
+            else:
+                engine.sampler(logits, [greedy], [None])
+        return time.perf_counter() - started
+
+    times: dict[int, list[float]] = {k: [] for k in [0, *ks]}
+    for _ in range(repeats):  # interleaved: a slow moment of a shared machine hits every k alike
+        for k in times:
+            times[k].append(step(k))
+    decode = statistics.median(times[0])
+    print0(f"\n1. One verify step of k guesses against one decode step: {ckpt_dir}, {ctx.world_size} rank(s), "
+           f"{dtype}, batch 1, context {context} (median of {repeats}, interleaved)")
+    print0("| k | row tokens | step ms | of a decode step |\n|---|---|---|---|")
+    for k, samples in times.items():
+        median = statistics.median(samples)
+        print0(f"| {k or 'decode'} | {k + 1} | {1000 * median:.1f} | {median / decode:.2f}x |")
+
+
+def _passages(text_ckpt: str, prompts: int, min_words: int = 40) -> list[str]:
+    lines = Path(text_ckpt, "heldout.txt").read_text().splitlines()
+    chosen = [line for line in lines if len(line.split()) >= min_words][:prompts]
+    return [f"{line}\n\n{' '.join(line.split()[:6])}" for line in chosen]
+
+
+def prompt_lookup(text_ckpt: str, prompts: int, max_tokens: int, num_tokens: int, ngram_max: int, ngram_min: int,
+                  dtype: str, repeats: int) -> None:
+    llm = Llama.build(text_ckpt, max_seq_len=1024, max_batch_size=1, dtype=dtype, compile=False)
+    ids = [llm.tokenizer.encode(p, bos=True, eos=False)[-700:] for p in _passages(text_ckpt, prompts)]
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    config = SpeculativeConfig(num_tokens=num_tokens, ngram_max=ngram_max, ngram_min=ngram_min)
+    cases = {"no speculation": None, f"prompt lookup, k={num_tokens}, n={ngram_max}..{ngram_min}": config}
+    engines = {label: LLMEngine(llm.model, llm.tokenizer, llm.dist.device, llm.dist.is_main,
+                                EngineConfig(max_num_seqs=1, speculative=spec)) for label, spec in cases.items()}
+    best: dict[str, float] = {}
+    outputs: dict[str, list] = {}
+    for _ in range(repeats):
+        for label, engine in engines.items():
+            tokens, started = [], time.perf_counter()
+            for i, prompt in enumerate(ids):
+                if engine.is_main:
+                    engine.add_request(i, prompt, greedy)
+                tokens.append([t for outs in engine.run_until_done() for o in outs for t in o.new_token_ids])
+            seconds = time.perf_counter() - started
+            best[label] = min(best.get(label, float("inf")), seconds)
+            outputs[label] = tokens
+    plain_label = next(iter(cases))
+    print0(f"\n2. Prompt lookup on a copy-heavy task: {text_ckpt}, {llm.dist.world_size} rank(s), {dtype}, batch 1, "
+           f"{len(ids)} prompts (a held-out paragraph, then its first words again), {max_tokens} tokens each, "
+           f"greedy; best of {repeats}")
+    print0("| decoding | tok/s | speed-up | guesses kept | tokens per verify row | output as without |")
+    print0("|---|---|---|---|---|---|")
+    total = len(ids) * max_tokens
+    for label, engine in engines.items():
+        metrics = engine.metrics
+        kept = f"{metrics.acceptance_rate:.0%}" if metrics.acceptance_rate is not None else "-"
+        per_row = f"{metrics.mean_accepted_length:.2f}" if metrics.mean_accepted_length is not None else "-"
+        same = "yes" if outputs[label] == outputs[plain_label] else "NO"
+        print0(f"| {label} | {total / best[label]:.1f} | {best[plain_label] / best[label]:.2f}x | {kept} | "
+               f"{per_row} | {same} |")
+
+
+def run(ckpt_dir: str = "bench_out/llama32_1b_shape", text_ckpt: str = "bench_out/text_model",
+        dtype: str = "bfloat16", context: int = 256, ks: str = "1,2,4,8", repeats: int = 5, prompts: int = 8,
+        max_tokens: int = 128, num_speculative_tokens: int = 4, ngram_max: int = 4, ngram_min: int = 2,
+        text_dtype: str = "float32", kernel_choice: str | None = None) -> None:
+    """ks: the guesses per verify row to time; text_ckpt: a trained model with a heldout.txt (skipped if absent)."""
+    ks_list = [int(k) for k in str(ks).split(",")] if not isinstance(ks, (tuple, list)) else [int(k) for k in ks]
+    verify_cost(ckpt_dir, dtype, context, ks_list, repeats, kernel_choice)
+    if Path(text_ckpt, "heldout.txt").exists():
+        prompt_lookup(text_ckpt, prompts, max_tokens, num_speculative_tokens, ngram_max, ngram_min, text_dtype,
+                      max(1, repeats // 2))
+    else:
+        print0(f"\n2. skipped: no trained model at {text_ckpt} (python checkpoints/make_text_model.py --out {text_ckpt})")

@@ -1,0 +1,79 @@
+"""The draft model of speculative decoding: a smaller model with the target's tokenizer (or an int4 copy of the
+target itself) guessing the k tokens that a step then verifies (`engine.speculative`).
+
+It runs on the same ranks as the target, sharded the same way, in the same process group: for each of its k
+sub-steps rank 0 plans the rows (PlanKind.DRAFT; its guesses travel in those plans), every rank computes them,
+rank 0 samples the next guess. Its KV cache is a pool of its own laid out like the target's: a sequence's block
+table indexes both, so the target's block manager (prefix cache, blocks taken ahead for guesses, blocks given back
+after rejections) governs the draft's cache too. The draft catches up lazily: its first sub-step for a sequence
+computes every token it has not computed yet (the whole prompt the first time; after a step, the target's token
+that followed the kept guesses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llama_dist.engine.model_runner import ModelRunner
+from llama_dist.engine.sampler import Sampler
+from llama_dist.engine.scheduler import ScheduledChunk
+from llama_dist.engine.speculative import sample_from
+from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
+from llama_dist.model.llama import Transformer
+
+
+class DraftModel:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+        if model.cache is None or (model.cache.num_blocks, model.cache.block_size) != (num_blocks, block_size):
+            model.cache = None
+            model.cache = model.new_cache(num_blocks, block_size)
+        self.model = model
+        self.runner = ModelRunner(model, model.cache, compile=False)
+
+    def propose(self, chunks: list[ScheduledChunk], sampler: Sampler) -> None:
+        """Rank 0: replace the placeholder guesses of the speculative chunks with the draft's (and, for sampled
+        sequences, the distributions they were drawn from). Collective: the other ranks run `follow`."""
+        speculative = [chunk for chunk in chunks if chunk.draft]
+        guesses: dict[int, list[int]] = {id(chunk): [] for chunk in speculative}
+        dists: dict[int, list[torch.Tensor]] = {id(chunk): [] for chunk in speculative}
+        for j in range(max((len(chunk.draft) for chunk in speculative), default=0)):
+            active = [chunk for chunk in speculative if len(chunk.draft) > j]
+            rows = [(chunk, *self._row(chunk, j, guesses[id(chunk)])) for chunk in active]
+            rows.sort(key=lambda row: len(row[2]) > 1)  # a plan's one-token rows come first
+            plan = StepPlan(PlanKind.DRAFT)
+            for chunk, start, tokens in rows:
+                plan.rows.append(PlanRow(chunk.seq.block_table, start, len(tokens)))
+                plan.token_ids += tokens
+                plan.logits_indices.append(len(plan.token_ids) - 1)
+            logits = self.runner.execute(exchange(plan)).float()
+            for (chunk, _, _), row in zip(rows, logits):
+                params = chunk.seq.params
+                if params.greedy:
+                    guesses[id(chunk)].append(int(row.argmax()))
+                    continue
+                q = sampler.probabilities(row.unsqueeze(0), [params])[0]
+                uniform = torch.rand(1, generator=chunk.seq.generator or sampler.generator, device=q.device)
+                guesses[id(chunk)].append(sample_from(q, uniform[0]))
+                dists[id(chunk)].append(q)
+        for chunk in speculative:
+            seq = chunk.seq
+            chunk.draft = tuple(guesses[id(chunk)])
+            chunk.draft_probs = torch.stack(dists[id(chunk)]) if dists[id(chunk)] else None
+            # Computed: every token up to the newest, and the guesses but the last (it was only sampled).
+            seq.num_draft_computed = seq.num_tokens + len(chunk.draft) - 1
+
+    @staticmethod
+    def _row(chunk: ScheduledChunk, j: int, guessed: list[int]) -> tuple[int, list[int]]:
+        """Sub-step j's row of `chunk`'s sequence: (start position, tokens)."""
+        seq = chunk.seq
+        if j == 0:  # whatever the draft has not computed, up to the newest token
+            start = min(seq.num_draft_computed, seq.num_tokens - 1)
+            return start, seq.token_ids(start, seq.num_tokens)
+        return seq.num_tokens - 1 + j, [guessed[-1]]
+
+    def follow(self, plan: StepPlan) -> StepPlan:
+        """Every rank but 0: compute the draft's sub-steps as they come; the step's own plan, which follows them."""
+        while plan.kind == PlanKind.DRAFT:
+            self.runner.execute(plan)
+            plan = exchange(None)
+        return plan
