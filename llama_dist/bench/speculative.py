@@ -1,13 +1,15 @@
 """Speculative decoding benchmark: `python -m llama_dist.bench spec` (one rank; under torchrun for N).
 
-Two tables:
+Three tables:
 1. what verifying costs: one step of a (k+1)-token row (the newest token and k guesses, every position's logits,
    the verification on rank 0) against one decode step, batch 1, after a `context`-token prompt, for each k of
    `ks` (`ckpt_dir`, by default the Llama-3.2-1B-shaped random checkpoint);
 2. prompt lookup end to end on a copy-heavy task with a trained model (`text_ckpt`, made by
    `checkpoints/make_text_model.py`): each prompt is a held-out paragraph, a blank line and the paragraph's first
    words, which a model trained on such text continues by repeating the paragraph; greedy, batch 1, tok/s with and
-   without speculation (the outputs are checked equal), the share of guesses kept and the tokens per verify row.
+   without speculation (the outputs are checked equal), the share of guesses kept and the tokens per verify row;
+3. a self-draft: the model's own int4 copy as the draft model, on `ckpt_dir` (random weights: what the int4 error
+   alone does to the guesses), greedy, batch 1.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from llama_dist.engine.speculative import SpeculativeConfig
 from llama_dist.engine.step_plan import PlanRow, StepPlan
 from llama_dist.llm import Llama
 from llama_dist.model.kernel_choice import choose_kernels, resolve_mode
+from llama_dist.model.quant import DEFAULT_INT4_GROUP_SIZE, make_scheme
 
 
 def verify_cost(ckpt_dir: str, dtype: str, context: int, ks: list[int], repeats: int,
@@ -67,6 +70,51 @@ def verify_cost(ckpt_dir: str, dtype: str, context: int, ks: list[int], repeats:
         print0(f"| {k or 'decode'} | {k + 1} | {1000 * median:.1f} | {median / decode:.2f}x |")
 
 
+def self_draft(ckpt_dir: str, dtype: str, prompt_len: int, max_tokens: int, num_tokens: int, quantize: str,
+               repeats: int, kernel_choice: str | None) -> None:
+    ctx = init_distributed()
+    checkpoint = open_checkpoint(ckpt_dir, max_seq_len=prompt_len + max_tokens + 8, max_batch_size=1)
+    model = load_model(checkpoint, device=ctx.device, dtype=resolve_dtype(dtype, ctx.device))
+    draft = load_model(checkpoint, device=ctx.device, dtype=resolve_dtype(dtype, ctx.device),
+                       quantize=make_scheme(quantize, DEFAULT_INT4_GROUP_SIZE, False))
+    for loaded in (model, draft):
+        choose_kernels(loaded, resolve_mode(kernel_choice))
+    tokenizer = TokenIdsOnly(model.args.vocab_size)
+    prompt = torch.randint(1, model.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    cases = {"no speculation": (None, None),
+             f"{quantize} copy as draft, k={num_tokens}": (SpeculativeConfig("draft", num_tokens,
+                                                                             draft_quantize=quantize), draft)}
+    engines = {label: LLMEngine(model, tokenizer, ctx.device, ctx.is_main, EngineConfig(max_num_seqs=1,
+                                                                                        speculative=spec),
+                                draft_model=draft_model) for label, (spec, draft_model) in cases.items()}
+    best: dict[str, float] = {}
+    outputs: dict[str, list[int]] = {}
+    for _ in range(repeats):
+        for label, engine in engines.items():
+            started = time.perf_counter()
+            if engine.is_main:
+                engine.add_request(0, prompt, greedy)
+            outputs[label] = [t for outs in engine.run_until_done() for o in outs for t in o.new_token_ids]
+            best[label] = min(best.get(label, float("inf")), time.perf_counter() - started)
+    print0(f"\n3. A self-draft: {ckpt_dir}, {ctx.world_size} rank(s), {dtype}, batch 1, a {prompt_len}-token random "
+           f"prompt, {max_tokens} tokens, greedy; best of {repeats} (the time includes the prompt)")
+    _table(engines, best, outputs, max_tokens)
+
+
+def _table(engines: dict, best: dict, outputs: dict, tokens: int) -> None:
+    plain = next(iter(engines))
+    print0("| decoding | tok/s | speed-up | guesses kept | tokens per verify row | output as without |")
+    print0("|---|---|---|---|---|---|")
+    for label, engine in engines.items():
+        metrics = engine.metrics
+        kept = f"{metrics.acceptance_rate:.0%}" if metrics.acceptance_rate is not None else "-"
+        per_row = f"{metrics.mean_accepted_length:.2f}" if metrics.mean_accepted_length is not None else "-"
+        same = "yes" if outputs[label] == outputs[plain] else "NO"
+        print0(f"| {label} | {tokens / best[label]:.1f} | {best[plain] / best[label]:.2f}x | {kept} | {per_row} | "
+               f"{same} |")
+
+
 def _passages(text_ckpt: str, prompts: int, min_words: int = 40) -> list[str]:
     lines = Path(text_ckpt, "heldout.txt").read_text().splitlines()
     chosen = [line for line in lines if len(line.split()) >= min_words][:prompts]
@@ -94,29 +142,27 @@ def prompt_lookup(text_ckpt: str, prompts: int, max_tokens: int, num_tokens: int
             seconds = time.perf_counter() - started
             best[label] = min(best.get(label, float("inf")), seconds)
             outputs[label] = tokens
-    plain_label = next(iter(cases))
     print0(f"\n2. Prompt lookup on a copy-heavy task: {text_ckpt}, {llm.dist.world_size} rank(s), {dtype}, batch 1, "
            f"{len(ids)} prompts (a held-out paragraph, then its first words again), {max_tokens} tokens each, "
            f"greedy; best of {repeats}")
-    print0("| decoding | tok/s | speed-up | guesses kept | tokens per verify row | output as without |")
-    print0("|---|---|---|---|---|---|")
-    total = len(ids) * max_tokens
-    for label, engine in engines.items():
-        metrics = engine.metrics
-        kept = f"{metrics.acceptance_rate:.0%}" if metrics.acceptance_rate is not None else "-"
-        per_row = f"{metrics.mean_accepted_length:.2f}" if metrics.mean_accepted_length is not None else "-"
-        same = "yes" if outputs[label] == outputs[plain_label] else "NO"
-        print0(f"| {label} | {total / best[label]:.1f} | {best[plain_label] / best[label]:.2f}x | {kept} | "
-               f"{per_row} | {same} |")
+    _table(engines, best, outputs, len(ids) * max_tokens)
 
 
 def run(ckpt_dir: str = "bench_out/llama32_1b_shape", text_ckpt: str = "bench_out/text_model",
         dtype: str = "bfloat16", context: int = 256, ks: str = "1,2,4,8", repeats: int = 5, prompts: int = 8,
         max_tokens: int = 128, num_speculative_tokens: int = 4, ngram_max: int = 4, ngram_min: int = 2,
-        text_dtype: str = "float32", kernel_choice: str | None = None) -> None:
-    """ks: the guesses per verify row to time; text_ckpt: a trained model with a heldout.txt (skipped if absent)."""
+        text_dtype: str = "float32", draft_quantize: str = "int4", draft_tokens: int = 3, prompt_len: int = 64,
+        kernel_choice: str | None = None, only: str | None = None) -> None:
+    """ks: the guesses per verify row to time; text_ckpt: a trained model with a heldout.txt (skipped if absent);
+    only: "verify", "lookup" or "draft" to run one table."""
     ks_list = [int(k) for k in str(ks).split(",")] if not isinstance(ks, (tuple, list)) else [int(k) for k in ks]
-    verify_cost(ckpt_dir, dtype, context, ks_list, repeats, kernel_choice)
+    if only in (None, "verify"):
+        verify_cost(ckpt_dir, dtype, context, ks_list, repeats, kernel_choice)
+    if only in (None, "draft"):
+        self_draft(ckpt_dir, dtype, prompt_len, max_tokens, draft_tokens, draft_quantize, max(1, repeats // 2),
+                   kernel_choice)
+    if only not in (None, "lookup"):
+        return
     if Path(text_ckpt, "heldout.txt").exists():
         prompt_lookup(text_ckpt, prompts, max_tokens, num_speculative_tokens, ngram_max, ngram_min, text_dtype,
                       max(1, repeats // 2))
