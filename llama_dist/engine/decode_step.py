@@ -106,6 +106,10 @@ class DecodeStep:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, limit)
+            if model.tok_embeddings.weight.is_cuda:
+                # Inductor then decomposes a one-row matrix product into a multiply and a reduction it tunes (what
+                # reaches the memory bandwidth at batch 1), fusing an int8 weight's conversion and scale into it.
+                torch._inductor.config.coordinate_descent_tuning = True
             # fullgraph: a graph break would silently fall back to slow eager pieces; dynamic=False: every shape is
             # one of the buckets.
             mode_name = "reduce-overhead" if self._cuda_graphs else None
