@@ -10,8 +10,10 @@ import torch
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` (a CPU tensor) on `device`: queued without waiting on CUDA; itself (or a copy) elsewhere."""
-    if torch.device(device).type == "cuda":
+    """`host` (a CPU tensor) on `device` (a torch.device): queued without waiting on CUDA; itself on the CPU."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
         # pin_memory() takes the block from torch's caching host allocator, which keeps it until the copy is done.
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)

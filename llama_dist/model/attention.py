@@ -268,10 +268,12 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     # Query head h uses KV head h // n_rep (as repeat_kv lays them out): (rows, kv heads, n_rep, head_dim).
     queries = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     mask = (torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     dtype = _attention_dtype(q)
-    out = F.scaled_dot_product_attention(queries.to(dtype), keys.transpose(1, 2).to(dtype),
-                                         values.transpose(1, 2).to(dtype), attn_mask=mask)
-    return out.to(q.dtype).reshape(rows, heads * head_dim)
+    if dtype != q.dtype:  # (a no-op `.to` still costs microseconds a layer, at every step)
+        queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+    return (out if dtype == q.dtype else out.to(q.dtype)).reshape(rows, heads * head_dim)
 
 
 def _sdpa(q, keys, values, mask, need_weights: bool, causal: bool = False):
