@@ -97,6 +97,7 @@ class DecodeStep:
         self.context_buckets = _checked_buckets(
             default_context_buckets(max_blocks, block_size) if context_buckets is None else context_buckets,
             max_blocks, f"decode context (in blocks of {block_size})")
+        self._shapes = set(self.shapes)
         self.compile_s: dict[tuple[int, int], float] = {}  # (rows, context blocks) -> its first call's seconds
         self._cuda_graphs = mode == StepMode.CUDA_GRAPHS
         if self.compiled:
@@ -146,7 +147,7 @@ class DecodeStep:
         if not self.compiled:
             return self.model.decode(tokens, positions, length, slots=slots, tables=tables)
         if tables is not None:  # the caller padded its rows and tables to buckets (engine.model_runner)
-            if (tokens.shape[0], tables.shape[1]) not in self.shapes:
+            if (tokens.shape[0], tables.shape[1]) not in self._shapes:
                 raise ValueError(f"{tokens.shape[0]} rows of {tables.shape[1]} blocks are not a bucket shape "
                                  f"(rows {self.buckets}, blocks {self.context_buckets})")
             every_tokens, every_positions, every_tables = tokens, positions, tables

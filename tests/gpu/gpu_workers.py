@@ -75,6 +75,7 @@ def sync_worker() -> list[tuple[bool, int, int]]:
     engine = llm.engine
     for i, prompt in enumerate(prompts):
         engine.add_request(i, prompt, SamplingParams(temperature=0, max_tokens=GEN_LEN, ignore_eos=True))
+    blocking_calls = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
     steps = []
     while engine.has_unfinished():
         with warnings.catch_warnings(record=True) as caught, torch.profiler.profile(
@@ -82,13 +83,15 @@ def sync_worker() -> list[tuple[bool, int, int]]:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                engine.step()
+                with torch.profiler.record_function("engine_step"):
+                    engine.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         synced = sum("synchroniz" in str(w.message) for w in caught)
-        blocking = sum(event.count for event in trace.key_averages()
-                       if event.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
-                                        "cudaMemcpy"))
+        # Within the step's own range: the profiler synchronises when it starts and stops.
+        events = trace.events()
+        step = next(e for e in events if e.name == "engine_step").time_range
+        blocking = sum(1 for e in events if e.name in blocking_calls and step.start <= e.time_range.start <= step.end)
         steps.append((engine.runner.last_step_prefilled, synced, blocking))
     return steps
 
