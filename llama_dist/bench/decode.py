@@ -1,8 +1,9 @@
 """Decode benchmarks: `python -m llama_dist.bench run|make-checkpoint|quality|kernels ...` (under torchrun for N
 ranks).
 
-`run` prints one table row per batch size: load time, time to first token, prefill and decode tokens/s,
-weight bytes streamed per decode step per rank, achieved bandwidth against the machine's copy bandwidth, its read
+`run` prints one table row per batch size: load time, time to first token, prefill and decode tokens/s, the
+bytes a decode step reads per rank (weights and the rows' KV cache: `traffic`), achieved bandwidth against the
+machine's copy bandwidth, its read
 bandwidth and the fastest one-row kernel's streaming rate (all measured in the same run, on every rank at once:
 `bench.machine`), and peak resident memory per rank; before it, the kernel each weight shape runs at each batch
 size. With --compare_hf (one rank only) the same weights run through transformers' `generate` for a speed ratio. On
@@ -34,6 +35,7 @@ from llama_dist.bench.gpu import (
 )
 from llama_dist.bench.hf import compare_with_transformers
 from llama_dist.bench.machine import format_chosen_kernels, one_row_rates, read_bandwidth
+from llama_dist.bench.traffic import kv_bytes_per_decode_step, kv_bytes_per_token, weight_bytes_per_step
 from llama_dist.checkpoint.consolidated import write_consolidated
 from llama_dist.checkpoint.formats import find_tokenizer
 from llama_dist.checkpoint.loader import load_model, open_checkpoint
@@ -136,18 +138,13 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _streamed_bytes_per_step(model) -> int:
-    """Weight bytes one decode step reads on this rank: every matrix except the embedding table (one row); for a
-    quantized weight, its int8 / packed int4 values and its scales (and zeros)."""
-    tensors = list(model.named_parameters()) + list(model.named_buffers())  # quantized weights hold buffers
-    streamed = sum(t.nbytes for name, t in tensors if not name.startswith("tok_embeddings"))
-    # A tied output is the embedding (named once, as tok_embeddings), yet read whole by the output projection.
-    tied = model.output.weight is model.tok_embeddings.weight
-    return streamed + (model.output.weight.nbytes if tied else 0)
-
-
 def _share(value: float, limit: float) -> str:
-    return "-" if math.isnan(limit) else f"{value / limit:.0%}"
+    return "-" if math.isnan(limit) or math.isnan(value) else f"{value / limit:.0%}"
+
+
+def _number(value: float, spec: str) -> str:
+    """`value` formatted, or "-" for a figure not measured (NaN: no decode step at gen_len 1)."""
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 def _gather_floats(value: float) -> list[float]:
@@ -187,6 +184,9 @@ def run(
 ) -> None:
     """Benchmark greedy generation on `ckpt_dir` at each batch size; run under torchrun for N ranks.
 
+    ckpt_dir: a checkpoint, or random:NAME for a model preset's random weights drawn on the device, no files (e.g.
+    random:Llama-3-8B: `checkpoint.random_reader`). gen_len: tokens per sequence (1: time to first token only).
+
     quantize / int4_group_size / keep_output_precision: as for every llama-dist command (weight-only int8 / int4,
     quantized by each rank at load; the load time includes it). compile: decode through the compiled step (None:
     on CUDA only, as Llama.build). hf_compile: with --compare_hf, also transformers' static cache + torch.compile
@@ -220,12 +220,13 @@ def run(
     _reset_peak_rss()
     reset_peak_memory(device)
     llm = Llama(model, TokenIdsOnly(model.args.vocab_size), ctx, compile=compile)
-    step_bytes = _streamed_bytes_per_step(model)
+    step_bytes, kv_per_token = weight_bytes_per_step(model), kv_bytes_per_token(model)
     where = f"{describe_device(device)}, " if on_gpu else f"{torch.get_num_threads()} threads/rank, "
     print0(
         f"\n{ckpt_dir}: {ctx.world_size} rank(s), {dtype}, weights {_scheme_name(scheme)}, {where}"
         f"load {load_s:.1f} s, copy bandwidth {bandwidth / 1e9:.1f} GB/s (all ranks), "
-        f"weights streamed per step {step_bytes / 2**30:.2f} GiB/rank"
+        f"weights streamed per step {step_bytes / 2**30:.2f} GiB/rank, KV cache read per step and row "
+        f"{kv_bytes_per_decode_step(kv_per_token, 1, prompt_len, gen_len) / 2**20:.2f} MiB/rank (mean context)"
         + (", compiled decode" if llm.decode_step.compiled else "")
     )
     print0(f"Kernels decode runs per weight shape (rows = batch size; \"(rule)\": the static rule, no measured "
@@ -252,15 +253,18 @@ def run(
                 llm.generate(prompts, gen_len, temperature=0)
                 runs.append(llm.last_stats)
             stats = min(runs, key=lambda s: s.decode_s / max(s.decode_steps, 1))
-            prefill_s, step_s = stats.prefill_s, stats.decode_s / max(stats.decode_steps, 1)
-        achieved = ctx.world_size * step_bytes / step_s
+            prefill_s = stats.prefill_s
+            step_s = stats.decode_s / stats.decode_steps if stats.decode_steps else math.nan
+        kv_bytes = kv_bytes_per_decode_step(kv_per_token, batch, prompt_len, gen_len)
+        achieved = ctx.world_size * (step_bytes + kv_bytes) / step_s
         peak = max(load_peak_rss, *_gather_floats(_status_gib("VmHWM")))
         # Private: what this rank owns (weights, caches, activations), not the page cache of mapped files.
         private = max(_gather_floats(_status_gib("RssAnon")))
         gpu_peak = f" {max(load_peak_gpu, *_gather_floats(peak_memory_gib(device))):.2f} |" if on_gpu else ""
         print0(
             f"| {ctx.world_size} | {batch} | {prefill_s:.3f} | {batch * prompt_len / prefill_s:.0f} | "
-            f"{batch / step_s:.1f} | {step_s * 1e3:.1f} | {achieved / 1e9:.1f} | {achieved / bandwidth:.0%} | "
+            f"{_number(batch / step_s, '.1f')} | {_number(step_s * 1e3, '.1f')} | {_number(achieved / 1e9, '.1f')} | "
+            f"{_share(achieved, bandwidth)} | "
             f"{_share(achieved, read_bw)} | {_share(achieved, one_row)} | {peak:.2f} | "
             f"{private:.2f} |{gpu_peak}"
         )

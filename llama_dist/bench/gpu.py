@@ -7,6 +7,7 @@ region timed here ends with a device synchronisation (or is timed with CUDA even
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -59,11 +60,14 @@ def peak_memory_gib(device: torch.device) -> float:
 def generation_rates(generate, prompts, gen_len: int, warmup: int, repeats: int, device) -> tuple[float, float]:
     """(time to first token, seconds per decode step) of `generate(prompts, max_gen_len)`, from whole calls timed
     with the device's work included: best prefill-plus-first-token call, and the best full call's remainder over
-    its gen_len - 1 decode steps. Per-step host clocks would mislead where the loop does not wait for the GPU."""
+    its gen_len - 1 decode steps (NaN at gen_len 1: there is none). Per-step host clocks would mislead where the
+    loop does not wait for the GPU."""
     for _ in range(warmup):  # compiles the decode step and records its CUDA graph when compiling
+        generate(prompts, gen_len)  # the longest first: caches sized for it serve the shorter call too
         generate(prompts, 1)
-        generate(prompts, gen_len)
     first = min(elapsed_s(lambda: generate(prompts, 1), device) for _ in range(repeats))
+    if gen_len < 2:
+        return first, math.nan
     total = min(elapsed_s(lambda: generate(prompts, gen_len), device) for _ in range(repeats))
     return first, max(total - first, 1e-9) / (gen_len - 1)
 

@@ -3,6 +3,8 @@ against: its default generate, and (--hf_compile) its static KV cache + torch.co
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llama_dist.bench.gpu import elapsed_s
@@ -29,20 +31,33 @@ def _hf_rates(model, prompt: torch.Tensor, gen_len: int, repeats: int, compiled:
 
     first, total = float("inf"), float("inf")
     with torch.inference_mode():
-        # Compiled: each cache length is compiled on its first call, its CUDA graphs recorded on the next ones.
-        for new_tokens in [1, gen_len] * 3 if compiled else [2]:
+        # Compiled: the longest call first, so that the static cache is made once at the size every call fits in
+        # (transformers keeps the largest): one compile; its CUDA graphs are recorded in the next calls.
+        for new_tokens in [gen_len, 1] * 2 if compiled else [2]:
             generate(new_tokens)
         for _ in range(repeats):
             first = min(first, elapsed_s(lambda: generate(1), prompt.device))
-            total = min(total, elapsed_s(lambda: generate(gen_len), prompt.device))
+            if gen_len > 1:
+                total = min(total, elapsed_s(lambda: generate(gen_len), prompt.device))
+    if gen_len < 2:
+        return first, math.nan  # no decode step to time
     return first, prompt.shape[0] * (gen_len - 1) / max(total - first, 1e-9)
 
 
 def compile_static(model) -> None:
-    """transformers' fast generation recipe: a static KV cache and the forward compiled with CUDA graphs."""
+    """transformers' fast generation recipe: a static KV cache and the forward compiled with CUDA graphs, once.
+
+    Since CompileConfig exists (4.47), generate compiles a static-cache decoding forward itself: wrapping
+    `model.forward` in torch.compile too compiled it twice (and the prefill's shapes with it), so it is only told
+    how; an older transformers gets the forward compiled here."""
     torch._dynamo.reset()  # drop our decode step's compiled graphs (and their CUDA graph memory) first
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    try:
+        from transformers import CompileConfig
+    except ImportError:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        return
+    model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
 
 
 def compare_with_transformers(checkpoint, torch_dtype, device, ours: dict, prompt_len: int, gen_len: int,
@@ -61,5 +76,6 @@ def compare_with_transformers(checkpoint, torch_dtype, device, ours: dict, promp
             except Exception as exc:  # noqa: BLE001 - a reference that does not run is reported, not fatal
                 print0(f"| {label} | {batch} | failed: {type(exc).__name__}: {one_line(exc, first=True)[:200]} | | | |")
                 break
-            print0(f"| {label} | {batch} | {hf_first:.3f} | {batch * prompt_len / hf_first:.0f} | {hf_rate:.1f} | "
-                   f"{our_rate / hf_rate:.2f}x |")
+            decode = "-" if math.isnan(hf_rate) else f"{hf_rate:.1f}"
+            ratio = "-" if math.isnan(hf_rate) or math.isnan(our_rate) else f"{our_rate / hf_rate:.2f}x"
+            print0(f"| {label} | {batch} | {hf_first:.3f} | {batch * prompt_len / hf_first:.0f} | {decode} | {ratio} |")

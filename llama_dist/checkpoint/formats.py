@@ -22,6 +22,7 @@ import torch
 
 from llama_dist.checkpoint import hf
 from llama_dist.checkpoint.consolidated import SHARD_PATTERN, ConsolidatedReader
+from llama_dist.checkpoint.random_reader import RandomReader, is_random_checkpoint
 from llama_dist.config import ModelArgs
 from llama_dist.errors import CheckpointError
 from llama_dist.model.parallel import ShardSpec
@@ -50,7 +51,10 @@ class CheckpointReader(Protocol):
 def open_reader(path: str | Path) -> CheckpointReader:
     """The reader for the checkpoint at `path`, told by its files: a Meta directory (`consolidated.NN.pth` +
     `params.json`) or a single `.pth` file; a Hugging Face directory (`config.json` + `model.safetensors`, or
-    `model.safetensors.index.json` and the files it lists). A directory holding both reads as Meta's."""
+    `model.safetensors.index.json` and the files it lists). A directory holding both reads as Meta's.
+    `random:NAME`: the random weights of a model preset, no files (`random_reader`)."""
+    if is_random_checkpoint(path):
+        return RandomReader(path)
     path = Path(path)
     if not path.is_dir() or any(SHARD_PATTERN.fullmatch(p.name) for p in path.iterdir()):
         return ConsolidatedReader(path)  # a file, a missing path, or Meta's shards: it names what is wrong
@@ -71,6 +75,8 @@ def find_tokenizer(ckpt_dir: str | Path) -> Path:
     - a Meta checkpoint: `tokenizer.model` inside the directory (Llama 3) or beside it (Llama 2), then a
       `tokenizer.json` inside it.
     """
+    if is_random_checkpoint(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} (random weights) has no tokenizer: pass tokenizer_path (--tokenizer_path)")
     ckpt = Path(ckpt_dir)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")

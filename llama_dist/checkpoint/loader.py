@@ -34,10 +34,9 @@ from llama_dist.config import (
 )
 from llama_dist.dist.groups import init_distributed, model_parallel_started, model_parallel_world_size
 from llama_dist.errors import CheckpointError, ConfigError
-from llama_dist.model.kernels import packs_int4
 from llama_dist.model.llama import Transformer
 from llama_dist.model.parallel import ShardSpec, shard_specs, skip_weight_init
-from llama_dist.model.quant import SCALE_SUFFIX, Int4Weight, Int8Weight, QuantScheme, make_scheme
+from llama_dist.model.quant import SCALE_SUFFIX, Int4Weight, Int8Weight, QuantScheme, make_scheme, packs_int4
 
 # What identifies a model's math (ffn_hidden_dim stands for multiple_of and ffn_dim_multiplier, which can
 # spell the same width in several ways; head_dim for an explicit one or dim // n_heads).
@@ -290,7 +289,7 @@ def _fill_quantized(
             absmax = None if whole_rows else _full_row_absmax(reader, names[0], spec.full_shape).to(device)
             weight = Int8Weight.quantize(stacked, dtype, absmax, block_done)
         else:
-            packed = packs_int4(stacked.device, stacked.shape[0])
+            packed = packs_int4(stacked.device, stacked.shape[0], dtype)
             weight = Int4Weight.quantize(stacked, scheme.group_size, dtype, packed, block_done)
         setattr(owner, attribute, weight)
         for name in names:  # after quantizing: `stacked` may be a view of the reader's pages

@@ -3,6 +3,7 @@ allocated: a size that cannot fit is one named error, not an out-of-memory kill 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -10,46 +11,69 @@ import torch
 from llama_dist.config import ModelArgs
 from llama_dist.dist.launch_env import local_world_size
 from llama_dist.errors import ConfigError
-from llama_dist.model.quant import QuantScheme
-from llama_dist.model.weights import KV_HEADS, REPLICATED, WeightSpec, layer_weights, top_weights
+from llama_dist.model.quant import QuantScheme, packs_int4
+from llama_dist.model.weights import COLUMN, KV_HEADS, REPLICATED, WeightSpec, layer_weights, top_weights
 
 GIB = 1024**3
 
 
-def _matmul_bytes_per_weight(scheme: QuantScheme | None, dtype: torch.dtype) -> float:
-    if scheme is None:
-        return dtype.itemsize
-    if scheme.mode == "int8":
-        return 1.0  # + one scale per row: negligible
-    return 0.5 + 2 * dtype.itemsize / scheme.group_size  # packed 4-bit values + a scale and zero (model dtype) per group
+# Weights one quantized stack holds (the loader quantizes wq/wk/wv as one, w1/w3 as one): its rows are theirs.
+_STACKS = {"attention.wq.weight": "wqkv", "attention.wk.weight": "wqkv", "attention.wv.weight": "wqkv",
+           "feed_forward.w1.weight": "w13", "feed_forward.w3.weight": "w13"}
 
 
-def _local_elements(spec: WeightSpec, args: ModelArgs, world_size: int) -> int:
-    """Elements of the weight `spec` one of `world_size` ranks holds."""
-    elements = math.prod(spec.shape)
+def _local_shape(spec: WeightSpec, args: ModelArgs, world_size: int) -> tuple[int, ...]:
+    """The shape of the slice of weight `spec` one of `world_size` ranks holds."""
+    shape = list(spec.shape)
     if spec.split == REPLICATED:
-        return elements
+        return tuple(shape)
     if spec.split == KV_HEADS:  # KV heads are replicated when ranks outnumber them
-        return elements // args.n_kv_heads * max(1, args.n_kv_heads // world_size)
-    return elements // world_size
+        shape[0] = shape[0] // args.n_kv_heads * max(1, args.n_kv_heads // world_size)
+    else:
+        shape[spec.split_dim] //= world_size
+    return tuple(shape)
+
+
+def quantized_nbytes(scheme: QuantScheme, rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of a (rows, columns) weight quantized by `scheme` as it is stored on `device` for `dtype`
+    activations (model.quant): int8, a byte a value and a scale (model dtype) a row; int4, its columns padded to
+    whole groups, half a byte a value where packed (`packs_int4`) and a byte where not, and a scale and a zero
+    (model dtype) a row and group."""
+    if scheme.mode == "int8":
+        return rows * columns + rows * dtype.itemsize
+    groups = -(-columns // scheme.group_size)
+    values = rows * groups * scheme.group_size
+    packed = packs_int4(device, rows, dtype)
+    return (values // 2 if packed else values) + 2 * rows * groups * dtype.itemsize
 
 
 def memory_needed(
     args: ModelArgs, world_size: int, dtype: torch.dtype, scheme: QuantScheme | None = None, *,
-    max_batch_size: int, max_seq_len: int,
+    max_batch_size: int, max_seq_len: int, device: torch.device | str = "cpu",
 ) -> tuple[int, int]:
-    """(weights, KV cache + RoPE tables) bytes one of `world_size` ranks allocates for `args` in `dtype`, with
-    its matmul weights quantized by `scheme`, its cache and tables sized by the run's limits."""
+    """(weights, KV cache + RoPE tables) bytes one of `world_size` ranks allocates on `device` for `args` in
+    `dtype`, with its matmul weights quantized by `scheme` as they are stored there, its cache and tables sized by
+    the run's limits."""
     # Counted from the inventory's shapes rather than by building the model, one block standing for all: a config
     # with absurd sizes must be refused at once, not after building a million layers on the meta device.
-    matmul = _matmul_bytes_per_weight(scheme, dtype)
+    device = torch.device(device)
 
-    def nbytes(specs) -> float:
-        return sum(_local_elements(spec, args, world_size)
-                   * (matmul if spec.matmul and scheme is not None and scheme.covers(spec.name) else dtype.itemsize)
-                   for spec in specs)
+    def nbytes(specs) -> int:
+        total, stacks = 0, {}
+        for spec in specs:
+            shape = _local_shape(spec, args, world_size)
+            if spec.matmul and scheme is not None and scheme.covers(spec.name):
+                rows, columns = stacks.get(_STACKS.get(spec.name, spec.name), (0, shape[1]))
+                stacks[_STACKS.get(spec.name, spec.name)] = (rows + shape[0], columns)
+            else:
+                total += math.prod(shape) * dtype.itemsize
+        return total + sum(quantized_nbytes(scheme, rows, columns, dtype, device) for rows, columns in stacks.values())
 
-    weights = nbytes(top_weights(args)) + args.n_layers * nbytes(layer_weights(args))
+    tops = top_weights(args)
+    if args.tie_word_embeddings and scheme is not None and scheme.covers("output.weight"):
+        # A quantized output is its own weight, quantized from the embedding it is tied to.
+        tops.append(dataclasses.replace(tops[0], name="output.weight", split=COLUMN, matmul=True))
+    weights = nbytes(tops) + args.n_layers * nbytes(layer_weights(args))
     local_kv_heads = max(1, args.n_kv_heads // world_size)
     hd = args.head_dim
     cache = 2 * args.n_layers * max_batch_size * max_seq_len * local_kv_heads * hd * dtype.itemsize
@@ -86,7 +110,7 @@ def check_fits_in_memory(
         return
     free, where = available
     weights, cache = memory_needed(args, world_size, dtype, scheme, max_batch_size=max_batch_size,
-                                   max_seq_len=max_seq_len)
+                                   max_seq_len=max_seq_len, device=device)
     if weights + cache <= free:
         return
     dtype_name = str(dtype).removeprefix("torch.") + (f", {scheme.mode} matmul weights" if scheme else "")

@@ -72,12 +72,12 @@ def describe_backend(backend: str) -> str:
     return "+".join(names)
 
 
-def cuda_collectives_on_nccl() -> bool:
-    """Whether the model's collectives on CUDA tensors run over NCCL (or there are none: one rank): only those may
-    be captured in a CUDA graph; gloo's run on the host."""
-    if not dist.is_initialized() or model_parallel_world_size() == 1:
-        return True
-    return _carriers(dist.get_backend_config(model_parallel_group())).get("cuda") == "nccl"
+def cuda_collectives_backend() -> str | None:
+    """The backend that carries the model-parallel group's collectives on CUDA tensors ("nccl", "gloo"), or None
+    when no group is started (one process: no collectives)."""
+    if not dist.is_initialized() or not fs_init.model_parallel_is_initialized():
+        return None
+    return _carriers(dist.get_backend_config(model_parallel_group())).get("cuda")
 
 
 def _rank_device(device: str | torch.device, local_rank: int) -> torch.device:

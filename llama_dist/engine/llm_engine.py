@@ -31,6 +31,7 @@ from llama_dist.engine.sequence import RequestOutput, Sequence
 from llama_dist.engine.speculative import NgramProposer, SpeculativeConfig
 from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
 from llama_dist.engine.structured_output import GrammarCompiler
+from llama_dist.engine.transfer import to_device
 from llama_dist.errors import ConfigError, PromptTooLongError, RequestError
 from llama_dist.model.llama import Transformer
 from llama_dist.text.detokenizer import CompletionText
@@ -248,9 +249,9 @@ class LLMEngine:
         self.metrics.step_done(chunks, time.monotonic() - started, self.scheduler)
         return plan.kind, outputs
 
-    def warm_up(self) -> list[int]:
-        """Compile every shape the compiled decode step runs (its batch-size buckets); the buckets warmed, none when
-        eager. Collective: every rank calls it, before serving."""
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Compile every shape the compiled decode step runs (each batch-size bucket with each context bucket); the
+        (rows, context blocks) shapes warmed, none when eager. Collective: every rank calls it, before serving."""
         return self.runner.warm_up()
 
     def run_until_done(self) -> Iterator[list[RequestOutput]]:
@@ -311,7 +312,7 @@ class LLMEngine:
             if any(c.seq.guide is not None for c, _ in sampled):  # grammars: rank 0 masks, the ranks never know
                 allowed = torch.stack([c.seq.guide.allowed() if c.seq.guide is not None else self._any_token
                                        for c, _ in sampled]).to(logits.device)
-            batch = self.sampler(logits[[r for _, r in sampled]], [c.seq.params for c, _ in sampled],
+            batch = self.sampler(_rows(logits, [r for _, r in sampled]), [c.seq.params for c, _ in sampled],
                                  [c.seq.generator for c, _ in sampled], allowed)
         host = _to_host(batch, [_prompt_scores(logits[rows], targets, c.seq.params.top_logprobs)
                                 for c, rows, targets in scored if targets])
@@ -425,6 +426,14 @@ class LLMEngine:
         )
 
 
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows]: a view when they are the first len(rows) rows (every row samples), else a gather whose indices
+    reach the device without a host sync."""
+    if rows == list(range(len(rows))):
+        return logits[: len(rows)]
+    return logits[to_device(torch.tensor(rows, dtype=torch.long), logits.device)]
+
+
 class _HostBatch:
     """What rank 0 needs on the host after sampling, brought over in one transfer."""
 
@@ -436,7 +445,7 @@ class _HostBatch:
 def _prompt_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Tensor:
     """(len(targets), 1 + 2k): each row's raw log-probability of its target, then its k most likely token ids and
     their log-probabilities (prompt_logprobs, with top_logprobs)."""
-    logits, targets = logits[: len(targets)], torch.tensor(targets, device=logits.device)
+    logits, targets = logits[: len(targets)], to_device(torch.tensor(targets), logits.device)
     if not k:
         return token_logprobs(logits, targets).unsqueeze(-1)
     logp = torch.log_softmax(logits.float(), dim=-1)  # once, for the targets and the top k alike

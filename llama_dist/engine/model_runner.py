@@ -1,17 +1,21 @@
 """Every rank's half of a step: the plan in, the model run over the engine's KV cache, the logits rank 0 asked
 for out.
 
-It owns the eager/compiled choice: a step of decodes only may run through the compiled decode step
-(`decode_step.DecodeStep`: its rows padded to a few batch-size buckets, each over the whole cache, CUDA graphs only
-where the collectives are NCCL's); a step with prefill chunks always runs eagerly, as one flat batch.
+It owns how a step runs (`decode_step.step_mode`, from the device, the collectives' backend and the world size):
+a step of decodes only may run through the compiled decode step (`decode_step.DecodeStep`: its rows padded to a
+few batch-size buckets, their block tables to a few context-length buckets, CUDA graphs only where the collectives
+are NCCL's); a step with prefill chunks always runs eagerly, as one flat batch. A step's inputs reach the device
+without a host sync (`transfer.to_device`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from llama_dist.engine.decode_step import DecodeStep
+from llama_dist.dist.groups import cuda_collectives_backend, model_parallel_world_size
+from llama_dist.engine.decode_step import DecodeStep, StepMode, step_mode
 from llama_dist.engine.step_plan import StepPlan
+from llama_dist.engine.transfer import to_device
 from llama_dist.model.attention import DecodeRows, KVCache, RowGroup, Runs, StepLayout, Strided, as_strided_rows
 from llama_dist.model.llama import Transformer
 
@@ -24,9 +28,10 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: KVCache, compile: bool | None = None):
         self.model, self.cache = model, cache
         self.device = model.tok_embeddings.weight.device
+        mode = step_mode(self.device.type, cuda_collectives_backend(), model_parallel_world_size(), compile)
         # The compiled step decodes the model's cache: it runs only when that is the engine's cache.
-        self.decode_step = DecodeStep(model, compile)
-        self.compiled = self.decode_step.compiled and cache is model.cache
+        self.decode_step = DecodeStep(model, mode if cache is model.cache else StepMode.EAGER)
+        self.compiled = self.decode_step.compiled
         self.last_step_prefilled = False  # whether the last step computed prompt chunks (timing reports read it)
         self.last_decode_read = ""  # how the last step's decode rows read their context: view, runs or gather
 
@@ -37,10 +42,10 @@ class ModelRunner:
         self.last_step_prefilled = n_decode < len(plan.rows) or any(row.start == 0 for row in plan.rows)
         if self.compiled and n_decode == len(plan.rows):
             return self._compiled_decode(plan)
-        tokens = torch.tensor(plan.token_ids, dtype=torch.long)
+        tokens = to_device(torch.tensor(plan.token_ids, dtype=torch.long), self.device)
         layout = self.layout(plan)
-        logits_indices = torch.tensor(plan.logits_indices, dtype=torch.long, device=self.device)
-        return self.model.forward_step(tokens.to(self.device), layout, self.cache, logits_indices)
+        logits_indices = to_device(torch.tensor(plan.logits_indices, dtype=torch.long), self.device)
+        return self.model.forward_step(tokens, layout, self.cache, logits_indices)
 
     def layout(self, plan: StepPlan) -> StepLayout:
         """The plan's rows as the model's StepLayout: positions, slot mapping, the decode rows and the groups, each
@@ -57,7 +62,7 @@ class ModelRunner:
             rows = plan.rows[:n_decode]
             kv_len = max(r.start for r in rows) + 1
             decode = DecodeRows(self._tables([r.block_table for r in rows], kv_len),
-                                torch.tensor([r.start for r in rows], device=device), kv_len)
+                                to_device(torch.tensor([r.start for r in rows]), device), kv_len)
             self.last_decode_read = {Strided: "view", Runs: "runs"}.get(type(decode.tables), "gather")
         groups: list[RowGroup] = []
         tables: list[list[list[int]]] = []
@@ -74,7 +79,8 @@ class ModelRunner:
             token += row.num_tokens
         for group, group_tables in zip(groups, tables):
             group.tables = self._tables(group_tables, group.context_len)
-        return StepLayout(torch.tensor(positions, device=device), torch.tensor(slots, device=device), decode, groups)
+        return StepLayout(to_device(torch.tensor(positions), device), to_device(torch.tensor(slots), device), decode,
+                          groups)
 
     def _tables(self, tables: list[list[int]], length: int) -> torch.Tensor | Strided | Runs:
         """The rows' block tables covering [0, length): a view when every row's blocks lie one after the other,
@@ -91,37 +97,48 @@ class ModelRunner:
             runs = Runs.of(tables, block_size)
             if runs.num_runs * MIN_BLOCKS_PER_RUN <= blocks * len(tables):
                 return runs
-        return torch.tensor(padded, device=self.device)
+        return to_device(torch.tensor(padded), self.device)
 
     @torch.inference_mode()
-    def warm_up(self) -> list[int]:
-        """Compile every batch-size bucket of the compiled step now (a server does it before it listens, so no
-        client waits for a compile); the buckets warmed, none when eager. Collective: every rank calls it. Each
-        row is a padding row: it writes only the scratch block 0."""
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Compile every (batch bucket, context bucket) shape of the compiled step now (a server does it before it
+        listens, so no client waits for a compile); the (rows, context blocks) shapes warmed, none when eager.
+        Collective: every rank calls it. Each row is a padding row: it writes only the scratch block 0. With CUDA
+        graphs each shape runs twice: the second call records its graph."""
         if not self.compiled:
             return []
-        max_blocks = self.cache.row_blocks(self.decode_step.max_seq_len)
-        for size in self.decode_step.buckets:
-            tokens = torch.zeros(size, dtype=torch.long, device=self.device)
-            positions = torch.full((size,), self.decode_step.max_seq_len - 1, dtype=torch.long, device=self.device)
-            tables = torch.zeros(size, max_blocks, dtype=torch.long, device=self.device)
-            self.decode_step(tokens, positions, tables=tables)
-        return list(self.decode_step.buckets)
+        calls = 2 if self.decode_step.mode == StepMode.CUDA_GRAPHS else 1
+        for rows, blocks in self.decode_step.shapes:
+            tokens, positions, tables = self._padded_inputs([], [], blocks, rows)
+            for _ in range(calls):
+                self.decode_step(tokens, positions, tables=tables)
+        return self.decode_step.shapes
+
+    def _padded_inputs(self, plan_rows, token_ids: list[int], blocks: int, size: int):
+        """(tokens, positions, tables) on the device of `plan_rows` padded to `size` rows of `blocks` blocks, in one
+        transfer. A padding row decodes a dummy token in the scratch block 0 (its table all zeros) at the last
+        position the bucket covers: written, never read."""
+        n, block_size = len(plan_rows), self.cache.block_size
+        pad_position = min(blocks * block_size, self.decode_step.max_seq_len) - 1
+        tables = []
+        for row in plan_rows:
+            table = row.block_table[:blocks]
+            tables += table + [0] * (blocks - len(table))
+        values = (token_ids + [0] * (size - n) + [row.start for row in plan_rows] + [pad_position] * (size - n)
+                  + tables + [0] * ((size - n) * blocks))
+        inputs = to_device(torch.tensor(values, dtype=torch.long), self.device)
+        return inputs[:size], inputs[size : 2 * size], inputs[2 * size :].view(size, blocks)
 
     def _compiled_decode(self, plan: StepPlan) -> torch.Tensor | None:
-        """The plan's rows padded to the compiled step's next bucket: the padding rows decode a dummy token at the
-        last position of the scratch block 0 (written, never read)."""
+        """The plan's rows padded to the compiled step's next batch bucket, their block tables to the context bucket
+        that holds the longest row."""
         n = len(plan.rows)
-        size = self.decode_step.bucket_for(n)
-        max_blocks = self.cache.row_blocks(self.decode_step.max_seq_len)
-        tokens = torch.zeros(size, dtype=torch.long)
-        positions = torch.full((size,), self.decode_step.max_seq_len - 1, dtype=torch.long)
-        tables = torch.zeros(size, max_blocks, dtype=torch.long)
-        tokens[:n] = torch.tensor(plan.token_ids)
-        positions[:n] = torch.tensor([r.start for r in plan.rows])
-        for i, row in enumerate(plan.rows):
-            tables[i, : len(row.block_table)] = torch.tensor(row.block_table[:max_blocks])
-        logits = self.decode_step(tokens.to(self.device), positions.to(self.device), tables=tables.to(self.device))
+        blocks = self.decode_step.context_bucket_for(self.cache.row_blocks(max(r.start for r in plan.rows) + 1))
+        tokens, positions, tables = self._padded_inputs(plan.rows, plan.token_ids, blocks,
+                                                        self.decode_step.bucket_for(n))
+        logits = self.decode_step(tokens, positions, tables=tables)
         if logits is None:
             return None
-        return logits[torch.tensor(plan.logits_indices, device=self.device)]
+        if plan.logits_indices == list(range(n)):  # every row samples (the usual step): a view, nothing to send
+            return logits[:n]
+        return logits[to_device(torch.tensor(plan.logits_indices, dtype=torch.long), self.device)]

@@ -12,6 +12,7 @@ import torch
 
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.speculative import accept_greedy, accept_sampled
+from llama_dist.engine.transfer import to_device
 
 
 @dataclass
@@ -197,9 +198,5 @@ class Sampler:
         return torch.cat(draws).index_select(0, self._to_device(source, torch.long))
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A small host list on the device without a host sync: a plain copy from pageable memory to a GPU waits
-        for the copy; from pinned memory with non_blocking it does not."""
-        host = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host.to(self.device)
+        """A small host list on the device without a host sync."""
+        return to_device(torch.tensor(values, dtype=dtype), self.device)

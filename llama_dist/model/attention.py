@@ -224,11 +224,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout
         rows = layout.decode
         keys = read_context(cache[0], rows.tables, rows.kv_len, dtype)  # (rows, kv_len, kv heads, head_dim)
         values = read_context(cache[1], rows.tables, rows.kv_len, dtype)
-        # Each row sees its own positions up to its token's; nothing here depends on the positions' values.
-        mask = (torch.arange(rows.kv_len, device=q.device)[None, :] <= rows.positions[:, None])[:, None, None, :]
         n = rows.positions.shape[0]
-        out, _ = _sdpa(q[:n, None], keys, values, mask, False)
-        outputs.append(out.reshape(n, -1))
+        outputs.append(_decode_attention(q[:n], keys, values, rows.positions))
     if need_weights and len(layout.groups) != 1:
         raise ValueError("attention weights come from a uniform batch (Meta's model(tokens, start_pos)) only")
     for group in layout.groups:
@@ -240,12 +237,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout
         else:
             keys = read_context(cache[0], group.tables, group.context_len, dtype)
             values = read_context(cache[1], group.tables, group.context_len, dtype)
-        mask = None
-        if group.query_len > 1:
+        mask, causal = None, False
+        if group.query_len > 1 and group.query_len == group.context_len and not need_weights:
+            causal = True  # a whole prompt, nothing cached before it: SDPA's own causal mask (flash kernels take it)
+        elif group.query_len > 1:
             # Query i sits at position context_len - query_len + i and may look at every position up to itself.
             positions = torch.arange(group.context_len, device=q.device)
             mask = positions[None, :] <= positions[group.context_len - group.query_len :, None]
-        out, weights = _sdpa(queries, keys, values, mask, need_weights)
+        out, weights = _sdpa(queries, keys, values, mask, need_weights, causal)
         outputs.append(out.reshape(count, -1))
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), weights
 
@@ -256,9 +255,31 @@ def _attention_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.device.type == "cpu" else q.dtype
 
 
-def _sdpa(q, keys, values, mask, need_weights: bool):
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+    """One query token a row: q (rows, heads, head_dim), row i at positions[i], over keys and values (rows, kv_len,
+    kv heads, head_dim) -> (rows, heads * head_dim).
+
+    The query heads that share a KV head are folded into that head's query length: SDPA then sees kv-heads-many
+    heads of n_rep queries against the keys as stored, with no copy of the keys per query head (repeat_kv) and no
+    `enable_gqa`, which with a mask rules the flash kernels out. Each row sees its positions up to its token's;
+    nothing here depends on the positions' values (a compiled step is traced once, whatever they are)."""
+    rows, heads, head_dim = q.shape
+    kv_heads, kv_len = keys.shape[2], keys.shape[1]
+    # Query head h uses KV head h // n_rep (as repeat_kv lays them out): (rows, kv heads, n_rep, head_dim).
+    queries = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    mask = (torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None])[:, None, None, :]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    dtype = _attention_dtype(q)
+    if dtype != q.dtype:  # (a no-op `.to` still costs microseconds a layer, at every step)
+        queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
+    return (out if dtype == q.dtype else out.to(q.dtype)).reshape(rows, heads * head_dim)
+
+
+def _sdpa(q, keys, values, mask, need_weights: bool, causal: bool = False):
     """q: (rows, queries, heads, head_dim); keys, values: (rows, keys, kv heads, head_dim) -> (rows, queries,
-    heads, head_dim), and the (rows, heads, queries, keys) probabilities when need_weights."""
+    heads, head_dim), and the (rows, heads, queries, keys) probabilities when need_weights. causal: SDPA's causal
+    mask instead of `mask` (queries and keys the same positions)."""
     q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
     n_rep = q.shape[1] // keys.shape[1]
     weights = None
@@ -271,8 +292,8 @@ def _sdpa(q, keys, values, mask, need_weights: bool):
         out = weights.type_as(q) @ values
     elif _attention_dtype(q) != q.dtype:
         out = F.scaled_dot_product_attention(
-            q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=n_rep > 1
+            q.float(), keys.float(), values.float(), attn_mask=mask, is_causal=causal, enable_gqa=n_rep > 1
         ).type_as(q)
     else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=n_rep > 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=n_rep > 1)
     return out.transpose(1, 2), weights

@@ -170,7 +170,10 @@ def _quantized_kernel(weight: QuantizedWeight, device: torch.device, dtype: torc
     int4 pack kernels beat dequantize-then-multiply up to a few hundred rows; from _INT8_DEQUANTIZE_ROWS (prefill)
     converting the int8 weight once and multiplying densely is faster (a packed int4 weight costs as much to unpack
     as to multiply, so it keeps its kernel); with fp32 activations the int8 kernel is scalar code, faster only for
-    one row. Elsewhere (CUDA: not measured) the weight is dequantized.
+    one row. On CUDA (not measured: no GPU was lent) a packed int4 weight runs the tensor-core kernel
+    (`_weight_int4pack_mm`); an int8 weight runs as convert, multiply, scale (`mm_dequantized`), the form inductor
+    fuses into one pass over the int8 values at batch 1 in the compiled decode step (gpt-fast's; `decode_step`
+    turns on the coordinate-descent tuning that decomposes a one-row product for it), dequantized per call eagerly.
     """
     if isinstance(weight, Int8Weight):
         if device.type == "cpu" and (dtype == torch.bfloat16 or rows == 1) and rows < _INT8_DEQUANTIZE_ROWS:
@@ -179,9 +182,3 @@ def _quantized_kernel(weight: QuantizedWeight, device: torch.device, dtype: torc
     if isinstance(weight, Int4Weight) and weight.packed:
         return "int4pack"
     return "dequantized"
-
-
-def packs_int4(device: torch.device, out_features: int) -> bool:
-    """Whether an int4 weight on `device` is stored in the packed layout of the CPU int4 kernel (which needs
-    the row count to be a multiple of 16); otherwise it keeps one value a byte and runs dequantized."""
-    return torch.device(device).type == "cpu" and out_features % 16 == 0

@@ -196,12 +196,51 @@ class Int8Weight(QuantizedWeight):
         return (torch.mv(self.qweight.to(x.dtype), x.view(-1)) * self.scale).view(1, -1)
 
 
+def packs_int4(device: torch.device, out_features: int, dtype: torch.dtype) -> bool:
+    """Whether an int4 weight of `out_features` rows for `dtype` activations on `device` is stored packed, two values
+    a byte, in the layout of the device's int4 kernel: on a CPU (`_weight_int4pack_mm_for_cpu`) when the rows are a
+    multiple of 16; on CUDA (`_weight_int4pack_mm`, tensor cores: compute capability 8.0 and up, bfloat16 only)
+    when they are a multiple of 8. Otherwise one value a byte, multiplied dequantized. The memory check budgets
+    weights by this (`checkpoint.memory`)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return out_features % 16 == 0
+    if device.type == "cuda":
+        return (dtype == torch.bfloat16 and out_features % 8 == 0
+                and torch.cuda.get_device_capability(device) >= (8, 0))
+    return False
+
+
+def int4_inner_k_tiles(in_features: int) -> int:
+    """The CUDA int4 layout's k tiles per 16-column step: the largest of 8, 4, 2 dividing the (group-padded) input
+    width into whole tiles (a group is at least 32 columns, so 2 always does)."""
+    return next(tiles for tiles in (8, 4, 2) if in_features % (tiles * 16) == 0)
+
+
+def _pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values in [0, 15] (rows, columns) in the layout of their device's int4 kernel, two values a byte."""
+    if values.is_cuda:
+        # Two values a byte, the even column high, then the tensor-core tiles (torchao's layout for this kernel).
+        pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8).contiguous()
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, int4_inner_k_tiles(values.shape[1]))
+    # By blocks of rows (the packing takes int32, 4 bytes a value) into one tensor, row for row.
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    packed = None
+    for start in range(0, len(values), _ROW_BLOCK):
+        block = pack(values[start : start + _ROW_BLOCK].to(torch.int32), 1)
+        if packed is None:
+            packed = torch.empty((len(values), block.shape[1]), dtype=block.dtype, device=block.device)
+        packed[start : start + len(block)] = block
+    return packed
+
+
 class Int4Weight(QuantizedWeight):
     """int4 values in groups of `group_size` input columns, one scale and zero per (row, group).
 
-    packed=True stores the values in the layout of this CPU's int4 kernel (`_convert_weight_to_int4pack_for_cpu`:
-    it may depend on the instruction set, so it is made per rank at load and never saved); otherwise one value a
-    byte, for the dequantizing kernel. Scales and zeros are stored as the kernel wants them: (groups, out, 2).
+    packed=True stores the values in the layout of their device's int4 kernel (`packs_int4` says when it can; the
+    layouts depend on the device, and on a CPU maybe on its instruction set, so they are made per rank at load and
+    never saved); otherwise one value a byte, for the dequantizing kernel. Scales and zeros are stored as the
+    kernels want them: (groups, out, 2).
     """
 
     def __init__(self, values, scale, zero, group_size: int, in_features: int, dtype: torch.dtype, packed: bool):
@@ -211,16 +250,7 @@ class Int4Weight(QuantizedWeight):
         self.group_size = group_size
         self.packed = packed
         values = values.to(torch.uint8).contiguous()
-        if packed:  # by blocks of rows (the packing takes int32, 4 bytes a value) into one tensor, row for row
-            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-            unpacked, values = values, None
-            for start in range(0, len(unpacked), _ROW_BLOCK):
-                block = pack(unpacked[start : start + _ROW_BLOCK].to(torch.int32), 1)
-                if values is None:
-                    values = torch.empty((len(unpacked), block.shape[1]), dtype=block.dtype, device=block.device)
-                values[start : start + len(block)] = block
-            del unpacked
-        self.register_buffer("values", values)
+        self.register_buffer("values", _pack_int4(values) if packed else values)
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous())
 
     @classmethod
@@ -231,13 +261,18 @@ class Int4Weight(QuantizedWeight):
     def unpacked_values(self) -> torch.Tensor:
         if not self.packed:
             return self.values
-        # The packed layout is the kernel's business: recover the values by multiplying with the identity.
-        eye = torch.eye(self.padded_in_features, dtype=torch.float32, device=self.values.device)
-        ones = torch.ones_like(self.scales_and_zeros, dtype=torch.float32)
+        # The packed layout is the kernel's business: recover the values by multiplying with the identity (exact in
+        # bfloat16, the CUDA kernel's one dtype: the values are 0..15).
+        dtype = torch.bfloat16 if self.values.is_cuda else torch.float32
+        eye = torch.eye(self.padded_in_features, dtype=dtype, device=self.values.device)
+        ones = torch.ones_like(self.scales_and_zeros, dtype=dtype)
         ones[..., 1] = 8.0  # scale 1, zero 8: the kernel returns the raw values
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.values, self.group_size, ones).t().round().to(
-            torch.uint8
-        )
+        return self._int4pack_mm(eye, ones).t().float().round().to(torch.uint8)
+
+    def _int4pack_mm(self, x: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        if self.values.is_cuda:
+            return torch.ops.aten._weight_int4pack_mm(x, self.values, self.group_size, scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.values, self.group_size, scales_and_zeros)
 
     def dequantize(self) -> torch.Tensor:
         values = self.unpacked_values().view(self.out_features, -1, self.group_size).to(self.scales_and_zeros.dtype)
@@ -251,9 +286,7 @@ class Int4Weight(QuantizedWeight):
 
     # Kernels: x is 2-D (rows, in_features), contiguous, in the model dtype.
     def mm_int4pack(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            self._padded(x), self.values, self.group_size, self.scales_and_zeros
-        )
+        return self._int4pack_mm(self._padded(x), self.scales_and_zeros)
 
     def mm_dequantized(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype))

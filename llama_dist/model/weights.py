@@ -125,11 +125,15 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.float32, device="
     gen = torch.Generator(device).manual_seed(seed)
     weights = {}
     for name, shape in weight_shapes(args).items():
-        if len(shape) == 1:  # norm gains near 1, as in trained models
-            weight = 1 + 0.1 * torch.randn(shape, generator=gen, device=device)
-        else:
-            weight = torch.randn(shape, generator=gen, device=device) * shape[-1] ** -0.5
-        weights[name] = weight.to(dtype).cpu()
+        weights[name] = draw_weight(shape, gen, device).to(dtype).cpu()
         if on_tensor is not None:
             on_tensor(weights[name].nbytes)
     return weights
+
+
+def draw_weight(shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
+    """One random float32 weight of `shape` on `device`: norm gains near 1, as in trained models; matrices scaled
+    so activations keep their size through the layers."""
+    if len(shape) == 1:
+        return 1 + 0.1 * torch.randn(shape, generator=generator, device=device)
+    return torch.randn(shape, generator=generator, device=device) * shape[-1] ** -0.5

@@ -1,5 +1,6 @@
 """`python -m llama_dist.bench run` on the bundled tiny model: the kernel table, the machine limits and the per-batch
-table's columns (the 1 GiB read-bandwidth and one-row-kernel measurements included: a few seconds)."""
+table's columns (the 1 GiB read-bandwidth and one-row-kernel measurements included: a few seconds); on random
+weights drawn at load (random:tiny) with a single generated token."""
 
 from __future__ import annotations
 
@@ -38,3 +39,18 @@ def test_run_prints_kernels_machine_limits_and_shares(tmp_path):
     assert [cells[1].strip() for cells in rows] == ["1", "2"]
     for cells in rows:
         assert all(re.fullmatch(r"\d+%", cells[i].strip()) for i in (7, 8, 9))
+
+
+def test_run_on_random_weights_with_one_token_times_the_first_token_only(tmp_path):
+    """gen_len 1 has no decode step: its decode figures are "-", not a division by zero."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLAMA_DIST_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "llama_dist.bench", "run", "--ckpt_dir", "random:tiny",
+                           "--batch_sizes", "2", "--prompt_len", "4", "--gen_len", "1", "--repeats", "1",
+                           "--dtype", "float32", "--nomachine_limits"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "random:tiny: 1 rank(s), float32" in proc.stdout
+    cells = [c.strip() for c in next(line for line in proc.stdout.splitlines() if line.startswith("| 1 | 2 |"))
+             .split("|")[1:-1]]
+    assert float(cells[2]) > 0 and float(cells[3]) > 0  # time to first token, prefill tok/s
+    assert cells[4:10] == ["-"] * 6  # decode tok/s, step ms, GB/s and its shares

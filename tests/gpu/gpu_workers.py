@@ -3,6 +3,7 @@ free of CUDA calls at import, so the CUDA_VISIBLE_DEVICES a test gives a rank (r
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +60,40 @@ def generation_worker(dtypes: list[str], backend: str | None = None, device: str
             result["inspection"] = _inspect(llm)
         del llm
     return result
+
+
+def sync_worker() -> list[tuple[bool, int, int]]:
+    """Host syncs in each engine step of a greedy batch, after a warm-up generation of the same shapes compiled the
+    decode step and recorded its CUDA graphs: (whether the step computed prompt tokens, syncs torch's sync debug
+    mode reported, CUDA runtime calls that block the host in the profiler's trace) per step."""
+    from llama_dist.engine.sampling_params import SamplingParams
+
+    ctx = init_distributed()
+    llm = _build(ctx, "bfloat16")  # compiled, CUDA graphs: one rank
+    prompts = [llm.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    llm.generate(prompts, GEN_LEN, temperature=0)
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(i, prompt, SamplingParams(temperature=0, max_tokens=GEN_LEN, ignore_eos=True))
+    blocking_calls = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+    steps = []
+    while engine.has_unfinished():
+        with warnings.catch_warnings(record=True) as caught, torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as trace:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.profiler.record_function("engine_step"):
+                    engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        synced = sum("synchroniz" in str(w.message) for w in caught)
+        # Within the step's own range: the profiler synchronises when it starts and stops.
+        events = trace.events()
+        step = next(e for e in events if e.name == "engine_step").time_range
+        blocking = sum(1 for e in events if e.name in blocking_calls and step.start <= e.time_range.start <= step.end)
+        steps.append((engine.runner.last_step_prefilled, synced, blocking))
+    return steps
 
 
 def start_worker() -> str:

@@ -6,16 +6,19 @@
 (`run_local`) on the bundled checkpoints/tiny: world size 1 on NCCL with the default (compiled) decode step in bf16,
 fp16 and fp32 (fp32 greedy tokens equal to the CPU's, computed in the same run), 2 and 4 ranks sharing one GPU over
 gloo equal to 1 rank, chat, hidden states and attentions, the shared-GPU error on NCCL, and the compiled decode step
-equal to eager. `bash tests/gpu/run_on_gpu.sh` installs what a GPU machine lacks, then runs this and the benchmark.
+equal to eager, one host sync per engine step, and the CUDA int4 layout. `bash launch/run_on_gpu.sh` installs what
+a GPU machine lacks, then runs this and the benchmarks. Tensor parallelism over NCCL needs a GPU per rank: on one GPU
+only world size 1 runs on NCCL (more ranks share it over gloo).
 """
 
 import os
 
 import pytest
 import torch
-from gpu_workers import PROMPTS, generation_worker, start_worker
+from gpu_workers import GEN_LEN, PROMPTS, generation_worker, start_worker, sync_worker
 
 from llama_dist.dist.local_launch import run_local
+from llama_dist.model.quant import Int4Weight, packs_int4
 
 
 def _why_not_run() -> str | None:
@@ -115,3 +118,30 @@ def test_compiled_decode_equals_eager(nccl_one_rank, nccl_eager):
     assert compiled["tokens"] == eager["tokens"]
     for got, want in zip(compiled["logprobs"], eager["logprobs"]):
         assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_an_engine_step_syncs_the_host_once():
+    """Rank 0 reads its sampled tokens back once a step; nothing else waits on the GPU (a step's inputs go over in
+    pinned, non-blocking copies; the compiled decode step replays a CUDA graph)."""
+    steps = run_local(sync_worker, 1, timeout_s=300)[0]
+    assert len(steps) == GEN_LEN and steps[0][0] and not any(prefilled for prefilled, _, _ in steps[1:])
+    for prefilled, synced, blocking in steps:
+        assert synced <= 1 and blocking <= 1, steps
+
+
+@pytest.mark.parametrize("out_features, in_features, group_size", [(256, 2048, 128), (72, 352, 32), (64, 160, 64)])
+def test_cuda_int4_layout_holds_the_values_and_multiplies_like_the_dequantized_weight(out_features, in_features,
+                                                                                       group_size):
+    """The CUDA tensor-core layout (`_convert_weight_to_int4pack`, two values a byte, the even column high): the
+    values it holds come back unchanged, half a byte each, and its kernel computes the dequantized product."""
+    device = torch.device("cuda")
+    assert packs_int4(device, out_features, torch.bfloat16) and not packs_int4(device, out_features, torch.float16)
+    weight = torch.randn(out_features, in_features, generator=torch.Generator(device).manual_seed(0), device=device)
+    packed = Int4Weight.quantize(weight, group_size, torch.bfloat16, packed=True)
+    plain = Int4Weight.quantize(weight, group_size, torch.bfloat16, packed=False)
+    padded = plain.values.shape[1]
+    assert packed.values.is_cuda and packed.values.dim() == 4 and packed.values.nbytes * 2 == out_features * padded
+    assert torch.equal(packed.unpacked_values(), plain.values)
+    for rows in (1, 7, 40):
+        x = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
+        assert rel_diff(packed.mm_int4pack(x), plain.mm_dequantized(x)) < 1e-2

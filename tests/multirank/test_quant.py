@@ -18,6 +18,7 @@ from helpers import raises_naming, reference_logits, rel_diff, tiny_args, write_
 from llama_dist import cli
 from llama_dist.checkpoint.convert import write_quantized
 from llama_dist.checkpoint.loader import load_model
+from llama_dist.checkpoint.memory import memory_needed
 from llama_dist.dist.groups import init_distributed, shutdown_distributed
 from llama_dist.dist.local_launch import run_local
 from llama_dist.errors import ConfigError
@@ -91,8 +92,10 @@ def quantized_logits_worker(jobs: dict[str, dict]) -> dict[str, dict]:
             steps.append(model(TOKENS[:, pos : pos + 1], pos).logits)
         kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (Int8Weight, Int4Weight))})
         packed = sorted({m.packed for m in model.modules() if isinstance(m, Int4Weight)})
+        # What the weights take as stored: every parameter and every quantized weight's buffers.
+        nbytes = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
         results[name] = {"full": model(TOKENS, 0).logits, "incremental": torch.cat(steps, dim=1), "kinds": kinds,
-                         "packed": packed}
+                         "packed": packed, "nbytes": nbytes}
     return results
 
 
@@ -141,10 +144,16 @@ def _expected(weights, name):
     return reference_logits(reference_quantized(ragged, "int4", 64), RAGGED, TOKENS)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_quantized_logits_match_the_full_weight_reference(checkpoints, world):
+@pytest.fixture(scope="module", params=[1, 2, 4])
+def loaded(request, checkpoints):
+    """(world size, every rank's results of every job at that world size)."""
+    root, _ = checkpoints
+    return request.param, run_local(quantized_logits_worker, request.param, _jobs(root, request.param))
+
+
+def test_quantized_logits_match_the_full_weight_reference(checkpoints, loaded):
     root, weights = checkpoints
-    results = run_local(quantized_logits_worker, world, _jobs(root, world))
+    world, results = loaded
     for name in _jobs(root, world):
         expected = _expected(weights, name)
         # fp32 activations: summation order only. bf16 activations: their rounding, on top of the weights'.
@@ -165,6 +174,19 @@ def test_quantized_logits_match_the_full_weight_reference(checkpoints, world):
     if world == 1:
         assert rank0["ragged-int4-g64"]["packed"] == [False, True]  # the 120-row output runs dequantized
         assert rel_diff(rank0["int8-output-kept"]["full"], rank0["int8"]["full"]) > 0
+
+
+def test_the_memory_check_budgets_the_weights_as_stored(checkpoints, loaded):
+    """The check before loading counts what loading then holds, byte for byte: int4 at half a byte a value where it
+    is packed, a byte where it is not (the ragged model's 120-row output), scales and zeros, padded groups."""
+    root, _ = checkpoints
+    world, results = loaded
+    for name, job in _jobs(root, world).items():
+        args = RAGGED if "ragged" in job["ckpt"] else ALIGNED
+        scheme = make_scheme(job.get("quantize") or ("int8" if "saved" in name else None))
+        weights, _ = memory_needed(args, world, job.get("dtype", torch.float32), scheme, max_batch_size=2,
+                                   max_seq_len=16, device="cpu")
+        assert weights == results[0][name]["nbytes"], f"{name} at {world} rank(s)"
 
 
 # ---- kernels, one by one, against the dequantized weight ------------------------------------------------------------
