@@ -7,7 +7,6 @@ import re
 import shutil
 
 import pytest
-import torch
 from helpers import SPM_VOCAB, tiny_args, write_checkpoint
 
 from llama_dist.dist.local_launch import run_local
