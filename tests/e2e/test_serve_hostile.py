@@ -250,20 +250,23 @@ def test_hostile_clients_get_their_status_while_streams_flow(world_size, trap_ck
         health = httpx.get(server.url.removesuffix("/v1") + "/health", timeout=10).json()
         streams.stop()
 
-        # SIGTERM with streams open: they finish, a new request gets 503, the server ends cleanly.
-        ended, threads = [], []
+        # SIGTERM with streams open: they finish (or, past DRAIN_S, end with a 503 event), a new request gets 503,
+        # the server ends cleanly. The streams are long enough to be running still when the new request comes.
+        ended, threads, flowing = [], [], threading.Semaphore(0)
         for _ in range(2):
-            threads.append(threading.Thread(target=lambda: ended.append(_stream_to_end(server.url, 300))))
+            threads.append(threading.Thread(target=lambda: ended.append(_stream_to_end(server.url, 1800, flowing))))
             threads[-1].start()
-        time.sleep(0.5)
+        for _ in threads:
+            assert flowing.acquire(timeout=60)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
+        time.sleep(0.3)  # the server has heard it
+        open_at_sigterm = 2 - len(ended)
         late = httpx.post(f"{server.url}/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         for thread in threads:
             thread.join(timeout=60)
         rc = server.proc.wait(timeout=60)
-        rows.append(("SIGTERM mid-stream: open streams", "2 finish (length)",
-                     f"{sum(reason == 'length' for reason in ended)} finish (length)", None))
+        rows.append(("SIGTERM mid-stream: open streams", "2 open, each finishes or 503s",
+                     f"{open_at_sigterm} open, " + ", ".join(sorted(map(str, ended))), None))
         rows.append(("SIGTERM: a new request", "503 Retry-After", f"{late.status_code} Retry-After "
                      f"{late.headers.get('retry-after')}", None))
         rows.append(("SIGTERM: the server", "exits 0 (torchrun 143)", f"exits {rc}", None))
@@ -272,7 +275,10 @@ def test_hostile_clients_get_their_status_while_streams_flow(world_size, trap_ck
     print("\n" + _table(world_size, rows))
     assert health["status"] == "ok" and streams.errors == [], (health, streams.errors)
     for case, expected, got, gap in rows:
-        if case == "SIGTERM: a new request":
+        if case == "SIGTERM mid-stream: open streams":
+            assert got.startswith("2 open, ") and all(reason in ("length", "error: shutting_down")
+                                                      for reason in ended), rows
+        elif case == "SIGTERM: a new request":
             assert got == "503 Retry-After 5", rows
         elif case == "SIGTERM: the server":
             assert got == ("exits 0" if world_size == 1 else "exits 143"), server.log.read_text()[-3000:]
@@ -284,8 +290,9 @@ def test_hostile_clients_get_their_status_while_streams_flow(world_size, trap_ck
     assert "Traceback" not in server.log.read_text(), server.log.read_text()[-3000:]
 
 
-def _stream_to_end(url: str, max_tokens: int) -> str | None:
-    """Stream a completion to its end; its finish reason, or "error: ..." for an error event."""
+def _stream_to_end(url: str, max_tokens: int, flowing: threading.Semaphore | None = None) -> str | None:
+    """Stream a completion to its end; its finish reason, or "error: ..." for an error event. `flowing` is
+    released at its first chunk."""
     body = {"prompt": "hello world", "max_tokens": max_tokens, "stream": True, "temperature": 0,
             "logit_bias": NO_STOP}
     reason = None
@@ -294,6 +301,9 @@ def _stream_to_end(url: str, max_tokens: int) -> str | None:
             return f"status {response.status_code}"
         for line in response.iter_lines():
             if line.startswith("data: {"):
+                if flowing is not None:
+                    flowing.release()
+                    flowing = None
                 event = json.loads(line[6:])
                 if "error" in event:
                     return f"error: {event['error']['code']}"
