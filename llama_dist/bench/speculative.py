@@ -6,7 +6,8 @@ Three tables:
    `ks` (`ckpt_dir`, by default the Llama-3.2-1B-shaped random checkpoint);
 2. prompt lookup end to end on a copy-heavy task with a trained model (`text_ckpt`, made by
    `checkpoints/make_text_model.py`): each prompt is a held-out paragraph, a blank line and the paragraph's first
-   words, which a model trained on such text continues by repeating the paragraph; greedy, batch 1, tok/s with and
+   words, for a model to repeat the paragraph (or, with `--text_ckpt checkpoints/tiny`, a cycle the bundled model
+   knows: days, months, the alphabet, once and a bit, which it goes on repeating); greedy, batch 1, tok/s with and
    without speculation (the outputs are checked equal), the share of guesses kept and the tokens per verify row;
 3. a self-draft: the model's own int4 copy as the draft model, on `ckpt_dir` (random weights: what the int4 error
    alone does to the guesses), greedy, batch 1.
@@ -115,8 +116,19 @@ def _table(engines: dict, best: dict, outputs: dict, tokens: int) -> None:
                f"{same} |")
 
 
+# Cycles the bundled model was trained on: once it has seen one turn, it goes on repeating it.
+CYCLES = ("monday tuesday wednesday thursday friday saturday sunday",
+          "january february march april may june july august september october november december",
+          "a b c d e f g h i j k l m n o p q r s t u v w x y z")
+
+
 def _passages(text_ckpt: str, prompts: int, min_words: int = 40) -> list[str]:
-    lines = Path(text_ckpt, "heldout.txt").read_text().splitlines()
+    """A held-out paragraph, a blank line and its first words (text_model); or, for a checkpoint without held-out
+    text (the bundled model), a cycle it knows, once and a bit."""
+    heldout = Path(text_ckpt, "heldout.txt")
+    if not heldout.exists():
+        return [f"{cycle} {' '.join(cycle.split()[:2])}" for cycle in CYCLES][:prompts]
+    lines = heldout.read_text().splitlines()
     chosen = [line for line in lines if len(line.split()) >= min_words][:prompts]
     return [f"{line}\n\n{' '.join(line.split()[:6])}" for line in chosen]
 
@@ -142,9 +154,10 @@ def prompt_lookup(text_ckpt: str, prompts: int, max_tokens: int, num_tokens: int
             seconds = time.perf_counter() - started
             best[label] = min(best.get(label, float("inf")), seconds)
             outputs[label] = tokens
+    what = ("a held-out paragraph, then its first words again" if Path(text_ckpt, "heldout.txt").exists()
+            else "a cycle the model knows, once and a bit")
     print0(f"\n2. Prompt lookup on a copy-heavy task: {text_ckpt}, {llm.dist.world_size} rank(s), {dtype}, batch 1, "
-           f"{len(ids)} prompts (a held-out paragraph, then its first words again), {max_tokens} tokens each, "
-           f"greedy; best of {repeats}")
+           f"{len(ids)} prompts ({what}), {max_tokens} tokens each, greedy; best of {repeats}")
     _table(engines, best, outputs, len(ids) * max_tokens)
 
 
@@ -163,8 +176,9 @@ def run(ckpt_dir: str = "bench_out/llama32_1b_shape", text_ckpt: str = "bench_ou
                    kernel_choice)
     if only not in (None, "lookup"):
         return
-    if Path(text_ckpt, "heldout.txt").exists():
+    if Path(text_ckpt, "params.json").exists():
         prompt_lookup(text_ckpt, prompts, max_tokens, num_speculative_tokens, ngram_max, ngram_min, text_dtype,
                       max(1, repeats // 2))
     else:
-        print0(f"\n2. skipped: no trained model at {text_ckpt} (python checkpoints/make_text_model.py --out {text_ckpt})")
+        print0(f"\n2. skipped: no trained model at {text_ckpt} (python checkpoints/make_text_model.py --out {text_ckpt},"
+               " or --text_ckpt checkpoints/tiny)")
