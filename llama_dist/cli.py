@@ -32,7 +32,7 @@ from llama_dist.dist.groups import (
     shutdown_distributed,
 )
 from llama_dist.dist.launch_env import read_launch_env
-from llama_dist.engine.llm_engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
+from llama_dist.engine.engine_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 from llama_dist.engine.sampling_params import check_sampling
 from llama_dist.errors import (
     ConfigError,

@@ -19,7 +19,7 @@ from llama_dist.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, resol
 from llama_dist.dist.groups import DistContext, checked_on_all_ranks, init_distributed, on_main_then_share, print0
 from llama_dist.dist.launch_env import local_world_size
 from llama_dist.engine.generation import GenerationStats, Generator, StreamStep
-from llama_dist.engine.llm_engine import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from llama_dist.engine.engine_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from llama_dist.engine.speculative import SpeculativeConfig
 from llama_dist.errors import CheckpointError, ConfigError, RequestError
 from llama_dist.model.kernel_choice import choose_kernels, resolve_mode

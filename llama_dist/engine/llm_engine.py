@@ -8,96 +8,38 @@
 Rank 0 owns the requests: the Scheduler picks each step's chunks (decodes first, then prefill chunks, within the
 token budget), the plan goes to every rank (step_plan.exchange), every rank's ModelRunner computes, and rank 0
 samples every row in one pass (Sampler), appends the tokens, detokenizes, checks stops and reports
-RequestOutputs. The other ranks only ever see plans, so they stay in step whatever rank 0 is asked.
+RequestOutputs. The other ranks only ever see plans, so they stay in step whatever rank 0 is asked. With
+speculative decoding a decoding row also carries guessed tokens (prompt lookup, or the draft model's, planned as
+sub-steps of their own: `draft.DraftModel`) and rank 0 keeps those the model agrees with (`speculative`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-from llama_dist.dist.groups import RemoteRankError, all_reduce_min
+from llama_dist.dist.groups import RemoteRankError
 from llama_dist.engine.block_manager import RESERVED_BLOCKS, BlockManager
 from llama_dist.engine.draft import DraftModel
 from llama_dist.engine.metrics import EngineMetrics
 from llama_dist.engine.model_runner import ModelRunner
-from llama_dist.engine.sampler import Sampler, token_logprobs
+from llama_dist.engine.engine_config import EngineConfig, pool_tokens
+from llama_dist.engine.host_batch import HostBatch, logit_rows, prompt_scores, to_host
+from llama_dist.engine.sampler import Sampler
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.scheduler import ScheduledChunk, Scheduler
 from llama_dist.engine.sequence import RequestOutput, Sequence
 from llama_dist.engine.speculative import NgramProposer, SpeculativeConfig
 from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
 from llama_dist.engine.structured_output import GrammarCompiler
-from llama_dist.engine.transfer import to_device
 from llama_dist.errors import ConfigError, PromptTooLongError, RequestError
 from llama_dist.model.llama import Transformer
 from llama_dist.text.detokenizer import CompletionText
 from llama_dist.text.tokenizer_interface import TokenizerInterface
 
-# A step's token budget by default: enough that a decode batch never waits on it, small enough that a prefill
-# chunk does not hold the running streams up for long (CPU and GPU alike: `--max_num_batched_tokens`).
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
-DEFAULT_BLOCK_SIZE = 16  # tokens per KV cache block
-
 NON_FINITE = "the model produced non-finite logits (NaN or inf): its weights are broken, or they overflow in {dtype}"
-
-
-@dataclass
-class EngineConfig:
-    """The engine's limits (the same flags for generate, chat, serve and bench).
-
-    max_num_seqs: sequences running at once (None: the model's max_batch_size, which sizes compiled shapes);
-    max_num_batched_tokens: a step's token budget (decodes first, then prefill chunks); block_size: tokens per KV
-    block; kv_cache_tokens: each rank's pool (None: max_batch_size x max_seq_len, the memory the model was sized
-    for); gpu_memory_fraction: instead, the share of the GPU's memory the weights and the pool may take (CUDA only);
-    prefix_caching: reuse the cached blocks of earlier prompts; speculative: guess tokens ahead and verify them in
-    one step (`engine.speculative`), or None."""
-
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
-    block_size: int = DEFAULT_BLOCK_SIZE
-    kv_cache_tokens: int | None = None
-    gpu_memory_fraction: float | None = None
-    prefix_caching: bool = True
-    speculative: SpeculativeConfig | None = None
-
-    def check(self) -> None:
-        if self.speculative is not None:
-            self.speculative.check()
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_tokens"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        fraction = self.gpu_memory_fraction
-        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-                                     or not 0 < fraction <= 1):
-            raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {fraction!r}")
-        if fraction is not None and self.kv_cache_tokens is not None:
-            raise ConfigError("give kv_cache_tokens or gpu_memory_fraction, not both")
-
-
-def pool_tokens(model: Transformer, config: EngineConfig, device: torch.device) -> int:
-    """Tokens each rank's KV pool holds: kv_cache_tokens, or what gpu_memory_fraction of the GPU leaves after the
-    weights (the smallest over the ranks, so that every rank's pool has the same blocks), or by default
-    max_batch_size x max_seq_len."""
-    if config.gpu_memory_fraction is None:
-        return model.max_batch_size * model.max_seq_len if config.kv_cache_tokens is None else config.kv_cache_tokens
-    if torch.device(device).type != "cuda":
-        raise ConfigError("gpu_memory_fraction sizes the KV cache on GPUs; on a CPU give kv_cache_tokens")
-    free, total = torch.cuda.mem_get_info(device)
-    old = model.cache.nbytes if model.cache is not None else 0  # the default cache goes before the pool comes
-    attention = model.layers[0].attention  # keys and values of this rank's KV heads, every layer
-    per_token = 2 * model.args.n_layers * attention.n_local_kv_heads * attention.head_dim
-    per_token *= model.tok_embeddings.weight.dtype.itemsize
-    budget = torch.tensor([config.gpu_memory_fraction * total - (total - free - old)], device=device)
-    all_reduce_min(budget)
-    tokens = int(budget.item() // per_token)
-    if tokens < config.block_size:
-        raise ConfigError(f"gpu_memory_fraction={config.gpu_memory_fraction} leaves no room for the KV cache")
-    return tokens
 
 
 class LLMEngine:
@@ -312,9 +254,9 @@ class LLMEngine:
             if any(c.seq.guide is not None for c, _ in sampled):  # grammars: rank 0 masks, the ranks never know
                 allowed = torch.stack([c.seq.guide.allowed() if c.seq.guide is not None else self._any_token
                                        for c, _ in sampled]).to(logits.device)
-            batch = self.sampler(_rows(logits, [r for _, r in sampled]), [c.seq.params for c, _ in sampled],
+            batch = self.sampler(logit_rows(logits, [r for _, r in sampled]), [c.seq.params for c, _ in sampled],
                                  [c.seq.generator for c, _ in sampled], allowed)
-        host = _to_host(batch, [_prompt_scores(logits[rows], targets, c.seq.params.top_logprobs)
+        host = to_host(batch, [prompt_scores(logits[rows], targets, c.seq.params.top_logprobs)
                                 for c, rows, targets in scored if targets])
         for chunk, _, targets in scored:
             seq = chunk.seq
@@ -367,7 +309,7 @@ class LLMEngine:
         output.text = text
         return output
 
-    def _append(self, seq: Sequence, host: "_HostBatch", i: int) -> RequestOutput:
+    def _append(self, seq: Sequence, host: HostBatch, i: int) -> RequestOutput:
         if not host.finite[i]:
             return self._append_token(seq, None, None, None)
         logprob = host.logprobs[i] if seq.params.logprobs or seq.params.top_logprobs else None
@@ -424,54 +366,3 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_token_ids), text=text,
             num_cached_tokens=seq.num_cached_tokens,
         )
-
-
-def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """logits[rows]: a view when they are the first len(rows) rows (every row samples), else a gather whose indices
-    reach the device without a host sync."""
-    if rows == list(range(len(rows))):
-        return logits[: len(rows)]
-    return logits[to_device(torch.tensor(rows, dtype=torch.long), logits.device)]
-
-
-class _HostBatch:
-    """What rank 0 needs on the host after sampling, brought over in one transfer."""
-
-    def __init__(self, tokens, logprobs, finite, top, prompt_scores):
-        self.tokens, self.logprobs, self.finite, self.top, self.prompt_scores = (
-            tokens, logprobs, finite, top, prompt_scores)
-
-
-def _prompt_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Tensor:
-    """(len(targets), 1 + 2k): each row's raw log-probability of its target, then its k most likely token ids and
-    their log-probabilities (prompt_logprobs, with top_logprobs)."""
-    logits, targets = logits[: len(targets)], to_device(torch.tensor(targets), logits.device)
-    if not k:
-        return token_logprobs(logits, targets).unsqueeze(-1)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # once, for the targets and the top k alike
-    top_logprobs, top_ids = torch.topk(logp, k, dim=-1)
-    chosen = logp.gather(-1, targets.long().unsqueeze(-1))
-    return torch.cat([chosen.double(), top_ids.double(), top_logprobs.double()], dim=-1)  # ids exact in float64
-
-
-def _to_host(batch, prompt_scores: list[torch.Tensor]) -> _HostBatch:
-    """One device-to-host copy of everything a step's bookkeeping reads (float64 holds every token id exactly)."""
-    parts, rows, k = [], 0, 0
-    if batch is not None:
-        rows, k = batch.tokens.shape[0], batch.top_ids.shape[1]
-        parts += [batch.tokens.double(), batch.logprobs.double(), batch.finite.double(),
-                  batch.top_ids.double().flatten(), batch.top_logprobs.double().flatten()]
-    parts += [scores.double().flatten() for scores in prompt_scores]
-    values = torch.cat(parts).tolist() if parts else []
-    tokens = [int(v) for v in values[:rows]]
-    logprobs = values[rows : 2 * rows]
-    finite = [v != 0 for v in values[2 * rows : 3 * rows]]
-    ids = values[3 * rows : 3 * rows + rows * k]
-    lps = values[3 * rows + rows * k : 3 * rows + 2 * rows * k]
-    top = [[(int(ids[i * k + j]), lps[i * k + j]) for j in range(k)] for i in range(rows)]
-    rest, scores = values[3 * rows + 2 * rows * k :], []
-    for tensor in prompt_scores:  # each back to its rows
-        width = tensor.shape[1]
-        scores.append([rest[i : i + width] for i in range(0, tensor.numel(), width)])
-        rest = rest[tensor.numel():]
-    return _HostBatch(tokens, logprobs, finite, top, scores)

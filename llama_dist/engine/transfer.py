@@ -2,7 +2,7 @@
 
 A plain copy from pageable host memory to a GPU returns only once the copy is done (the host waits on the
 stream); from pinned memory with non_blocking it is queued like a kernel. A step's inputs go this way, so that a
-step's one host sync is rank 0 reading its sampled tokens back (`llm_engine._to_host`)."""
+step's one host sync is rank 0 reading its sampled tokens back (`host_batch.to_host`)."""
 
 from __future__ import annotations
 

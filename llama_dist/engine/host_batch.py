@@ -1,0 +1,59 @@
+"""What rank 0 reads on the host after a step: the sampled tokens, their log-probabilities and alternatives, and
+the prompt scores asked for, brought over from the device in one transfer."""
+
+from __future__ import annotations
+
+import torch
+
+from llama_dist.engine.sampler import token_logprobs
+from llama_dist.engine.transfer import to_device
+
+def logit_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows]: a view when they are the first len(rows) rows (every row samples), else a gather whose indices
+    reach the device without a host sync."""
+    if rows == list(range(len(rows))):
+        return logits[: len(rows)]
+    return logits[to_device(torch.tensor(rows, dtype=torch.long), logits.device)]
+
+
+class HostBatch:
+    """What rank 0 needs on the host after sampling, brought over in one transfer."""
+
+    def __init__(self, tokens, logprobs, finite, top, prompt_scores):
+        self.tokens, self.logprobs, self.finite, self.top, self.prompt_scores = (
+            tokens, logprobs, finite, top, prompt_scores)
+
+
+def prompt_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Tensor:
+    """(len(targets), 1 + 2k): each row's raw log-probability of its target, then its k most likely token ids and
+    their log-probabilities (prompt_logprobs, with top_logprobs)."""
+    logits, targets = logits[: len(targets)], to_device(torch.tensor(targets), logits.device)
+    if not k:
+        return token_logprobs(logits, targets).unsqueeze(-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # once, for the targets and the top k alike
+    top_logprobs, top_ids = torch.topk(logp, k, dim=-1)
+    chosen = logp.gather(-1, targets.long().unsqueeze(-1))
+    return torch.cat([chosen.double(), top_ids.double(), top_logprobs.double()], dim=-1)  # ids exact in float64
+
+
+def to_host(batch, prompt_scores: list[torch.Tensor]) -> HostBatch:
+    """One device-to-host copy of everything a step's bookkeeping reads (float64 holds every token id exactly)."""
+    parts, rows, k = [], 0, 0
+    if batch is not None:
+        rows, k = batch.tokens.shape[0], batch.top_ids.shape[1]
+        parts += [batch.tokens.double(), batch.logprobs.double(), batch.finite.double(),
+                  batch.top_ids.double().flatten(), batch.top_logprobs.double().flatten()]
+    parts += [scores.double().flatten() for scores in prompt_scores]
+    values = torch.cat(parts).tolist() if parts else []
+    tokens = [int(v) for v in values[:rows]]
+    logprobs = values[rows : 2 * rows]
+    finite = [v != 0 for v in values[2 * rows : 3 * rows]]
+    ids = values[3 * rows : 3 * rows + rows * k]
+    lps = values[3 * rows + rows * k : 3 * rows + 2 * rows * k]
+    top = [[(int(ids[i * k + j]), lps[i * k + j]) for j in range(k)] for i in range(rows)]
+    rest, scores = values[3 * rows + 2 * rows * k :], []
+    for tensor in prompt_scores:  # each back to its rows
+        width = tensor.shape[1]
+        scores.append([rest[i : i + width] for i in range(0, tensor.numel(), width)])
+        rest = rest[tensor.numel():]
+    return HostBatch(tokens, logprobs, finite, top, scores)
