@@ -5,6 +5,7 @@ transformers with a Llama-3-style chat template in tokenizer_config.json."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from llama_dist.text.tokenizer import _LLAMA3_PAT
@@ -98,3 +99,16 @@ def write_hf_tokenizer(
 def write_json(path: Path, value: dict) -> Path:
     path.write_text(json.dumps(value))
     return path
+
+
+def write_hf_checkpoint(tmp_path_factory, name: str, chat_template: str, seed: int) -> Path:
+    """A random tiny checkpoint named `name` with a Hugging Face tokenizer whose chat template is `chat_template`."""
+    from helpers import tiny_args, write_checkpoint
+
+    tokenizer_dir = tmp_path_factory.mktemp(f"{name}_tokenizer")
+    write_hf_tokenizer(tokenizer_dir, chat_template=chat_template)
+    ckpt = tmp_path_factory.mktemp(f"{name}_ckpt") / name
+    write_checkpoint(ckpt, tiny_args(vocab_size=384), seed=seed)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, ckpt / f.name)
+    return ckpt

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,8 +22,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers", reason="transformers writes the test's Hugging Face tokenizer")
 
-from helpers import tiny_args, write_checkpoint  # noqa: E402
-from hf_tokenizer import write_hf_tokenizer  # noqa: E402
+from hf_tokenizer import write_hf_checkpoint  # noqa: E402
 
 from llama_dist.bench.serve import ServerProcess  # noqa: E402
 
@@ -44,12 +42,7 @@ NO_STOP = {"256": -100, "257": -100, "260": -100}  # placeholder ids, replaced b
 
 @pytest.fixture(scope="module")
 def trap_ckpt(tmp_path_factory) -> str:
-    tokenizer_dir = tmp_path_factory.mktemp("trap_tokenizer")
-    write_hf_tokenizer(tokenizer_dir, chat_template=TRAP_TEMPLATE)
-    ckpt = tmp_path_factory.mktemp("trap_ckpt") / "trap"
-    write_checkpoint(ckpt, tiny_args(vocab_size=384), seed=3)
-    for f in Path(tokenizer_dir).iterdir():
-        shutil.copy(f, ckpt / f.name)
+    ckpt = write_hf_checkpoint(tmp_path_factory, "trap", TRAP_TEMPLATE, seed=3)
     specials = json.loads((ckpt / "tokenizer.json").read_text())["added_tokens"]
     stops = [t["id"] for t in specials if t["content"] in ("<|end_of_text|>", "<|eot_id|>")]
     NO_STOP.clear()

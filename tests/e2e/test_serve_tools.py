@@ -6,8 +6,6 @@ called, streaming gives the same calls; the bundled checkpoint (Llama 2's chat f
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +14,7 @@ pytest.importorskip("transformers", reason="transformers writes the test's Huggi
 pytest.importorskip("llguidance", reason="llguidance (the grammar library) not installed")
 jsonschema = pytest.importorskip("jsonschema")
 
-from helpers import tiny_args, write_checkpoint  # noqa: E402
-from hf_tokenizer import write_hf_tokenizer  # noqa: E402
+from hf_tokenizer import write_hf_checkpoint  # noqa: E402
 
 from llama_dist.bench.serve import ServerProcess  # noqa: E402
 
@@ -46,13 +43,7 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def tool_ckpt(tmp_path_factory) -> str:
-    tokenizer_dir = tmp_path_factory.mktemp("tool_tokenizer")
-    write_hf_tokenizer(tokenizer_dir, chat_template=TOOL_TEMPLATE)
-    ckpt = tmp_path_factory.mktemp("tool_ckpt") / "toolmodel"
-    write_checkpoint(ckpt, tiny_args(vocab_size=384), seed=2)
-    for f in Path(tokenizer_dir).iterdir():
-        shutil.copy(f, ckpt / f.name)
-    return str(ckpt)
+    return str(write_hf_checkpoint(tmp_path_factory, "toolmodel", TOOL_TEMPLATE, seed=2))
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
