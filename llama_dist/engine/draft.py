@@ -46,10 +46,11 @@ class DraftModel:
                 plan.token_ids += tokens
                 plan.logits_indices.append(len(plan.token_ids) - 1)
             logits = self.runner.execute(exchange(plan)).float()
-            for (chunk, _, _), row in zip(rows, logits):
+            argmax = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
+            for i, ((chunk, _, _), row) in enumerate(zip(rows, logits)):
                 params = chunk.seq.params
                 if params.greedy:
-                    guesses[id(chunk)].append(int(row.argmax()))
+                    guesses[id(chunk)].append(argmax[i])
                     continue
                 q = sampler.probabilities(row.unsqueeze(0), [params])[0]
                 uniform = torch.rand(1, generator=chunk.seq.generator or sampler.generator, device=q.device)
