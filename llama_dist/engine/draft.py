@@ -5,9 +5,10 @@ It runs on the same ranks as the target, sharded the same way, in the same proce
 sub-steps rank 0 plans the rows (PlanKind.DRAFT; its guesses travel in those plans), every rank computes them,
 rank 0 samples the next guess. Its KV cache is a pool of its own laid out like the target's: a sequence's block
 table indexes both, so the target's block manager (prefix cache, blocks taken ahead for guesses, blocks given back
-after rejections) governs the draft's cache too. The draft catches up lazily: its first sub-step for a sequence
-computes every token it has not computed yet (the whole prompt the first time; after a step, the target's token
-that followed the kept guesses).
+after rejections) governs the draft's cache too. The draft computes a prompt's chunks in the steps that compute
+them for the model (within the step's budget), and otherwise catches up lazily: its first sub-step for a sequence
+computes every token it has not computed yet (after a step, the model's token that followed the kept guesses; a
+prompt whose start came from the prefix cache, whole).
 """
 
 from __future__ import annotations
@@ -32,22 +33,36 @@ class DraftModel:
 
     def propose(self, chunks: list[ScheduledChunk], sampler: Sampler) -> None:
         """Rank 0: replace the placeholder guesses of the speculative chunks with the draft's (and, for sampled
-        sequences, the distributions they were drawn from). Collective: the other ranks run `follow`."""
+        sequences, the distributions they were drawn from); the draft computes the step's prompt chunks too, where
+        it is up to their start, so it follows a prompt in the step's own chunks. Collective: the other ranks run
+        `follow`."""
         speculative = [chunk for chunk in chunks if chunk.draft]
+        # The step's other chunks (prompt chunks, decodes without guesses) that the draft is up to: it computes them too.
+        in_step = [chunk for chunk in chunks if not chunk.draft and chunk.seq.num_draft_computed == chunk.start]
         guesses: dict[int, list[int]] = {id(chunk): [] for chunk in speculative}
         dists: dict[int, list[torch.Tensor]] = {id(chunk): [] for chunk in speculative}
-        for j in range(max((len(chunk.draft) for chunk in speculative), default=0)):
-            active = [chunk for chunk in speculative if len(chunk.draft) > j]
-            rows = [(chunk, *self._row(chunk, j, guesses[id(chunk)])) for chunk in active]
+        substeps = max((len(chunk.draft) for chunk in speculative), default=1 if in_step else 0)
+        for j in range(substeps):
+            # (chunk, start, tokens, whether a guess is sampled from its last position)
+            rows = [(chunk, *self._row(chunk, j, guesses[id(chunk)]), True)
+                    for chunk in speculative if len(chunk.draft) > j]
+            if j == 0:
+                rows += [(chunk, chunk.start, chunk.seq.token_ids(chunk.start, chunk.start + chunk.num_tokens), False)
+                         for chunk in in_step]
             rows.sort(key=lambda row: len(row[2]) > 1)  # a plan's one-token rows come first
             plan = StepPlan(PlanKind.DRAFT)
-            for chunk, start, tokens in rows:
+            for chunk, start, tokens, guessing in rows:
                 plan.rows.append(PlanRow(chunk.seq.block_table, start, len(tokens)))
                 plan.token_ids += tokens
-                plan.logits_indices.append(len(plan.token_ids) - 1)
-            logits = self.runner.execute(exchange(plan)).float()
+                if guessing:
+                    plan.logits_indices.append(len(plan.token_ids) - 1)
+            logits = self.runner.execute(exchange(plan))
+            guessing = [chunk for chunk, _, _, wants in rows if wants]
+            if not guessing:
+                continue
+            logits = logits.float()
             argmax = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
-            for i, ((chunk, _, _), row) in enumerate(zip(rows, logits)):
+            for i, (chunk, row) in enumerate(zip(guessing, logits)):
                 params = chunk.seq.params
                 if params.greedy:
                     guesses[id(chunk)].append(argmax[i])
@@ -56,6 +71,8 @@ class DraftModel:
                 uniform = torch.rand(1, generator=chunk.seq.generator or sampler.generator, device=q.device)
                 guesses[id(chunk)].append(sample_from(q, uniform[0]))
                 dists[id(chunk)].append(q)
+        for chunk in in_step:
+            chunk.seq.num_draft_computed += chunk.num_tokens
         for chunk in speculative:
             seq = chunk.seq
             chunk.draft = tuple(guesses[id(chunk)])
