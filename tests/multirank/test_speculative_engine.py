@@ -27,7 +27,8 @@ TOLERANCE = 1e-5
 
 def _run(engine: LLMEngine, requests: dict, checks: list) -> dict:
     """Add {id: (prompt ids, params)} on rank 0 and step to the end; rank 0's outputs by id. After every step,
-    `checks` gets whether each running sequence holds no block beyond what its tokens need."""
+    `checks` gets whether each running sequence holds no block beyond what its tokens need (and, with a draft
+    model, whether the draft's cache is at most one token behind the model's)."""
     if engine.is_main:
         for request_id, (prompt, params) in requests.items():
             engine.add_request(request_id, prompt, params, detokenize=True)
@@ -39,6 +40,8 @@ def _run(engine: LLMEngine, requests: dict, checks: list) -> dict:
             blocks = engine.block_manager
             checks += [blocks.blocks_for(seq.num_computed_tokens) <= len(seq.block_table) <= blocks.blocks_for(
                 seq.num_tokens) for seq in engine.scheduler.running]
+            if engine.draft is not None:  # the draft keeps up: prompt chunks in their own steps, guesses after
+                checks += [seq.num_draft_computed >= seq.num_computed_tokens - 1 for seq in engine.scheduler.running]
     return collected
 
 
