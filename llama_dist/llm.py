@@ -110,6 +110,8 @@ class Llama(Generator):
                 "pass either context (a started process group) or backend/device/timeout_s to start one, not both"
             )
         kernel_choice = resolve_mode(kernel_choice)  # bad values fail before anything loads
+        if speculative is None and (draft_ckpt_dir is not None or draft_quantize is not None):
+            raise ConfigError("--draft_ckpt_dir and --draft_quantize go with --speculative draft")
         engine = EngineConfig(max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                               kv_cache_tokens=kv_cache_tokens, gpu_memory_fraction=gpu_memory_fraction,
                               prefix_caching=prefix_caching,

@@ -56,6 +56,8 @@ class SpeculativeConfig:
                               "or --draft_quantize (an int4 or int8 copy of the model itself)")
         if self.method != "draft" and (self.draft_ckpt_dir is not None or self.draft_quantize is not None):
             raise ConfigError("--draft_ckpt_dir and --draft_quantize go with --speculative draft")
+        if self.draft_quantize not in (None, "int8", "int4"):
+            raise ConfigError(f"--draft_quantize must be int8 or int4, got {self.draft_quantize!r}")
 
 
 class NgramProposer:

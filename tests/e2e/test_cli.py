@@ -388,9 +388,14 @@ def test_sizes_that_cannot_be_allocated_are_refused_before_allocating(tmp_path, 
          "unhashable"),
         (["chat", "--dialogs_file", "{tmp}/empty.json"], ["empty.json holds no dialogs"], "Traceback"),
         (["chat", "--dialogs_file", "{tmp}/flat.json"], ["flat.json: dialog 0 is not a list of messages"], "Traceback"),
+        (["generate", "--prompt", PROMPT, "--speculative", "medusa"], ["--speculative must be one of ngram, draft"],
+         "Traceback"),
+        (["generate", "--prompt", PROMPT, "--draft_quantize", "int4"], ["go with --speculative draft"], "Loaded"),
+        (["generate", "--prompt", PROMPT, "--speculative", "draft"], ["--speculative draft needs --draft_ckpt_dir"],
+         "Loaded"),
     ],
     ids=["max-batch-size", "missing-ckpt-dir", "ckpt-dir-without-value", "prompt-without-value", "dialogs-object",
-         "dialogs-empty", "dialogs-flat"],
+         "dialogs-empty", "dialogs-flat", "speculative-method", "draft-without-speculative", "draft-without-model"],
 )
 def test_messages_point_at_the_mistake(tmp_path, capsys, argv, parts, absent):
     (tmp_path / "object.json").write_text(json.dumps({"role": "user", "content": "hi"}))

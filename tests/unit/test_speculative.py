@@ -84,6 +84,7 @@ def test_sampling_probabilities_follow_temperature_top_k_and_top_p():
 @pytest.mark.parametrize("config, message", [
     (SpeculativeConfig(method="draft"), "needs --draft_ckpt_dir"),
     (SpeculativeConfig(draft_quantize="int4"), "go with --speculative draft"),
+    (SpeculativeConfig("draft", draft_quantize="int3"), "--draft_quantize must be int8 or int4"),
     (SpeculativeConfig(method="medusa"), "must be one of ngram"),
     (SpeculativeConfig(num_tokens=0), "num_tokens must be a positive integer"),
     (SpeculativeConfig(ngram_min=3, ngram_max=2), "ngram_min (3) must not be above ngram_max (2)"),
