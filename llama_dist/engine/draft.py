@@ -18,7 +18,7 @@ import torch
 from llama_dist.engine.model_runner import ModelRunner
 from llama_dist.engine.sampler import Sampler
 from llama_dist.engine.scheduler import ScheduledChunk
-from llama_dist.engine.speculative import sample_from
+from llama_dist.engine.speculative import sample_rows
 from llama_dist.engine.step_plan import PlanKind, PlanRow, StepPlan, exchange
 from llama_dist.model.llama import Transformer
 
@@ -61,16 +61,17 @@ class DraftModel:
             if not guessing:
                 continue
             logits = logits.float()
-            argmax = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
-            for i, (chunk, row) in enumerate(zip(guessing, logits)):
-                params = chunk.seq.params
-                if params.greedy:
-                    guesses[id(chunk)].append(argmax[i])
-                    continue
-                q = sampler.probabilities(row.unsqueeze(0), [params])[0]
-                uniform = torch.rand(1, generator=chunk.seq.generator or sampler.generator, device=q.device)
-                guesses[id(chunk)].append(sample_from(q, uniform[0]))
-                dists[id(chunk)].append(q)
+            tokens = logits.argmax(dim=-1).tolist()  # one host read for every greedy row
+            sampled = [i for i, chunk in enumerate(guessing) if not chunk.seq.params.greedy]
+            if sampled:  # and one for every sampled row, each from its sequence's random stream
+                q = sampler.probabilities(logits[sampled], [guessing[i].seq.params for i in sampled])
+                uniforms = torch.cat([torch.rand(1, generator=guessing[i].seq.generator or sampler.generator,
+                                                 device=q.device) for i in sampled])
+                for i, token, dist in zip(sampled, sample_rows(q, uniforms), q):
+                    tokens[i] = token
+                    dists[id(guessing[i])].append(dist)
+            for chunk, token in zip(guessing, tokens):
+                guesses[id(chunk)].append(token)
         for chunk in in_step:
             chunk.seq.num_draft_computed += chunk.num_tokens
         for chunk in speculative:

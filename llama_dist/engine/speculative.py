@@ -23,7 +23,7 @@ import torch
 
 from llama_dist.errors import ConfigError
 
-__all__ = ["SpeculativeConfig", "NgramProposer", "accept_greedy", "accept_sampled", "sample_from"]
+__all__ = ["SpeculativeConfig", "NgramProposer", "accept_greedy", "accept_sampled", "sample_from", "sample_rows"]
 
 METHODS = ("ngram", "draft")
 
@@ -123,9 +123,15 @@ def accept_sampled(probs: torch.Tensor, draft: list[int], uniforms: torch.Tensor
 
 def sample_from(weights: torch.Tensor, uniform: torch.Tensor) -> int:
     """A token drawn from (vocab,) non-negative `weights` (not necessarily normalised) with one uniform in [0, 1)."""
+    return sample_rows(weights.unsqueeze(0), uniform.reshape(1))[0]
+
+
+def sample_rows(weights: torch.Tensor, uniforms: torch.Tensor) -> list[int]:
+    """One token per row of (rows, vocab) non-negative `weights` (rows need not be normalised), drawn with (rows,)
+    uniforms in [0, 1) by inverse CDF; one host read for all rows."""
     cumulative = torch.cumsum(weights, dim=-1)
-    target = uniform * cumulative[-1]
-    token = int(torch.searchsorted(cumulative, target.reshape(1), right=True).clamp(max=weights.shape[-1] - 1))
-    while weights[token] == 0 and token > 0:  # rounding at the top end: the last token with mass
-        token -= 1
-    return token
+    target = (uniforms * cumulative[:, -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cumulative, target, right=True).squeeze(-1)
+    # Rounding at the top end may pass the last token with mass: it is the furthest a draw can go.
+    last = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(tokens, last).tolist()

@@ -92,3 +92,13 @@ def test_sampling_probabilities_follow_temperature_top_k_and_top_p():
 def test_bad_speculative_settings_are_config_errors(config, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config.check()
+
+
+def test_rows_are_sampled_by_inverse_cdf_and_never_land_on_a_token_without_mass():
+    from llama_dist.engine.speculative import sample_rows
+
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]])
+    assert sample_rows(weights, torch.tensor([0.0, 0.5])) == [1, 0]
+    assert sample_rows(weights, torch.tensor([0.2499, 0.9])) == [1, 0]
+    assert sample_rows(weights, torch.tensor([0.25, 0.0])) == [3, 0]
+    assert sample_rows(weights, torch.tensor([1.0 - 1e-9, 1.0 - 1e-9])) == [3, 0]  # the top end: the last with mass
