@@ -15,9 +15,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from llama_dist.dist.groups import lost_contact
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.sequence import RequestOutput
-from llama_dist.dist.groups import lost_contact
 from llama_dist.engine.step_plan import PlanKind
 from llama_dist.errors import RequestError, one_line
 from llama_dist.serve.requests import (
