@@ -53,7 +53,7 @@ def verify_cost(ckpt_dir: str, dtype: str, context: int, ks: list[int], repeats:
         logits = engine.runner.execute(plan)
         if logits is not None:
             if k:
-                engine.sampler.verify(logits, tokens[1:], greedy, None)
+                engine.sampler.verify([(logits, tokens[1:], greedy, None, None)])
             else:
                 engine.sampler(logits, [greedy], [None])
         return time.perf_counter() - started

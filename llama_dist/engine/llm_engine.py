@@ -27,7 +27,7 @@ from llama_dist.engine.metrics import EngineMetrics
 from llama_dist.engine.model_runner import ModelRunner
 from llama_dist.engine.engine_config import EngineConfig, pool_tokens
 from llama_dist.engine.host_batch import HostBatch, logit_rows, prompt_scores, to_host
-from llama_dist.engine.sampler import Sampler
+from llama_dist.engine.sampler import Sampler, VerifiedRow
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.scheduler import ScheduledChunk, Scheduler
 from llama_dist.engine.sequence import RequestOutput, Sequence
@@ -272,8 +272,11 @@ class LLMEngine:
         outputs = {}
         for i, (chunk, _) in enumerate(sampled):
             outputs[chunk.seq.request_id] = self._append(chunk.seq, host, i)
-        for chunk, rows in verified:
-            outputs[chunk.seq.request_id] = self._verify(chunk, logits[rows])
+        if verified:
+            rows = self.sampler.verify([(logits[rows], list(chunk.draft), chunk.seq.params, chunk.seq.generator,
+                                         chunk.draft_probs) for chunk, rows in verified])
+            for (chunk, _), row in zip(verified, rows):
+                outputs[chunk.seq.request_id] = self._verify(chunk, row)
         for chunk in chunks:  # a prompt scored to its end with nothing to generate (max_tokens 0)
             seq = chunk.seq
             if chunk.completes_sequence and not seq.is_finished and len(seq.output_token_ids) >= seq.max_tokens:
@@ -281,12 +284,11 @@ class LLMEngine:
                 outputs[seq.request_id] = self._output(seq, [], None, None)
         return list(outputs.values())
 
-    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
-        """A speculative row: keep the guesses the model agrees with and one token of its own, count the kept
+    def _verify(self, chunk: ScheduledChunk, row: VerifiedRow) -> RequestOutput:
+        """A verified speculative row: the kept guesses and the model's own token after them. Count the kept
         guesses as computed, give back the blocks taken for the rest, and append the tokens one by one (a stop
         inside the run ends the output there)."""
         seq = chunk.seq
-        row = self.sampler.verify(logits, list(chunk.draft), seq.params, seq.generator, chunk.draft_probs)
         self.metrics.speculated(len(chunk.draft), len(row.tokens) - 1)
         seq.num_computed_tokens += len(row.tokens)  # the newest token and the kept guesses (the last one is new)
         seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)  # its rejected guesses too

@@ -37,6 +37,15 @@ class VerifiedRow:
     finite: bool
 
 
+def _offsets(rows) -> list[tuple[int, int]]:
+    """(index, first row) of each speculative row in the concatenated logits."""
+    offsets, offset = [], 0
+    for i, (logits, *_) in enumerate(rows):
+        offsets.append((i, offset))
+        offset += logits.shape[0]
+    return offsets
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Raw log-softmax of `logits` (n, vocab) at `targets` (n,) -> (n,) float32 (e.g. prompt logprobs)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -95,31 +104,54 @@ class Sampler:
             top_ids = torch.empty((rows, 0), dtype=torch.long, device=logits.device)
         return SampledBatch(tokens, chosen, top_ids, top_logprobs, finite)
 
-    def verify(self, logits: torch.Tensor, draft: list[int], params: SamplingParams,
-               generator: torch.Generator | None, draft_probs: torch.Tensor | None = None) -> VerifiedRow:
-        """Speculative decoding: the tokens one sequence gains from its (k+1)-token row, logits (k+1, vocab) at its
-        newest token and its k guessed ones (`engine.speculative`: exact for greedy and sampled rows alike).
-        draft_probs: (k, vocab) the distributions a draft model drew the guesses from; None: drawn with certainty
-        (prompt lookup, or a greedy draft)."""
-        raw = logits.float()
-        finite = bool(torch.isfinite(raw.sum(dim=-1)).all())
-        clean = torch.where(torch.isfinite(raw.sum(dim=-1, keepdim=True)), raw, 0.0)
-        rows = [params] * clean.shape[0]
-        if params.logit_bias:
-            clean = self._biased(clean, rows)
-        if params.greedy:
-            tokens = accept_greedy(clean.max(dim=-1).indices.tolist(), draft)
-        else:
-            uniforms = torch.rand(len(draft) + 1, generator=generator or self.generator, device=self.device)
-            tokens = accept_sampled(self.probabilities(clean, rows), draft, uniforms, draft_probs)
-        logprobs = top = None
-        if params.logprobs or params.top_logprobs:
-            logp = torch.log_softmax(raw[: len(tokens)], dim=-1)
-            logprobs = logp.gather(-1, torch.tensor(tokens, device=logp.device).unsqueeze(-1)).squeeze(-1).tolist()
-            if params.top_logprobs:
-                values, ids = torch.topk(logp, min(params.top_logprobs, logp.shape[-1]), dim=-1)
-                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        return VerifiedRow(tokens, logprobs, top, finite)
+    def verify(self, rows: list[tuple[torch.Tensor, list[int], SamplingParams, torch.Generator | None,
+                                      torch.Tensor | None]]) -> list[VerifiedRow]:
+        """Speculative decoding: what each sequence gains from its (k+1)-token row, given (logits (k+1, vocab) at
+        its newest token and its k guesses, the guesses, its params, its generator, the (k, vocab) distributions a
+        draft model drew the guesses from, or None when they were drawn with certainty: prompt lookup, a greedy
+        draft). Exact for greedy and sampled rows alike (`engine.speculative`). Greedy rows are decided in one pass
+        over all rows (one host read), sampled rows one by one; log-probabilities, when asked, in one more."""
+        raw = torch.cat([logits for logits, *_ in rows]).float()
+        row_params = [params for logits, _, params, _, _ in rows for _ in range(logits.shape[0])]
+        finite = torch.isfinite(raw.sum(dim=-1))
+        clean = torch.where(finite.unsqueeze(-1), raw, 0.0)
+        if any(params.logit_bias for _, _, params, _, _ in rows):
+            clean = self._biased(clean, row_params)
+        argmax_and_finite = torch.stack([clean.max(dim=-1).indices, finite.long()]).tolist()
+        verified, offset = [], 0
+        for logits, draft, params, generator, draft_probs in rows:
+            size = logits.shape[0]
+            if params.greedy:
+                tokens = accept_greedy(argmax_and_finite[0][offset : offset + size], draft)
+            else:
+                uniforms = torch.rand(size, generator=generator or self.generator, device=self.device)
+                probs = self.probabilities(clean[offset : offset + size], [params] * size)
+                tokens = accept_sampled(probs, draft, uniforms, draft_probs)
+            verified.append(VerifiedRow(tokens, None, None, all(argmax_and_finite[1][offset : offset + size])))
+            offset += size
+        self._score(raw, rows, verified)
+        return verified
+
+    def _score(self, raw: torch.Tensor, rows, verified: list[VerifiedRow]) -> None:
+        """The raw log-probabilities (and top alternatives) of the verified tokens of the rows that ask for them."""
+        asking = [(i, offset) for i, offset in _offsets(rows)
+                  if rows[i][2].logprobs or rows[i][2].top_logprobs]
+        if not asking:
+            return
+        index = [offset + j for i, offset in asking for j in range(len(verified[i].tokens))]
+        targets = [token for i, _ in asking for token in verified[i].tokens]
+        logp = torch.log_softmax(raw[index], dim=-1)
+        k = max(rows[i][2].top_logprobs for i, _ in asking)
+        chosen = logp.gather(-1, torch.tensor(targets, device=logp.device).unsqueeze(-1)).squeeze(-1)
+        values, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+        chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+        start = 0
+        for i, _ in asking:
+            n, top_k = len(verified[i].tokens), rows[i][2].top_logprobs
+            verified[i].logprobs = chosen[start : start + n]
+            if top_k:
+                verified[i].top = [list(zip(ids[start + j][:top_k], values[start + j][:top_k])) for j in range(n)]
+            start += n
 
     def probabilities(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """(rows, vocab): each row's sampling distribution after temperature, top-k and top-p, summing to 1."""
