@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from llama_dist.engine.sampler import token_logprobs
 from llama_dist.engine.transfer import to_device
+
 
 def logit_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """logits[rows]: a view when they are the first len(rows) rows (every row samples), else a gather whose indices
@@ -22,18 +22,6 @@ class HostBatch:
     def __init__(self, tokens, logprobs, finite, top, prompt_scores):
         self.tokens, self.logprobs, self.finite, self.top, self.prompt_scores = (
             tokens, logprobs, finite, top, prompt_scores)
-
-
-def prompt_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Tensor:
-    """(len(targets), 1 + 2k): each row's raw log-probability of its target, then its k most likely token ids and
-    their log-probabilities (prompt_logprobs, with top_logprobs)."""
-    logits, targets = logits[: len(targets)], to_device(torch.tensor(targets), logits.device)
-    if not k:
-        return token_logprobs(logits, targets).unsqueeze(-1)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # once, for the targets and the top k alike
-    top_logprobs, top_ids = torch.topk(logp, k, dim=-1)
-    chosen = logp.gather(-1, targets.long().unsqueeze(-1))
-    return torch.cat([chosen.double(), top_ids.double(), top_logprobs.double()], dim=-1)  # ids exact in float64
 
 
 def to_host(batch, prompt_scores: list[torch.Tensor]) -> HostBatch:

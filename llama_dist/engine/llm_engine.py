@@ -23,11 +23,11 @@ import torch
 from llama_dist.dist.groups import RemoteRankError
 from llama_dist.engine.block_manager import RESERVED_BLOCKS, BlockManager
 from llama_dist.engine.draft import DraftModel
+from llama_dist.engine.engine_config import EngineConfig, pool_tokens
+from llama_dist.engine.host_batch import HostBatch, logit_rows, to_host
 from llama_dist.engine.metrics import EngineMetrics
 from llama_dist.engine.model_runner import ModelRunner
-from llama_dist.engine.engine_config import EngineConfig, pool_tokens
-from llama_dist.engine.host_batch import HostBatch, logit_rows, prompt_scores, to_host
-from llama_dist.engine.sampler import Sampler, VerifiedRow
+from llama_dist.engine.sampler import Sampler, VerifiedRow, target_scores
 from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.scheduler import ScheduledChunk, Scheduler
 from llama_dist.engine.sequence import RequestOutput, Sequence
@@ -256,7 +256,7 @@ class LLMEngine:
                                        for c, _ in sampled]).to(logits.device)
             batch = self.sampler(logit_rows(logits, [r for _, r in sampled]), [c.seq.params for c, _ in sampled],
                                  [c.seq.generator for c, _ in sampled], allowed)
-        host = to_host(batch, [prompt_scores(logits[rows], targets, c.seq.params.top_logprobs)
+        host = to_host(batch, [target_scores(logits[rows], targets, c.seq.params.top_logprobs)
                                 for c, rows, targets in scored if targets])
         for chunk, _, targets in scored:
             seq = chunk.seq

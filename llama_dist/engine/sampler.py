@@ -6,6 +6,7 @@ on the host; the caller moves the SampledBatch to the host once. Python branches
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +38,16 @@ class VerifiedRow:
     finite: bool
 
 
-def _offsets(rows) -> list[tuple[int, int]]:
-    """(index, first row) of each speculative row in the concatenated logits."""
-    offsets, offset = [], 0
-    for i, (logits, *_) in enumerate(rows):
-        offsets.append((i, offset))
-        offset += logits.shape[0]
-    return offsets
+def target_scores(logits: torch.Tensor, targets: list[int], k: int) -> torch.Tensor:
+    """(len(targets), 1 + 2k): each row's raw log-probability of its target, then its k most likely token ids and
+    their log-probabilities (prompt logprobs, verified guesses)."""
+    logits, targets = logits[: len(targets)], to_device(torch.tensor(targets), logits.device)
+    if not k:
+        return token_logprobs(logits, targets).unsqueeze(-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # once, for the targets and the top k alike
+    top_logprobs, top_ids = torch.topk(logp, k, dim=-1)
+    chosen = logp.gather(-1, targets.long().unsqueeze(-1))
+    return torch.cat([chosen.double(), top_ids.double(), top_logprobs.double()], dim=-1)  # ids exact in float64
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,8 +122,9 @@ class Sampler:
         if any(params.logit_bias for _, _, params, _, _ in rows):
             clean = self._biased(clean, row_params)
         argmax_and_finite = torch.stack([clean.max(dim=-1).indices, finite.long()]).tolist()
-        verified, offset = [], 0
-        for logits, draft, params, generator, draft_probs in rows:
+        starts = list(itertools.accumulate((logits.shape[0] for logits, *_ in rows), initial=0))
+        verified = []
+        for (logits, draft, params, generator, draft_probs), offset in zip(rows, starts):
             size = logits.shape[0]
             if params.greedy:
                 tokens = accept_greedy(argmax_and_finite[0][offset : offset + size], draft)
@@ -128,30 +133,19 @@ class Sampler:
                 probs = self.probabilities(clean[offset : offset + size], [params] * size)
                 tokens = accept_sampled(probs, draft, uniforms, draft_probs)
             verified.append(VerifiedRow(tokens, None, None, all(argmax_and_finite[1][offset : offset + size])))
-            offset += size
-        self._score(raw, rows, verified)
+        params = [params for _, _, params, _, _ in rows]
+        asking = [i for i, p in enumerate(params) if p.logprobs or p.top_logprobs]
+        if asking:  # the verified tokens' raw log-probabilities (and top alternatives), all rows in one pass
+            k = max(params[i].top_logprobs for i in asking)
+            index = [starts[i] + j for i in asking for j in range(len(verified[i].tokens))]
+            scores = iter(target_scores(raw[index], [t for i in asking for t in verified[i].tokens], k).tolist())
+            for i in asking:
+                top_k, scored = params[i].top_logprobs, [next(scores) for _ in verified[i].tokens]
+                verified[i].logprobs = [row[0] for row in scored]
+                if top_k:
+                    verified[i].top = [list(zip(map(int, row[1 : 1 + top_k]), row[1 + k : 1 + k + top_k]))
+                                       for row in scored]
         return verified
-
-    def _score(self, raw: torch.Tensor, rows, verified: list[VerifiedRow]) -> None:
-        """The raw log-probabilities (and top alternatives) of the verified tokens of the rows that ask for them."""
-        asking = [(i, offset) for i, offset in _offsets(rows)
-                  if rows[i][2].logprobs or rows[i][2].top_logprobs]
-        if not asking:
-            return
-        index = [offset + j for i, offset in asking for j in range(len(verified[i].tokens))]
-        targets = [token for i, _ in asking for token in verified[i].tokens]
-        logp = torch.log_softmax(raw[index], dim=-1)
-        k = max(rows[i][2].top_logprobs for i, _ in asking)
-        chosen = logp.gather(-1, torch.tensor(targets, device=logp.device).unsqueeze(-1)).squeeze(-1)
-        values, ids = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
-        chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
-        start = 0
-        for i, _ in asking:
-            n, top_k = len(verified[i].tokens), rows[i][2].top_logprobs
-            verified[i].logprobs = chosen[start : start + n]
-            if top_k:
-                verified[i].top = [list(zip(ids[start + j][:top_k], values[start + j][:top_k])) for j in range(n)]
-            start += n
 
     def probabilities(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """(rows, vocab): each row's sampling distribution after temperature, top-k and top-p, summing to 1."""
