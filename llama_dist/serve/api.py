@@ -95,12 +95,9 @@ def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT
     async def tokenize(body: TokenizeRequest) -> dict:
         _check_model(engine, body.model)
         if body.messages is not None:
-            chat = ChatCompletionRequest(messages=body.messages)
-            _check_length("".join(m.text() for m in chat.messages), engine.max_seq_len, "messages")
-            tokens = await asyncio.to_thread(_chat_prompt, engine.tokenizer, chat)
+            tokens = await _templated(engine, ChatCompletionRequest(messages=body.messages))
         elif body.prompt is not None:
-            _check_length(body.prompt, engine.max_seq_len)
-            tokens = await asyncio.to_thread(_encode, engine.tokenizer, body.prompt, body.add_special_tokens)
+            tokens = await _encoded(engine, body.prompt, body.add_special_tokens)
         else:
             raise ApiError("give a prompt or messages to tokenize", param="prompt")
         return {"count": len(tokens), "max_model_len": engine.max_seq_len, "tokens": tokens}
@@ -117,11 +114,7 @@ def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT
         unsupported_settings(body)
         _check_model(engine, body.model)
         prompt = body.single_prompt()
-        if isinstance(prompt, str):
-            _check_length(prompt, engine.max_seq_len)
-            prompt_ids = await asyncio.to_thread(_encode, engine.tokenizer, prompt)
-        else:
-            prompt_ids = prompt
+        prompt_ids = await _encoded(engine, prompt) if isinstance(prompt, str) else prompt
         logprobs = body.logprobs is not None
         generation = _generation_request(engine, body, prompt_ids, body.max_tokens, "prompt", logprobs=logprobs,
                                          top_logprobs=body.logprobs or 0, prompt_logprobs=body.echo and logprobs,
@@ -140,8 +133,7 @@ def make_app(engine, api_key: str | None = None, max_request_mb: float = DEFAULT
             tools, must_call = chosen_tools(checked_tools(body.tools), body.tool_choice)
         except RequestError as e:
             raise ApiError(str(e), param="tools") from None
-        _check_length("".join(m.text() for m in body.messages), engine.max_seq_len, "messages")
-        prompt_ids = await asyncio.to_thread(_chat_prompt, engine.tokenizer, body, body.tools or None)
+        prompt_ids = await _templated(engine, body, body.tools or None)
         grammar = await _checked_grammar(engine, body)
         if must_call:  # "required" or a named function: the reply can only be a call
             if grammar is not None:
@@ -247,6 +239,18 @@ def _check_length(text: str, max_seq_len: int, param: str = "prompt") -> None:
     if len(text) > MAX_CHARS_PER_TOKEN * max_seq_len:
         raise ApiError(f"the {param} ({len(text)} characters) cannot fit in any {max_seq_len}-token context",
                        param=param, code="context_length_exceeded")
+
+
+async def _encoded(engine, text: str, bos: bool = True) -> list[int]:
+    """The text's token ids, tokenized on a worker thread once its length is known to fit."""
+    _check_length(text, engine.max_seq_len)
+    return await asyncio.to_thread(_encode, engine.tokenizer, text, bos)
+
+
+async def _templated(engine, body: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
+    """The chat's prompt ids, templated and tokenized on a worker thread once its length is known to fit."""
+    _check_length("".join(m.text() for m in body.messages), engine.max_seq_len, "messages")
+    return await asyncio.to_thread(_chat_prompt, engine.tokenizer, body, tools)
 
 
 def _encode(tokenizer, text: str, bos: bool = True) -> list[int]:
