@@ -310,15 +310,14 @@ def _generation_request(engine, body, prompt_ids: list[int], max_tokens: int | N
     bias = body.token_bias()
     if any(t >= vocab_size for t in bias):
         raise ApiError(f"logit_bias names token ids outside the vocabulary [0, {vocab_size})", param="logit_bias")
-    try:  # what the engine will check again: refused here as a 400, not failed there
-        SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, top_logprobs=top_logprobs,
-                       logit_bias=bias)
+    try:  # checked as it is made: refused here as a 400, not failed in the engine
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=body.seed,
+                                stop_token_ids=list(engine.tokenizer.stop_tokens), ignore_eos=True,
+                                logprobs=logprobs or bool(top_logprobs), top_logprobs=top_logprobs,
+                                prompt_logprobs=prompt_logprobs, logit_bias=bias, guided=guided)
     except RequestError as e:
         raise ApiError(str(e)) from None
-    return GenerationRequest(prompt_tokens=list(prompt_ids), max_tokens=max_tokens, temperature=temperature,
-                             top_p=top_p, seed=body.seed, logprobs=logprobs or bool(top_logprobs),
-                             top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias, guided=guided,
-                             stop_tokens=tuple(engine.tokenizer.stop_tokens))
+    return GenerationRequest(list(prompt_ids), params)
 
 
 def _prompt_tokens(tokenizer, prompt_ids: list[int]) -> tuple[list[GeneratedToken], str]:

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 
 from llama_dist.dist.groups import lost_contact
-from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.engine.sequence import RequestOutput
 from llama_dist.engine.step_plan import PlanKind
 from llama_dist.errors import RequestError, one_line
@@ -79,12 +78,12 @@ class ServingEngine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a checked request; call it on the event loop that will read the handle's events."""
-        if not request.prompt_tokens or len(request.prompt_tokens) + request.max_tokens > self.max_seq_len:
+        if not request.prompt_tokens or len(request.prompt_tokens) + request.params.max_tokens > self.max_seq_len:
             raise RequestError(
-                f"the prompt ({len(request.prompt_tokens)} tokens) plus max_tokens ({request.max_tokens}) must fit "
+                f"the prompt ({len(request.prompt_tokens)} tokens) plus max_tokens ({request.params.max_tokens}) must fit "
                 f"in max_seq_len={self.max_seq_len}"
             )
-        self.engine.check_fits(len(request.prompt_tokens), request.max_tokens)
+        self.engine.check_fits(len(request.prompt_tokens), request.params.max_tokens)
         handle = RequestHandle(request, asyncio.get_running_loop())
         with self._lock:
             if self._failure is not None:
@@ -195,13 +194,9 @@ class ServingEngine:
         if self._stopping_since is not None or handle.cancelled:
             handle.push(Finished("cancelled" if handle.cancelled else "shutdown", len(request.prompt_tokens), 0))
             return
-        params = SamplingParams(temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
-                                stop_token_ids=list(request.stop_tokens), ignore_eos=True, seed=request.seed,
-                                logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-                                prompt_logprobs=request.prompt_logprobs, logit_bias=dict(request.logit_bias),
-                                guided=request.guided)
         try:
-            self.engine.add_request(request.id, request.prompt_tokens, params, same_prompt_as=request.same_prompt_as)
+            self.engine.add_request(request.id, request.prompt_tokens, request.params,
+                                    same_prompt_as=request.same_prompt_as)
         except RequestError as exc:  # checked at submit already; one request's error never ends the loop
             handle.push(Finished("error", len(request.prompt_tokens), 0, str(exc)))
             return

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from llama_dist.engine.structured_output import Grammar
+from llama_dist.engine.sampling_params import SamplingParams
 from llama_dist.errors import RequestError
 
 _request_ids = itertools.count()
@@ -31,28 +31,23 @@ class ServerStopping(ServerBusy):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One sequence to generate, checked by the HTTP side: ids in the vocabulary, len(prompt) + max_tokens within
-    max_seq_len, sampling settings valid (`sampling_params.check_sampling`)."""
+    """One sequence to generate, checked by the HTTP side: ids in the vocabulary, len(prompt) + params.max_tokens
+    within max_seq_len. params: the engine's SamplingParams, as the request asks them (checked when made): the
+    tokenizer's stop tokens among stop_token_ids, logprobs for each TokenEvent's log-probability (and top_logprobs
+    alternatives), prompt_logprobs for the handle's prompt scores (echo + logprobs), a seed or None (the engine's
+    generator), a grammar or None."""
 
     prompt_tokens: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = None  # None: the engine draws one from its own generator
-    logprobs: bool = False  # each TokenEvent carries the token's log-probability
-    top_logprobs: int = 0  # each TokenEvent also carries this many most likely tokens and their log-probabilities
-    prompt_logprobs: bool = False  # the handle gets every prompt token's log-probability (echo + logprobs)
-    logit_bias: dict[int, float] = field(default_factory=dict)  # {token id: bias} added before sampling
-    guided: Grammar | None = None  # the grammar the output follows (checked by the HTTP side)
+    params: SamplingParams
     same_prompt_as: int | None = None  # the id of another choice (n > 1) of the same prompt, submitted before
-    stop_tokens: tuple[int, ...] = ()  # ids that end the generation (not part of the output)
     id: int = field(default_factory=lambda: next(_request_ids))
 
     def another_choice(self, index: int) -> GenerationRequest:
         """Choice `index` (n > 1) of this request: its own id, seed + index when seeded, and the engine told it
         shares this one's prompt (computed once, then found in the prefix cache)."""
-        return dataclasses.replace(self, id=next(_request_ids), seed=None if self.seed is None else self.seed + index,
-                                   same_prompt_as=self.id)
+        seed = self.params.seed
+        return dataclasses.replace(self, id=next(_request_ids), same_prompt_as=self.id,
+                                   params=dataclasses.replace(self.params, seed=None if seed is None else seed + index))
 
 
 @dataclass(frozen=True)

@@ -89,13 +89,13 @@ class _Run:
 
     def score_prompt(self, shape) -> None:
         """Give the echoed prompt its log-probabilities, once the engine has sent them (with the first event)."""
-        if self.handle.request.prompt_logprobs and isinstance(shape, CompletionShape):
+        if self.handle.request.params.prompt_logprobs and isinstance(shape, CompletionShape):
             top = self.handle.prompt_top_logprobs
             shape.score_prompt(self.handle.prompt_logprobs or [], top and [self.texts(t) for t in top])
 
     def _worth_sending(self, text: str, tokens: list[GeneratedToken]) -> bool:
         # Tokens that are part of a character not yet complete have no text: only their logprobs would go.
-        return bool(text or (tokens and self.handle.request.logprobs))
+        return bool(text or (tokens and self.handle.request.params.logprobs))
 
     def stop_engine(self) -> None:
         if not self._engine_done:
@@ -221,7 +221,7 @@ async def _merged(runs: list[_Run]) -> AsyncIterator[tuple[int, str | None, list
 async def _events(runs: list[_Run], shape, include_usage: bool) -> AsyncIterator[str]:
     # An echoed prompt with its log-probabilities opens each choice only with the engine's first event, which brings
     # the prompt's scores; otherwise every choice opens at once.
-    waits_for_scores = runs[0].handle.request.prompt_logprobs
+    waits_for_scores = runs[0].handle.request.params.prompt_logprobs
     opened = [not waits_for_scores] * len(runs)
     try:
         try:

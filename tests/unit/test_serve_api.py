@@ -79,7 +79,7 @@ class FakeEngine:
         request = handle.request
         tokens = self.script if self.endless else self.script + [self.tokenizer.eos_id]
         n = 0
-        if request.prompt_logprobs:  # the engine sets them before the first event
+        if request.params.prompt_logprobs:  # the engine sets them before the first event
             handle.prompt_logprobs = [None] + [-1.0 - 0.01 * i for i in range(1, len(request.prompt_tokens))]
             handle.prompt_top_logprobs = [None] + [[(7, -0.25)]] * (len(request.prompt_tokens) - 1)
         for step in range(10_000):  # bounded even when endless: 10k tokens at most
@@ -88,16 +88,17 @@ class FakeEngine:
                 end = Finished("cancelled", len(request.prompt_tokens), n)
             elif self.fail_after is not None and n == self.fail_after:
                 end = Finished("error", len(request.prompt_tokens), n, error="the fake engine failed")
-            elif n == request.max_tokens:
+            elif n == request.params.max_tokens:
                 end = Finished("length", len(request.prompt_tokens), n)
-            elif tokens[step % len(tokens)] in request.stop_tokens:
+            elif tokens[step % len(tokens)] in request.params.stop_token_ids:
                 end = Finished("stop", len(request.prompt_tokens), n)
             if end is not None:
                 handle.push(end)
                 return
             token = tokens[step % len(tokens)]
-            top = ((token, -0.5), (7, -1.5), (9, -2.5))[: request.top_logprobs] if request.top_logprobs else None
-            handle.push(TokenEvent(token, -0.5 - 0.1 * (n % 3) if request.logprobs else None, top))
+            params = request.params
+            top = ((token, -0.5), (7, -1.5), (9, -2.5))[: params.top_logprobs] if params.top_logprobs else None
+            handle.push(TokenEvent(token, -0.5 - 0.1 * (n % 3) if params.logprobs else None, top))
             n += 1
             time.sleep(self.token_delay_s)
         handle.push(Finished("length", len(request.prompt_tokens), n))
@@ -172,9 +173,10 @@ def test_completion_stream_and_non_stream_agree(client, engine, tokenizer):
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
     assert prompt + choice.text == tokenizer.decode(prompt_ids + engine.script)
     request = engine.submitted[-1]
-    assert request.prompt_tokens == prompt_ids and request.max_tokens == MAX_SEQ_LEN - len(prompt_ids)
-    assert (request.temperature, request.top_p, request.seed, request.logprobs) == (0.0, 1.0, 7, False)
-    assert request.stop_tokens == tuple(tokenizer.stop_tokens)
+    params = request.params
+    assert request.prompt_tokens == prompt_ids and params.max_tokens == MAX_SEQ_LEN - len(prompt_ids)
+    assert (params.temperature, params.top_p, params.seed, params.logprobs) == (0.0, 1.0, 7, False)
+    assert tuple(params.stop_token_ids) == tuple(tokenizer.stop_tokens)
     assert full.usage.prompt_tokens == len(prompt_ids)
     assert full.usage.completion_tokens == len(engine.script)
     assert full.usage.total_tokens == len(prompt_ids) + len(engine.script)
@@ -252,7 +254,7 @@ def test_logprobs(client, engine):
     assert len(logprobs.token_logprobs) == 8 and all(lp < 0 for lp in logprobs.token_logprobs)
     assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
     assert logprobs.top_logprobs is None
-    assert engine.submitted[-1].logprobs is True
+    assert engine.submitted[-1].params.logprobs is True
 
     streamed = [c.choices[0].logprobs for c in
                 client.completions.create(model="fake-llama", prompt="hi", max_tokens=8, logprobs=0, stream=True)]
@@ -266,7 +268,7 @@ def test_logprobs(client, engine):
     assert [t.bytes for t in content] == [list(t.token.encode()) for t in content]
 
     plain = client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    assert plain.choices[0].logprobs is None and engine.submitted[-1].logprobs is False
+    assert plain.choices[0].logprobs is None and engine.submitted[-1].params.logprobs is False
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
@@ -447,13 +449,13 @@ def test_metrics_are_prometheus_text_and_follow_the_engine(http, engine):
 def test_top_logprobs_of_completions_and_chats(client, engine):
     out = client.completions.create(model="fake-llama", prompt="hi", max_tokens=4, logprobs=2)
     top = out.choices[0].logprobs.top_logprobs
-    assert engine.submitted[-1].top_logprobs == 2 and len(top) == 4
+    assert engine.submitted[-1].params.top_logprobs == 2 and len(top) == 4
     assert all(len(alternatives) == 2 for alternatives in top)
     assert [max(t, key=t.get) for t in top] == out.choices[0].logprobs.tokens  # the token itself is most likely
     chat = client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content
-    assert engine.submitted[-1].top_logprobs == 3
+    assert engine.submitted[-1].params.top_logprobs == 3
     assert all([a.logprob for a in t.top_logprobs] == [-0.5, -1.5, -2.5] for t in content)
     # The reply's first word has no leading space (a chat reply starts its own text); the alternative keeps it.
     assert all(t.top_logprobs[0].token == t.token for t in content[1:])
@@ -470,7 +472,7 @@ def test_echo_with_logprobs_scores_the_prompt_and_max_tokens_0_only_scores(clien
         text = "".join(c.text for c in choices)
         logprobs = [lp for c in choices if c.logprobs for lp in c.logprobs.token_logprobs]
         tops = [t for c in choices if c.logprobs for t in c.logprobs.top_logprobs or []]
-        assert engine.submitted[-1].prompt_logprobs is True
+        assert engine.submitted[-1].params.prompt_logprobs is True
         assert text.startswith(prompt) and len(logprobs) == n_prompt + max_tokens
         assert logprobs[0] is None and logprobs[1:n_prompt] == [-1.0 - 0.01 * i for i in range(1, n_prompt)]
         assert tops[0] is None and all(len(t) == 1 for t in tops[1:])
@@ -480,7 +482,7 @@ def test_echo_with_logprobs_scores_the_prompt_and_max_tokens_0_only_scores(clien
 
 def test_logit_bias_reaches_the_engine(client, engine):
     client.completions.create(model="fake-llama", prompt="hi", max_tokens=2, logit_bias={"5": -100, "9": 2.5})
-    assert engine.submitted[-1].logit_bias == {5: -100.0, 9: 2.5}
+    assert engine.submitted[-1].params.logit_bias == {5: -100.0, 9: 2.5}
 
 
 def test_an_unknown_model_is_a_404(client, http):
@@ -551,7 +553,7 @@ def test_n_choices_share_one_prompt_and_get_their_own_seeds(client, engine):
     out = client.completions.create(model="fake-llama", prompt="hi", max_tokens=3, n=3, seed=7)
     assert [c.index for c in out.choices] == [0, 1, 2] and all(c.finish_reason == "length" for c in out.choices)
     first, *others = engine.submitted[-3:]
-    assert [r.seed for r in engine.submitted[-3:]] == [7, 8, 9]
+    assert [r.params.seed for r in engine.submitted[-3:]] == [7, 8, 9]
     assert first.same_prompt_as is None and all(r.same_prompt_as == first.id for r in others)
     assert out.usage.completion_tokens == 9 and out.usage.prompt_tokens == len(first.prompt_tokens)
     chunks = list(client.chat.completions.create(model="fake-llama", messages=[{"role": "user", "content": "hi"}],
@@ -579,7 +581,9 @@ def _serving(slots: int = 2, max_queue: int = 2):
 def _request():
     from llama_dist.serve.requests import GenerationRequest
 
-    return GenerationRequest(prompt_tokens=[1, 2], max_tokens=4, temperature=0.0, top_p=1.0)
+    from llama_dist.engine.sampling_params import SamplingParams
+
+    return GenerationRequest(prompt_tokens=[1, 2], params=SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4))
 
 
 def test_only_requests_beyond_the_free_slots_count_against_the_queue():
