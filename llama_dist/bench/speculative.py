@@ -89,18 +89,28 @@ def self_draft(ckpt_dir: str, dtype: str, prompt_len: int, max_tokens: int, num_
     engines = {label: LLMEngine(model, tokenizer, ctx.device, ctx.is_main, EngineConfig(max_num_seqs=1,
                                                                                         speculative=spec),
                                 draft_model=draft_model) for label, (spec, draft_model) in cases.items()}
-    best: dict[str, float] = {}
-    outputs: dict[str, list[int]] = {}
-    for _ in range(repeats):
-        for label, engine in engines.items():
-            started = time.perf_counter()
-            if engine.is_main:
-                engine.add_request(0, prompt, greedy)
-            outputs[label] = [t for outs in engine.run_until_done() for o in outs for t in o.new_token_ids]
-            best[label] = min(best.get(label, float("inf")), time.perf_counter() - started)
+    best, outputs = _race(engines, [prompt], greedy, repeats)
     print0(f"\n3. A self-draft: {ckpt_dir}, {ctx.world_size} rank(s), {dtype}, batch 1, a {prompt_len}-token random "
            f"prompt, {max_tokens} tokens, greedy; best of {repeats} (the time includes the prompt)")
     _table(engines, best, outputs, max_tokens)
+
+
+def _race(engines: dict[str, LLMEngine], prompts: list[list[int]], params: SamplingParams,
+          repeats: int) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
+    """Each engine generates for the prompts one at a time (batch 1), the engines taking turns `repeats` times (a slow
+    moment of a shared machine hits them alike): each one's best seconds and its outputs."""
+    best: dict[str, float] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    for _ in range(repeats):
+        for label, engine in engines.items():
+            tokens, started = [], time.perf_counter()
+            for i, prompt in enumerate(prompts):
+                if engine.is_main:
+                    engine.add_request(i, prompt, params)
+                tokens.append([t for outs in engine.run_until_done() for o in outs for t in o.new_token_ids])
+            best[label] = min(best.get(label, float("inf")), time.perf_counter() - started)
+            outputs[label] = tokens
+    return best, outputs
 
 
 def _table(engines: dict, best: dict, outputs: dict, tokens: int) -> None:
@@ -142,18 +152,7 @@ def prompt_lookup(text_ckpt: str, prompts: int, max_tokens: int, num_tokens: int
     cases = {"no speculation": None, f"prompt lookup, k={num_tokens}, n={ngram_max}..{ngram_min}": config}
     engines = {label: LLMEngine(llm.model, llm.tokenizer, llm.dist.device, llm.dist.is_main,
                                 EngineConfig(max_num_seqs=1, speculative=spec)) for label, spec in cases.items()}
-    best: dict[str, float] = {}
-    outputs: dict[str, list] = {}
-    for _ in range(repeats):
-        for label, engine in engines.items():
-            tokens, started = [], time.perf_counter()
-            for i, prompt in enumerate(ids):
-                if engine.is_main:
-                    engine.add_request(i, prompt, greedy)
-                tokens.append([t for outs in engine.run_until_done() for o in outs for t in o.new_token_ids])
-            seconds = time.perf_counter() - started
-            best[label] = min(best.get(label, float("inf")), seconds)
-            outputs[label] = tokens
+    best, outputs = _race(engines, ids, greedy, repeats)
     what = ("a held-out paragraph, then its first words again" if Path(text_ckpt, "heldout.txt").exists()
             else "a cycle the model knows, once and a bit")
     print0(f"\n2. Prompt lookup on a copy-heavy task: {text_ckpt}, {llm.dist.world_size} rank(s), {dtype}, batch 1, "

@@ -54,3 +54,19 @@ def test_run_on_random_weights_with_one_token_times_the_first_token_only(tmp_pat
              .split("|")[1:-1]]
     assert float(cells[2]) > 0 and float(cells[3]) > 0  # time to first token, prefill tok/s
     assert cells[4:10] == ["-"] * 6  # decode tok/s, step ms, GB/s and its shares
+
+
+def test_spec_prints_its_three_tables_with_outputs_equal_to_plain_decoding(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLAMA_DIST_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    tiny = str(default_checkpoint())
+    proc = subprocess.run([sys.executable, "-m", "llama_dist.bench", "spec", "--ckpt_dir", tiny, "--text_ckpt", tiny,
+                           "--dtype", "float32", "--repeats", "2", "--ks", "1,2", "--max_tokens", "16",
+                           "--prompt_len", "8", "--ngram_min", "1"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for title in ("1. One verify step of k guesses", "3. A self-draft", "2. Prompt lookup on a copy-heavy task"):
+        assert title in proc.stdout, proc.stdout
+    assert [line.split("|")[1].strip() for line in proc.stdout.splitlines() if re.match(r"\| (decode|\d) \|", line)] \
+        == ["decode", "1", "2"]
+    speculative = [line for line in proc.stdout.splitlines() if line.startswith(("| int4 copy", "| prompt lookup"))]
+    assert len(speculative) == 2 and all(line.rstrip(" |").endswith("yes") for line in speculative), proc.stdout
