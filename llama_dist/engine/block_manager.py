@@ -160,13 +160,9 @@ class BlockManager:
         keep = self.blocks_for(seq.num_tokens)
         while len(seq.block_table) > keep:
             block_id = seq.block_table.pop()
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                if self.seek_runs:  # popped last first: the next block to grow into ends the list
-                    self._reservations.setdefault(id(seq), []).append(block_id)
-                    self._reserved[block_id] = id(seq)
+            if self._release(block_id) and self.seek_runs:  # popped last first: the next to grow into ends the list
+                self._reservations.setdefault(id(seq), []).append(block_id)
+                self._reserved[block_id] = id(seq)
 
     def free(self, seq: Sequence) -> None:
         """Give `seq`'s blocks back, the last ones first (least likely to be shared, so evicted first)."""
@@ -174,10 +170,7 @@ class BlockManager:
             if self._reserved.get(block_id) == id(seq):
                 del self._reserved[block_id]
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
+            self._release(block_id)
         seq.block_table = []
 
     # ---- blocks ---------------------------------------------------------------------------------------------
@@ -188,6 +181,14 @@ class BlockManager:
             del self._free[block_id]
             self._reserved.pop(block_id, None)
         block.ref_count += 1
+
+    def _release(self, block_id: int) -> bool:
+        """Drop a reference to the block; True when that freed it (it stays findable until its memory is needed)."""
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+        return block.ref_count == 0
 
     def _next_block(self, seq: Sequence) -> int:
         """The free block `seq` grows into: its reservation's next, else the block after its last (a longer run),
