@@ -18,12 +18,6 @@ from llama_dist.errors import RequestError
 PYTHON_TAG = "<|python_tag|>"
 
 
-def supports_tools(tokenizer) -> bool:
-    """Whether the checkpoint's chat format can show tools to the model: a chat template that reads `tools`."""
-    template = getattr(tokenizer, "chat_template", None)
-    return isinstance(template, str) and "tools" in template
-
-
 def checked_tools(tools: list[dict] | None) -> list[dict]:
     """The request's tools, each {"type": "function", "function": {"name", "parameters"?, "description"?}}."""
     for i, tool in enumerate(tools or []):

@@ -13,7 +13,7 @@ from llama_dist.errors import DialogError
 from llama_dist.text.chat_template import dialog_messages, render_chat_template
 from llama_dist.text.tokenizer import TokenizerInterface
 
-__all__ = ["Message", "Dialog", "DialogError", "format_dialog"]
+__all__ = ["Message", "Dialog", "DialogError", "format_dialog", "supports_tools"]
 
 
 class Message(TypedDict):
@@ -107,11 +107,17 @@ def _format_with_template(tokenizer: TokenizerInterface, dialog: Dialog, tools: 
     return ids
 
 
+def supports_tools(tokenizer) -> bool:
+    """Whether the checkpoint's chat format can show tools to the model: a chat template that reads `tools`."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
 def format_dialog(tokenizer: TokenizerInterface, dialog: Dialog, tools: list[dict] | None = None) -> list[int]:
     """Prompt ids for `dialog`: through the tokenizer's chat template when it has one, else in the built-in
     format of `tokenizer.family` (Meta's tokenizers, and Hugging Face ones that ship no template). tools: the
     functions the model may call, for a template that shows them (DialogError for any other format)."""
-    if tools and (tokenizer.chat_template is None or "tools" not in tokenizer.chat_template):
+    if tools and not supports_tools(tokenizer):
         raise DialogError("this checkpoint's chat format has no place for tools: tool calling needs a chat template "
                           "that takes them (Llama 3.1+ tokenizer_config.json)")
     if tokenizer.chat_template is not None:

@@ -14,9 +14,9 @@ from llama_dist.serve.tools import (
     checked_tools,
     chosen_tools,
     parse_tool_calls,
-    supports_tools,
     template_messages,
 )
+from llama_dist.text.chat import supports_tools
 from llama_dist.text.tokenizer import load_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
