@@ -28,7 +28,6 @@ class DraftModel:
         if model.cache is None or (model.cache.num_blocks, model.cache.block_size) != (num_blocks, block_size):
             model.cache = None
             model.cache = model.new_cache(num_blocks, block_size)
-        self.model = model
         self.runner = ModelRunner(model, model.cache, compile=False)
 
     def propose(self, chunks: list[ScheduledChunk], sampler: Sampler) -> None:
