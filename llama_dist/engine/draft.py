@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from llama_dist.engine.engine_config import pooled_cache
 from llama_dist.engine.model_runner import ModelRunner
 from llama_dist.engine.sampler import Sampler
 from llama_dist.engine.scheduler import ScheduledChunk
@@ -25,10 +26,7 @@ from llama_dist.model.llama import Transformer
 
 class DraftModel:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int):
-        if model.cache is None or (model.cache.num_blocks, model.cache.block_size) != (num_blocks, block_size):
-            model.cache = None
-            model.cache = model.new_cache(num_blocks, block_size)
-        self.runner = ModelRunner(model, model.cache, compile=False)
+        self.runner = ModelRunner(model, pooled_cache(model, num_blocks, block_size), compile=False)
 
     def propose(self, chunks: list[ScheduledChunk], sampler: Sampler) -> None:
         """Rank 0: replace the placeholder guesses of the speculative chunks with the draft's (and, for sampled

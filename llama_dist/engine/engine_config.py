@@ -10,6 +10,7 @@ import torch
 from llama_dist.dist.groups import all_reduce_min
 from llama_dist.engine.speculative import SpeculativeConfig
 from llama_dist.errors import ConfigError
+from llama_dist.model.attention import KVCache
 from llama_dist.model.llama import Transformer
 
 # A step's token budget by default: enough that a decode batch never waits on it, small enough that a prefill
@@ -70,3 +71,13 @@ def pool_tokens(model: Transformer, config: EngineConfig, device: torch.device) 
     if tokens < config.block_size:
         raise ConfigError(f"gpu_memory_fraction={config.gpu_memory_fraction} leaves no room for the KV cache")
     return tokens
+
+
+def pooled_cache(model: Transformer, num_blocks: int, block_size: int) -> KVCache:
+    """The model's cache, made a pool of `num_blocks` blocks of `block_size` unless it is one already (the old
+    pool goes before the new one is allocated)."""
+    cache = model.cache
+    if cache is None or (cache.num_blocks, cache.block_size) != (num_blocks, block_size):
+        model.cache = None
+        model.cache = model.new_cache(num_blocks, block_size)
+    return model.cache

@@ -23,7 +23,7 @@ import torch
 from llama_dist.dist.groups import RemoteRankError
 from llama_dist.engine.block_manager import RESERVED_BLOCKS, BlockManager
 from llama_dist.engine.draft import DraftModel
-from llama_dist.engine.engine_config import EngineConfig, pool_tokens
+from llama_dist.engine.engine_config import EngineConfig, pool_tokens, pooled_cache
 from llama_dist.engine.host_batch import HostBatch, logit_rows, to_host
 from llama_dist.engine.metrics import EngineMetrics
 from llama_dist.engine.model_runner import ModelRunner
@@ -54,11 +54,8 @@ class LLMEngine:
         self.max_num_seqs = model.max_batch_size if config.max_num_seqs is None else config.max_num_seqs
         block_size = config.block_size
         num_blocks = -(-pool_tokens(model, config, device) // block_size) + RESERVED_BLOCKS
-        cache = model.cache
-        if cache is None or (cache.num_blocks, cache.block_size) != (num_blocks, block_size):
-            model.cache = None  # the old pool goes before the new one is allocated
-            model.cache = model.new_cache(num_blocks, block_size)
-        self.cache = model.cache  # the engine's pool; Meta's model(tokens, start_pos) uses its first blocks too
+        # The engine's pool; Meta's model(tokens, start_pos) uses its first blocks too.
+        self.cache = pooled_cache(model, num_blocks, block_size)
         self.runner = ModelRunner(model, self.cache, compile)
         # On CPUs attention reads a run of consecutive blocks as one slice: sequences get runs when there is room.
         self.block_manager = BlockManager(num_blocks, block_size, config.prefix_caching,
