@@ -44,6 +44,8 @@ def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
         if model_parallel_world_size() == 1:
             return partial
         return funcol.all_reduce(partial, "sum", model_parallel_group())
+    if model_parallel_world_size() == 1:
+        return partial  # fairscale's autograd Function costs ~15 us a call even where it has nothing to do
     segment = shared_memory_allreduce()
     if segment is not None and segment.fits(partial) and not partial.requires_grad:
         return segment.all_reduce_(partial)
@@ -107,6 +109,12 @@ def fuse_weights(*linears: torch.nn.Module) -> torch.Tensor:
     return stacked
 
 
+def _into_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """x for a column-parallel product: itself forward; fairscale's Function (whose backward all-reduces the
+    gradient) only where a gradient is being recorded, as its Python call costs more than a small product."""
+    return copy_to_model_parallel_region(x) if x.requires_grad else x
+
+
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
     """y = x W^T with W split by output rows; each rank returns its own slice of y."""
 
@@ -117,7 +125,7 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.shard = ShardSpec(0, start, start + per_rank, (out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_linear(copy_to_model_parallel_region(x), self.weight)
+        return local_linear(_into_parallel_region(x), self.weight)
 
 
 class KVParallelLinear(torch.nn.Module):
@@ -133,7 +141,7 @@ class KVParallelLinear(torch.nn.Module):
         self.shard = ShardSpec(0, first * head_dim, (first + count) * head_dim, (n_kv_heads * head_dim, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_linear(copy_to_model_parallel_region(x), self.weight)
+        return local_linear(_into_parallel_region(x), self.weight)
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
