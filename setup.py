@@ -12,6 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llama_dist", "llama_dist.*"]),
+    # The C++ kernels compiled at first use on the user's machine (model/native.py).
+    package_data={"llama_dist.model": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     # torch is deliberately unpinned here so an existing CUDA build is kept; install torch first
     # (README / .ci/run pin torch==2.13.0) or pip may resolve a multi-GB CUDA build.
@@ -25,6 +27,8 @@ setup(
         # /metrics in Prometheus' text format; structured output's grammars (engine/structured_output.py says why
         # llguidance).
         "prometheus_client>=0.20", "llguidance>=1.0",
+        # The build tool torch's C++ extension loader drives (model/native.py compiles the int8 one-row kernel).
+        "ninja>=1.11",
     ],
     extras_require={
         # Test-only oracles: Meta's reference implementation + Llama 3 tokenizer, and HF transformers; the official

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,14 @@ DEFAULT_MAX_BATCH_SIZE = 4  # sequences decoded together
 RUNTIME_LIMITS = ("max_batch_size", "max_seq_len")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+CACHE_ENV = "LLAMA_DIST_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where llama-dist keeps what it measured or built for this machine (kernel tables, compiled kernels):
+    $LLAMA_DIST_CACHE, else ~/.cache/llama_dist."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llama_dist")
 
 
 def _check_positive(name: str, value) -> None:

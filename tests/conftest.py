@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -11,6 +14,13 @@ if os.environ.get("LLAMA_DIST_GPU_TESTS") != "1":
 # build would add up to seconds to each test and write to the user's cache. The kernel-choice tests opt in
 # (tests/multirank/test_kernel_choice.py).
 os.environ.setdefault("LLAMA_DIST_KERNEL_CHOICE", "static")
+
+# The compiled kernels (llama_dist/model/native.py) are built once per test session, into a directory of the
+# session's own: every run proves the build from scratch, and the suite never writes to the user's cache. The
+# tests of the build itself use directories of their own (tests/unit/test_native.py).
+_NATIVE_DIR = tempfile.mkdtemp(prefix="llama_dist_native_")
+os.environ.setdefault("LLAMA_DIST_NATIVE_CACHE", _NATIVE_DIR)
+atexit.register(shutil.rmtree, _NATIVE_DIR, ignore_errors=True)
 
 
 # ---- tokenizer fixtures (tests/test_tokenizer.py, tests/test_chat.py) -------------------------------

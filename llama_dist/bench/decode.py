@@ -46,6 +46,7 @@ from llama_dist.errors import ConfigError
 from llama_dist.llm import Llama
 from llama_dist.model.kernel_choice import choose_kernels, resolve_mode
 from llama_dist.model.kernels import local_linear
+from llama_dist.model.native import int8_rows_available
 from llama_dist.model.quant import DEFAULT_INT4_GROUP_SIZE, Int4Weight, Int8Weight, QuantScheme, make_scheme
 from llama_dist.model.weights import random_weights, weight_shapes
 from llama_dist.text.tokenizer import TokenizerInterface, load_tokenizer
@@ -380,6 +381,11 @@ def kernels(
             candidates = [
                 ("dense (local_linear)", lambda: weight.to(dtype), local_linear),
                 ("int8 _weight_int8pack_mm", lambda: Int8Weight.quantize(weight, dtype), Int8Weight.mm_int8pack),
+            ]
+            if int8_rows_available():
+                candidates.append(("int8 compiled (model/csrc)", lambda: Int8Weight.quantize(weight, dtype),
+                                   Int8Weight.mm_native))
+            candidates += [
                 ("int4 g32 _weight_int4pack_mm_for_cpu", lambda: Int4Weight.quantize(weight, 32, dtype, True),
                  Int4Weight.mm_int4pack),
                 ("int4 g128 _weight_int4pack_mm_for_cpu", lambda: Int4Weight.quantize(weight, 128, dtype, True),

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llama_dist.config import cache_dir
 from llama_dist.dist.groups import (
     broadcast_object,
     model_parallel_group,
@@ -40,14 +41,14 @@ from llama_dist.model.kernels import (
     install_kernel_table,
     run_kernel,
     static_kernel,
+    usable,
     weight_key,
 )
 
 MODES = ("static", "measure")
 MODE_ENV = "LLAMA_DIST_KERNEL_CHOICE"
-CACHE_ENV = "LLAMA_DIST_CACHE"
 DEFAULT_BUDGET_S = 2.0
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the compiled int8 kernel joined the candidates
 _REPEATS = 3  # timed passes per candidate, best kept
 _INSTANCES = 8  # weights of one shape cycled through per pass (the layers': each call streams its weight anew)
 _HOPELESS = 3.0  # a candidate whose first timed call is this many times the best so far is not timed further
@@ -62,10 +63,6 @@ def resolve_mode(mode: str | None) -> str:
     if mode not in MODES:
         raise ConfigError(f"kernel_choice must be static or measure, got {mode!r}")
     return mode
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llama_dist")
 
 
 def cpu_model() -> str:
@@ -178,6 +175,8 @@ def _decode(entries: list) -> dict[tuple, str]:
         kind, dtype = key[0], getattr(torch, key[3])
         if kind not in KERNELS or name not in KERNELS[kind] or not isinstance(dtype, torch.dtype):
             raise ValueError(f"bad entry {entry!r}")
+        if not usable(kind, name):  # a compiled kernel that cannot be built now: measured again
+            continue
         table[(kind, int(key[1]), int(key[2]), dtype, *(int(k) for k in key[4:]))] = name
     return table
 

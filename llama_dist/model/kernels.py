@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llama_dist.model import native
 from llama_dist.model.quant import Int4Weight, Int8Weight, QuantizedWeight
 
 
@@ -62,7 +63,7 @@ def _linear_in_float32_blocks(x, weight, rows=None):
 KERNELS = {
     "dense": {"mv": _mv, "linear": _linear, "matmul_t": _matmul_transposed, "upcast_blocks": _linear_in_float32_blocks},
     "int8": {"int8pack": Int8Weight.mm_int8pack, "dequantized": Int8Weight.mm_dequantized,
-             "mv_dequantized": Int8Weight.mv_dequantized},
+             "mv_dequantized": Int8Weight.mv_dequantized, "native": Int8Weight.mm_native},
     "int4": {"int4pack": Int4Weight.mm_int4pack, "dequantized": Int4Weight.mm_dequantized},
     "int4_unpacked": {"dequantized": Int4Weight.mm_dequantized},
 }
@@ -74,10 +75,21 @@ def candidates(kind: str, dtype: torch.dtype, rows: int) -> list[str]:
         names = (["mv"] if rows == 1 else []) + ["linear", "matmul_t"]
         return names + (["upcast_blocks"] if dtype != torch.float32 else [])
     if kind == "int8":
-        return ["int8pack", "dequantized"] + (["mv_dequantized"] if rows == 1 else [])
+        names = ["int8pack", "dequantized"] + (["mv_dequantized"] if rows == 1 else [])
+        # The compiled kernel keeps a few rows' sums in registers: made for decode, not prefill.
+        return names + (["native"] if rows < _NATIVE_MAX_ROWS and native.int8_rows_available() else [])
     # A packed int4 weight dequantizes by multiplying with the identity (its layout is the kernel's business):
     # in_features / rows times the product's own work, it never wins, and timing it would eat the budget.
     return ["int4pack"] if kind == "int4" else ["dequantized"]
+
+
+# Below this many rows the compiled int8 kernel is a candidate (it re-reads each weight row per 4 activation rows).
+_NATIVE_MAX_ROWS = 64
+
+
+def usable(kind: str, name: str) -> bool:
+    """Whether kernel `name` of a `kind` weight can run in this process (a compiled one only once built)."""
+    return name in KERNELS.get(kind, {}) and (name != "native" or native.int8_rows_available())
 
 
 def weight_kind(weight: torch.Tensor | QuantizedWeight) -> str:
@@ -118,9 +130,11 @@ _chosen: dict[tuple, str] = {}
 
 
 def install_kernel_table(table: dict[tuple, str]) -> None:
-    """Make `table` the measured choices local_linear looks up (replacing any earlier table; {} for none)."""
+    """Make `table` the measured choices local_linear looks up (replacing any earlier table; {} for none). An entry
+    whose kernel cannot run here (rank 0 chose a compiled kernel this rank could not build) is left to the static
+    rule."""
     global _chosen
-    _chosen = dict(table)
+    _chosen = {key: name for key, name in table.items() if usable(key[0], name)}
 
 
 def installed_kernel_table() -> dict[tuple, str]:

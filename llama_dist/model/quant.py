@@ -195,6 +195,10 @@ class Int8Weight(QuantizedWeight):
     def mv_dequantized(self, x: torch.Tensor) -> torch.Tensor:
         return (torch.mv(self.qweight.to(x.dtype), x.view(-1)) * self.scale).view(1, -1)
 
+    def mm_native(self, x: torch.Tensor) -> torch.Tensor:
+        # Compiled for this CPU (model/native.py): converts the int8 values in registers; float32 sums.
+        return torch.ops.llama_dist.int8_rows(x, self.qweight, self.scale)
+
 
 def packs_int4(device: torch.device, out_features: int, dtype: torch.dtype) -> bool:
     """Whether an int4 weight of `out_features` rows for `dtype` activations on `device` is stored packed, two values

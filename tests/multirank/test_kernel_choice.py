@@ -16,6 +16,7 @@ from helpers import rel_diff, tiny_args, write_checkpoint
 
 from llama_dist import cli
 from llama_dist.checkpoint.loader import load_model
+from llama_dist.config import CACHE_ENV
 from llama_dist.dist.groups import init_distributed, shutdown_distributed
 from llama_dist.dist.local_launch import run_local
 from llama_dist.model import kernel_choice
@@ -45,7 +46,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture
 def group(monkeypatch, tmp_path):
     """A one-rank group in this process, the cache in tmp_path, and the static table again afterwards."""
-    monkeypatch.setenv(kernel_choice.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     init_distributed()
     try:
         yield tmp_path / "cache"
@@ -176,7 +177,7 @@ def ranks_worker(ckpt: str, cache: str) -> dict:
     """Rank 1 would choose otherwise (its own fastest is the slowest): every rank must end with rank 0's table."""
     import os
 
-    os.environ[kernel_choice.CACHE_ENV] = cache
+    os.environ[CACHE_ENV] = cache
     context = init_distributed()
     writes = []
     real_write = kernel_choice.write_cache

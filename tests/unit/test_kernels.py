@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import raises_naming, rel_diff
 
+from llama_dist.config import CACHE_ENV
 from llama_dist.errors import ConfigError
 from llama_dist.model import kernel_choice, kernels
 from llama_dist.model.kernels import (
@@ -109,7 +110,7 @@ TABLE = {
 
 
 def test_cache_round_trip_and_key(tmp_path, monkeypatch):
-    monkeypatch.setenv(kernel_choice.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     identity = {"version": 1, "cpu": "Some CPU", "torch": "2.0", "threads": 2, "ranks": 1}
     path = kernel_choice.cache_path(identity)
     assert path.parent == tmp_path / "cache" and path.name.startswith("kernels-")
