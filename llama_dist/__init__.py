@@ -8,6 +8,14 @@
     model = Transformer.from_pretrained("tiny", "checkpoints/tiny")   # the seed's (gpt-fast) API
 """
 
+import os
+
+# Large CPU tensors (>= 2 MiB: the weights, the KV cache) on transparent huge pages: a decode step streams every
+# weight once, and with 4 KiB pages the TLB misses cost the compiled int8 kernel ~7% of a step (measured:
+# docs/performance.md). torch reads this at its first CPU allocation, so it is set before torch is imported;
+# THP_MEM_ALLOC_ENABLE=0 in the environment keeps the 4 KiB pages.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from llama_dist.checkpoint.loader import load_model, open_checkpoint
 from llama_dist.config import ModelArgs, transformer_configs
 from llama_dist.dist.groups import init_distributed
