@@ -175,8 +175,6 @@ def _decode(entries: list) -> dict[tuple, str]:
         kind, dtype = key[0], getattr(torch, key[3])
         if kind not in KERNELS or name not in KERNELS[kind] or not isinstance(dtype, torch.dtype):
             raise ValueError(f"bad entry {entry!r}")
-        if not usable(kind, name):  # a compiled kernel that cannot be built now: measured again
-            continue
         table[(kind, int(key[1]), int(key[2]), dtype, *(int(k) for k in key[4:]))] = name
     return table
 
@@ -228,15 +226,18 @@ def choose_kernels(model, mode: str | None = None, budget_s: float = DEFAULT_BUD
     if mode == "static" or model.tok_embeddings.weight.device.type != "cpu":
         install_kernel_table({})
         return {}
+    items = timing_items(model)  # lists the candidates: builds a compiled one first if need be (not timed)
     started = _now()
-    items = timing_items(model)
     wanted = {key for key, _, _ in items}
     main = model_parallel_rank() == 0
     identity = machine_identity()
     path = cache_path(identity)
     cached = read_cache(path, identity) if main else {}
+    # The file keeps every model's entries; this model's are kept where their kernel can run here (a compiled
+    # one that cannot be built now is measured again).
+    usable_cached = {key: name for key, name in cached.items() if key in wanted and usable(key[0], name)}
     # Rank 0 says what to time: the same items, in the same order, on every rank.
-    pending = _from_rank0([key for key, _, _ in items if key not in cached] if main else None)
+    pending = _from_rank0([key for key, _, _ in items if key not in usable_cached] if main else None)
     by_key = {key: (rows, weights) for key, rows, weights in items}
     statics = {key: static_kernel(weights[0], torch.device("cpu"), key[3], rows) for key, rows, weights in items}
     measured: dict[tuple, str] = {}
@@ -247,7 +248,7 @@ def choose_kernels(model, mode: str | None = None, budget_s: float = DEFAULT_BUD
             times = time_candidates(key, *by_key[key])
             measured[key] = fastest(times, statics[key])
     seconds = _now() - started
-    table = _from_rank0({k: v for k, v in {**cached, **measured}.items() if k in wanted} if main else None)
+    table = _from_rank0({**usable_cached, **measured} if main else None)
     install_kernel_table(table)
     if main:
         _report(table, measured, pending, cached, statics, path, identity, seconds)

@@ -76,14 +76,15 @@ def candidates(kind: str, dtype: torch.dtype, rows: int) -> list[str]:
         return names + (["upcast_blocks"] if dtype != torch.float32 else [])
     if kind == "int8":
         names = ["int8pack", "dequantized"] + (["mv_dequantized"] if rows == 1 else [])
-        # The compiled kernel keeps a few rows' sums in registers: made for decode, not prefill.
+        # The compiled kernel streams the whole weight once per 4 activation rows: made for decode, not prefill.
         return names + (["native"] if rows < _NATIVE_MAX_ROWS and native.int8_rows_available() else [])
     # A packed int4 weight dequantizes by multiplying with the identity (its layout is the kernel's business):
     # in_features / rows times the product's own work, it never wins, and timing it would eat the budget.
     return ["int4pack"] if kind == "int4" else ["dequantized"]
 
 
-# Below this many rows the compiled int8 kernel is a candidate (it re-reads each weight row per 4 activation rows).
+# Below this many rows the compiled int8 kernel is a candidate (the buckets up to 8-63 rows: decode, speculative
+# verification).
 _NATIVE_MAX_ROWS = 64
 
 

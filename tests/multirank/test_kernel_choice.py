@@ -19,7 +19,7 @@ from llama_dist.checkpoint.loader import load_model
 from llama_dist.config import CACHE_ENV
 from llama_dist.dist.groups import init_distributed, shutdown_distributed
 from llama_dist.dist.local_launch import run_local
-from llama_dist.model import kernel_choice
+from llama_dist.model import kernel_choice, native
 from llama_dist.model.kernel_choice import choose_kernels
 from llama_dist.model.kernels import (
     KERNELS,
@@ -140,6 +140,26 @@ def test_the_budget_leaves_the_rest_to_the_next_start(checkpoints, group, monkey
     second = choose_kernels(model, "measure")  # the rest now, the first two from the cache
     assert first.items() <= second.items() and len(second) == pairs
     assert set(timer.keys) == set(second)
+
+
+def test_a_compiled_kernel_in_the_cache_is_built_only_for_its_model(checkpoints, group, monkeypatch, capsys):
+    """The cache file holds every model's entries: a bf16 model's start must not build (or load) the compiled int8
+    kernel an int8 model's entries name, and an int8 model's start where it cannot be built measures those weights
+    again instead of running a kernel it does not have."""
+    int8 = load_model(checkpoints / "tiny", quantize="int8", **RUNTIME)
+    dense = load_model(checkpoints / "other", **RUNTIME)
+    int8_keys = [key for key, _, _ in kernel_choice.timing_items(int8) if key[0] == "int8"]
+    identity = kernel_choice.machine_identity()
+    kernel_choice.write_cache(kernel_choice.cache_path(identity), identity, dict.fromkeys(int8_keys, "native"))
+    asked = []
+    monkeypatch.setattr(native, "int8_rows_available", lambda: asked.append(1) or False)
+    choose_kernels(dense, "measure")
+    assert asked == []
+    timer = CountingTimer(monkeypatch)
+    table = choose_kernels(int8, "measure")
+    assert asked and set(int8_keys) <= set(timer.keys)
+    assert "native" not in table.values() and "native" not in installed_kernel_table().values()
+    capsys.readouterr()
 
 
 def _forced_tables(model, dtype):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import REPO, rel_diff
 
-from llama_dist.model import kernel_choice, kernels, native
+from llama_dist.model import kernels, native
 from llama_dist.model.kernels import install_kernel_table, installed_kernel_table, weight_key
 from llama_dist.model.quant import Int8Weight
 
@@ -142,17 +142,6 @@ def test_a_choice_this_rank_cannot_run_is_left_to_the_static_rule(monkeypatch):
         assert rel_diff(kernels.local_linear(x, weight), x @ weight.dequantize().t()) < 1e-5
     finally:
         install_kernel_table({})
-
-
-def test_a_cached_table_naming_it_is_measured_again_where_it_cannot_run(tmp_path, monkeypatch):
-    identity = {"version": 2, "cpu": "Some CPU", "torch": "2.0", "threads": 2, "ranks": 1}
-    path = tmp_path / "kernels.json"
-    table = {("int8", 64, 32, torch.float32, 0): "native", ("int8", 64, 32, torch.float32, 1): "int8pack"}
-    kernel_choice.write_cache(path, identity, table)
-    if native.int8_rows_available():
-        assert kernel_choice.read_cache(path, identity) == table
-    monkeypatch.setattr(native, "int8_rows_available", lambda: False)
-    assert kernel_choice.read_cache(path, identity) == {("int8", 64, 32, torch.float32, 1): "int8pack"}
 
 
 @needs_compiler
