@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, rel_diff
+from helpers import REPO, cli_env, rel_diff
 
 from llama_dist.model import kernels, native
 from llama_dist.model.kernels import install_kernel_table, installed_kernel_table, weight_key
@@ -100,6 +100,38 @@ def test_older_instruction_sets_give_the_same_products(tmp_path, march, flags):
     assert done.returncode == 0, done.stderr
     worst = float(done.stdout.split("WORST ")[1])
     assert worst < 1e-5
+
+
+@needs_compiler
+def test_two_ranks_build_it_at_once_and_generate_what_the_library_kernels_do(tmp_path):
+    """The first int8 start of a 2-rank job on a machine: both ranks build at once, rank 0 says so once, and the
+    measured choice (the compiled kernel where it wins) generates the static rule's greedy text."""
+    def generate(kernel_choice: str) -> subprocess.CompletedProcess:
+        env = {**cli_env(), native.DIR_ENV: str(tmp_path / "native"), "LLAMA_DIST_CACHE": str(tmp_path / "cache"),
+               "LLAMA_DIST_KERNEL_CHOICE": kernel_choice}
+        argv = [sys.executable, "-m", "llama_dist.torchrun", "--standalone", "--nproc_per_node", "2", "-m",
+                "llama_dist", "generate", "--quantize", "int8", "--prompt", "one two three", "--max_gen_len", "8",
+                "--temperature", "0"]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+    static = generate("static")
+    assert static.returncode == 0, static.stderr
+    assert not (tmp_path / "native").exists()  # the static rule needs no compiler
+    measured = generate("measure")
+    assert measured.returncode == 0, measured.stderr
+    assert measured.stdout.count("Building the int8 one-row kernel") == 1, measured.stdout
+    assert len(list((tmp_path / "native").glob("*/*.so"))) == 1
+    text = [line for line in static.stdout.splitlines() if "one two three" in line]
+    assert text and text == [line for line in measured.stdout.splitlines() if "one two three" in line]
+
+
+def test_torch_compile_traces_it_as_one_call():
+    if not native.int8_rows_available():
+        pytest.skip("the compiled kernel could not be built here")
+    weight = Int8Weight.quantize(torch.randn(48, 128, generator=torch.Generator().manual_seed(5)), torch.bfloat16)
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    compiled = torch.compile(lambda v: kernels.run_kernel("native", v, weight) * 2, fullgraph=True)
+    assert torch.equal(compiled(x), kernels.run_kernel("native", x, weight) * 2)
 
 
 def test_no_compiler_leaves_the_library_kernels_with_one_line(tmp_path):

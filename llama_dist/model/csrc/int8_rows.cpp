@@ -151,7 +151,14 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y;
 }
 
+// Shapes only: what torch.compile traces the call with (a compiled decode step keeps it as one opaque call).
+at::Tensor int8_rows_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && x.size(1) == qweight.size(1), "int8_rows: x (rows, in), qweight (out, in)");
+  return at::empty({x.size(0), qweight.size(0)}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_dist, m) { m.def("int8_rows(Tensor x, Tensor qweight, Tensor scale) -> Tensor"); }
 TORCH_LIBRARY_IMPL(llama_dist, CPU, m) { m.impl("int8_rows", &int8_rows); }
+TORCH_LIBRARY_IMPL(llama_dist, Meta, m) { m.impl("int8_rows", &int8_rows_meta); }
