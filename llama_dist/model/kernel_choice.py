@@ -34,6 +34,7 @@ from llama_dist.dist.groups import (
     print0,
 )
 from llama_dist.errors import ConfigError
+from llama_dist.model import native
 from llama_dist.model.kernels import (
     KERNELS,
     ROW_BUCKETS,
@@ -67,14 +68,7 @@ def resolve_mode(mode: str | None) -> str:
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), else what platform knows of it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return native.cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
 def machine_identity() -> dict:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,17 +32,22 @@ DIR_ENV = "LLAMA_DIST_NATIVE_CACHE"
 _LIBRARY_NAME = "llama_dist_int8_rows"
 
 
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags (what -march=native compiles for), from /proc/cpuinfo's first CPU."""
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The fields of the first CPU in /proc/cpuinfo ("model name", "flags", ...); {} where there is no such file."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [line for line in f.read().split("\n\n", 1)[0].splitlines()
-                     if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(lines)
+            first = f.read().split("\n\n", 1)[0]
     except OSError:
-        import platform
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
 
-        return platform.processor() or platform.machine()
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (what -march=native compiles for), else what platform knows of it."""
+    info = cpu_info()
+    fields = [f"{key}: {info[key]}" for key in ("model name", "flags", "Features", "CPU part") if key in info]
+    return "\n".join(fields) or platform.processor() or platform.machine()
 
 
 def build_key(source: Path) -> str:

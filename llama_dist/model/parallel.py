@@ -38,14 +38,12 @@ from llama_dist.model.kernels import local_linear
 
 def sum_over_ranks(partial: torch.Tensor) -> torch.Tensor:
     """The sum of every rank's `partial`, on every rank (the all-reduce that joins row-parallel outputs)."""
+    if model_parallel_world_size() == 1:
+        return partial  # fairscale's autograd Function costs ~15 us a call even where it has nothing to do
     if torch.compiler.is_compiling():
         # In-place c10d collectives and the shared-memory segment break a compiled graph; functional ones are
         # traced into it (and captured by CUDA graphs).
-        if model_parallel_world_size() == 1:
-            return partial
         return funcol.all_reduce(partial, "sum", model_parallel_group())
-    if model_parallel_world_size() == 1:
-        return partial  # fairscale's autograd Function costs ~15 us a call even where it has nothing to do
     segment = shared_memory_allreduce()
     if segment is not None and segment.fits(partial) and not partial.requires_grad:
         return segment.all_reduce_(partial)

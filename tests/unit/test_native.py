@@ -82,17 +82,11 @@ print("WORST", worst)
 """
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(" ".join(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except OSError:
-        return set()
-
-
 @needs_compiler
 @pytest.mark.parametrize("march, flags", [("haswell", {"avx2", "fma"}), ("x86-64", set())], ids=["avx2", "portable"])
 def test_older_instruction_sets_give_the_same_products(tmp_path, march, flags):
-    if "sse2" not in _cpu_flags() or not flags <= _cpu_flags():
+    cpu_flags = set(native.cpu_info().get("flags", "").split())
+    if "sse2" not in cpu_flags or not flags <= cpu_flags:
         pytest.skip(f"this CPU cannot run code built for {march}")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", OTHER_ISA, march, str(tmp_path / "k.so")], env=env,
